@@ -1,0 +1,195 @@
+//! The per-task limits and the report of one attempt to run a task.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// What one task may use. The worker enforces every field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskLimits {
+    /// Fuel units (roughly wasm instructions) before `OutOfFuel`.
+    pub fuel: u64,
+    /// Linear memory, summed over the instance's memories, in bytes.
+    pub memory_bytes: u64,
+    /// Wall-clock time before `Timeout`, in milliseconds.
+    pub timeout_ms: u64,
+    /// Bytes kept of each of stdout and stderr; the rest is dropped.
+    pub output_bytes: u32,
+}
+
+impl TaskLimits {
+    pub const DEFAULT_FUEL: u64 = 10_000_000_000;
+    pub const DEFAULT_MEMORY_MIB: u64 = 256;
+    pub const DEFAULT_TIMEOUT_SECS: u64 = 60;
+    pub const DEFAULT_OUTPUT_BYTES: u32 = 64 * 1024;
+}
+
+impl Default for TaskLimits {
+    fn default() -> Self {
+        TaskLimits {
+            fuel: Self::DEFAULT_FUEL,
+            memory_bytes: Self::DEFAULT_MEMORY_MIB << 20,
+            timeout_ms: Self::DEFAULT_TIMEOUT_SECS * 1000,
+            output_bytes: Self::DEFAULT_OUTPUT_BYTES,
+        }
+    }
+}
+
+/// Why an attempt produced no result. Every failure has one of these names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum FailureKind {
+    /// The task used all of its fuel.
+    OutOfFuel,
+    /// The task tried to grow its memory past its limit.
+    MemoryLimit,
+    /// The task ran past its wall-clock limit.
+    Timeout,
+    /// The task trapped: a panic, a stack overflow, an unreachable, a bad access.
+    Trap,
+    /// The task returned an error of its own.
+    GuestError,
+    /// The argument set did not fit the task's parameters.
+    BadArgs,
+    /// The module is not a valid wasm component.
+    InvalidModule,
+    /// The module is a component, but not of the `wasmgrid:task` world.
+    WrongWorld,
+    /// The worker running the task went away.
+    WorkerLost,
+    /// The job was cancelled before the task finished.
+    Cancelled,
+}
+
+impl FailureKind {
+    pub const ALL: [FailureKind; 10] = [
+        FailureKind::OutOfFuel,
+        FailureKind::MemoryLimit,
+        FailureKind::Timeout,
+        FailureKind::Trap,
+        FailureKind::GuestError,
+        FailureKind::BadArgs,
+        FailureKind::InvalidModule,
+        FailureKind::WrongWorld,
+        FailureKind::WorkerLost,
+        FailureKind::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::OutOfFuel => "OutOfFuel",
+            FailureKind::MemoryLimit => "MemoryLimit",
+            FailureKind::Timeout => "Timeout",
+            FailureKind::Trap => "Trap",
+            FailureKind::GuestError => "GuestError",
+            FailureKind::BadArgs => "BadArgs",
+            FailureKind::InvalidModule => "InvalidModule",
+            FailureKind::WrongWorld => "WrongWorld",
+            FailureKind::WorkerLost => "WorkerLost",
+            FailureKind::Cancelled => "Cancelled",
+        }
+    }
+
+    /// The same wasm with the same input fails the same way on every PC, so
+    /// retrying such a failure elsewhere only burns time.
+    pub fn is_deterministic(self) -> bool {
+        !matches!(
+            self,
+            FailureKind::Timeout | FailureKind::WorkerLost | FailureKind::Cancelled
+        )
+    }
+}
+
+impl fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A named failure with a message for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> Self {
+        Failure {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// A task's result JSON, or why there is none.
+pub type TaskOutcome = Result<String, Failure>;
+
+/// Where the compiled module came from for this attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CacheSource {
+    /// Already loaded in this process.
+    Memory,
+    /// Deserialized from the on-disk cache.
+    Disk,
+    /// Compiled from the wasm bytes.
+    Compiled,
+}
+
+/// Bounded capture of one output stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapturedOutput {
+    /// The first bytes written, lossily decoded as UTF-8.
+    pub text: String,
+    /// Whether bytes past the limit were dropped.
+    pub truncated: bool,
+}
+
+/// Time spent in each phase of one attempt, in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskTimings {
+    /// Getting the compiled module (compile, disk load, or a memory lookup).
+    pub load_us: u64,
+    /// Fresh store and instance.
+    pub instantiate_us: u64,
+    /// The call itself.
+    pub run_us: u64,
+}
+
+/// Everything one attempt to run a task tells.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskReport {
+    pub outcome: TaskOutcome,
+    pub fuel_used: u64,
+    pub cache: CacheSource,
+    pub timings: TaskTimings,
+    pub stdout: CapturedOutput,
+    pub stderr: CapturedOutput,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_infrastructure_failures_are_worth_retrying() {
+        let retryable: Vec<_> = FailureKind::ALL
+            .into_iter()
+            .filter(|k| !k.is_deterministic())
+            .collect();
+        assert_eq!(
+            retryable,
+            [
+                FailureKind::Timeout,
+                FailureKind::WorkerLost,
+                FailureKind::Cancelled
+            ]
+        );
+    }
+
+    #[test]
+    fn failure_displays_kind_then_message() {
+        let f = Failure::new(FailureKind::OutOfFuel, "used 10 units");
+        assert_eq!(f.to_string(), "OutOfFuel: used 10 units");
+    }
+}

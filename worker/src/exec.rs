@@ -1,0 +1,252 @@
+//! `worker exec`: runs every task of a job on this machine, in the same
+//! sandbox the grid uses, and gathers the reports in argument order.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::value::RawValue;
+
+use wasmgrid_protocol::{Failure, FailureKind, TaskLimits, TaskReport};
+
+use crate::executor::{Executor, Load, SlotPool};
+
+/// Why an `args.json` cannot make a job.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ArgsError {
+    #[error("args.json is not valid JSON: {0}")]
+    NotJson(String),
+    #[error("args.json must be a JSON array with one element per task, but it is {0}")]
+    NotArray(&'static str),
+    #[error("args.json is an empty array: a job needs at least one task")]
+    Empty,
+}
+
+/// Splits an `args.json` into one raw JSON text per task, without re-encoding.
+pub fn split_args(text: &str) -> Result<Vec<&RawValue>, ArgsError> {
+    match serde_json::from_str::<Vec<&RawValue>>(text) {
+        Ok(elements) if elements.is_empty() => Err(ArgsError::Empty),
+        Ok(elements) => Ok(elements),
+        Err(error) => match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+            Ok(_) => Err(ArgsError::NotArray(json_kind(text))),
+            Err(_) => Err(ArgsError::NotJson(error.to_string())),
+        },
+    }
+}
+
+fn json_kind(text: &str) -> &'static str {
+    match text.trim_start().as_bytes().first() {
+        Some(b'{') => "an object",
+        Some(b'"') => "a string",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'n') => "null",
+        _ => "a number",
+    }
+}
+
+/// The reports of a whole job, in argument order.
+pub struct JobRun {
+    pub reports: Vec<TaskReport>,
+    pub load: Load,
+    pub wall: Duration,
+}
+
+impl JobRun {
+    pub fn all_succeeded(&self) -> bool {
+        self.reports.iter().all(|r| r.outcome.is_ok())
+    }
+
+    /// The results as a JSON array in argument order; `null` where a task failed.
+    pub fn results_json(&self) -> String {
+        let mut out = String::with_capacity(self.reports.len() * 8 + 2);
+        out.push('[');
+        for (i, report) in self.reports.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            match &report.outcome {
+                Ok(json) => out.push_str(json),
+                Err(_) => out.push_str("null"),
+            }
+        }
+        out.push(']');
+        out
+    }
+
+    /// Failures by kind, for the summary.
+    pub fn failures_by_kind(&self) -> BTreeMap<FailureKind, usize> {
+        let mut counts = BTreeMap::new();
+        for report in &self.reports {
+            if let Err(failure) = &report.outcome {
+                *counts.entry(failure.kind).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
+    /// A few lines for people: counts, failures by kind with examples, fuel, time.
+    pub fn summary(&self, max_examples: usize) -> String {
+        let total = self.reports.len();
+        let failed: usize = self.failures_by_kind().values().sum();
+        let fuel: u64 = self.reports.iter().map(|r| r.fuel_used).sum();
+        let secs = self.wall.as_secs_f64();
+        let mut text = format!(
+            "{total} tasks: {} succeeded, {failed} failed",
+            total - failed
+        );
+        if failed > 0 {
+            let kinds: Vec<String> = self
+                .failures_by_kind()
+                .iter()
+                .map(|(kind, n)| format!("{kind}: {n}"))
+                .collect();
+            text.push_str(&format!(" ({})", kinds.join(", ")));
+        }
+        text.push_str(&format!(
+            "\nfuel used: {fuel}; wall time: {secs:.3} s ({:.0} tasks/s); module {} in {:.1} ms",
+            total as f64 / secs.max(1e-9),
+            match self.load.source {
+                wasmgrid_protocol::CacheSource::Compiled => "compiled",
+                wasmgrid_protocol::CacheSource::Disk => "loaded from the disk cache",
+                wasmgrid_protocol::CacheSource::Memory => "already loaded",
+            },
+            self.load.micros as f64 / 1000.0
+        ));
+        let failures = self
+            .reports
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.outcome.as_ref().err().map(|f| (i, f)));
+        for (i, failure) in failures.take(max_examples) {
+            // The first lines say what happened; full backtraces belong in --reports.
+            let brief: Vec<&str> = failure.message.lines().take(3).collect();
+            text.push_str(&format!(
+                "\ntask {i} failed: {}: {}",
+                failure.kind,
+                brief.join("\n    ")
+            ));
+        }
+        if failed > max_examples {
+            text.push_str(&format!("\n… and {} more failures", failed - max_examples));
+        }
+        text
+    }
+}
+
+/// Runs every task of a job on `slots` threads; `progress` shows a bar on stderr.
+pub fn run_job(
+    executor: Arc<Executor>,
+    wasm: &[u8],
+    args: &[&RawValue],
+    limits: TaskLimits,
+    slots: usize,
+    progress: bool,
+) -> Result<JobRun, Failure> {
+    let started = Instant::now();
+    let (task, load) = executor.load(wasm)?;
+    let pool = SlotPool::new(executor, slots).map_err(|e| {
+        Failure::new(
+            FailureKind::WorkerLost,
+            format!("could not start slot threads: {e}"),
+        )
+    })?;
+    let (done_tx, done_rx) = crossbeam_channel::unbounded();
+    for (index, arg) in args.iter().enumerate() {
+        let done = done_tx.clone();
+        // Only the first attempt pays for the load; the rest find it warm.
+        let this_load = if index == 0 { load } else { Load::WARM };
+        pool.submit(
+            task.clone(),
+            this_load,
+            arg.get().to_owned(),
+            limits,
+            move |report| {
+                let _ = done.send((index, report));
+            },
+        );
+    }
+    drop(done_tx);
+
+    let bar = progress_bar(args.len() as u64, progress);
+    let mut slots_filled: Vec<Option<TaskReport>> = vec![None; args.len()];
+    for (index, mut report) in done_rx {
+        if let Err(failure) = &mut report.outcome {
+            if failure.kind == FailureKind::BadArgs {
+                failure.message = format!("args[{index}]: {}", failure.message);
+            }
+        }
+        slots_filled[index] = Some(report);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let reports = slots_filled
+        .into_iter()
+        .enumerate()
+        .map(|(index, report)| report.unwrap_or_else(|| lost_report(index)))
+        .collect();
+    Ok(JobRun {
+        reports,
+        load,
+        wall: started.elapsed(),
+    })
+}
+
+fn lost_report(index: usize) -> TaskReport {
+    TaskReport {
+        outcome: Err(Failure::new(
+            FailureKind::WorkerLost,
+            format!("task {index} was never reported by its slot"),
+        )),
+        fuel_used: 0,
+        cache: wasmgrid_protocol::CacheSource::Memory,
+        timings: Default::default(),
+        stdout: Default::default(),
+        stderr: Default::default(),
+    }
+}
+
+fn progress_bar(len: u64, visible: bool) -> ProgressBar {
+    if !visible {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr_with_hz(10));
+    if let Ok(style) = ProgressStyle::with_template(
+        "{bar:40.cyan/blue} {pos}/{len} tasks  {per_sec}  ETA {eta}  {elapsed_precise}",
+    ) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_must_be_a_non_empty_json_array() {
+        assert!(matches!(split_args("[1, 2"), Err(ArgsError::NotJson(_))));
+        assert_eq!(
+            split_args("{\"a\": 1}").unwrap_err(),
+            ArgsError::NotArray("an object")
+        );
+        assert_eq!(
+            split_args(" 42 ").unwrap_err(),
+            ArgsError::NotArray("a number")
+        );
+        assert_eq!(split_args("[]").unwrap_err(), ArgsError::Empty);
+    }
+
+    #[test]
+    fn elements_keep_their_exact_text() {
+        let parts = split_args("[[1, 2], {\"x\": \"y\"}, 3]").unwrap();
+        let texts: Vec<&str> = parts.iter().map(|p| p.get()).collect();
+        assert_eq!(texts, ["[1, 2]", "{\"x\": \"y\"}", "3"]);
+    }
+
+    #[test]
+    fn not_json_message_says_where() {
+        let err = split_args("[1, }").unwrap_err().to_string();
+        assert!(err.contains("line 1 column"), "{err}");
+    }
+}

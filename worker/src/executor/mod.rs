@@ -1,0 +1,88 @@
+//! Runs tasks in a sandbox: one shared engine, modules cached by content,
+//! a fresh instance per task with fuel, memory and wall-clock limits, on a
+//! fixed number of slot threads.
+
+mod cache;
+mod engine;
+mod output;
+mod run;
+mod sandbox;
+mod slots;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use wasmtime::component::{HasSelf, Linker};
+use wasmtime::Engine;
+
+use wasmgrid_protocol::{Failure, TaskLimits, TaskReport};
+
+pub use cache::{ModuleId, PreparedTask};
+pub use engine::SLOT_THREAD_STACK;
+pub use run::Load;
+pub use slots::SlotPool;
+
+use cache::ModuleCache;
+use engine::EpochClock;
+use sandbox::Sandbox;
+
+/// Host bindings of `wit/task.wit`.
+pub(crate) mod bindings {
+    wasmtime::component::bindgen!({ world: "task", path: "../wit" });
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecutorError {
+    #[error("could not set up the wasm engine: {0:#}")]
+    Engine(wasmtime::Error),
+    #[error("could not start the epoch clock thread: {0}")]
+    Clock(std::io::Error),
+}
+
+pub struct Executor {
+    engine: Engine,
+    cache: ModuleCache,
+    _clock: EpochClock,
+}
+
+impl Executor {
+    /// An executor whose compiled modules persist in `cache_dir` when given.
+    pub fn new(cache_dir: Option<PathBuf>) -> Result<Self, ExecutorError> {
+        let engine = engine::new_engine().map_err(ExecutorError::Engine)?;
+        let mut linker = Linker::<Sandbox>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(ExecutorError::Engine)?;
+        bindings::Task::add_to_linker::<Sandbox, HasSelf<Sandbox>>(&mut linker, |s| s)
+            .map_err(ExecutorError::Engine)?;
+        let clock = EpochClock::start(&engine).map_err(ExecutorError::Clock)?;
+        Ok(Executor {
+            cache: ModuleCache::new(engine.clone(), linker, cache_dir),
+            engine,
+            _clock: clock,
+        })
+    }
+
+    /// Validates and prepares a module, reusing any earlier compilation.
+    pub fn load(&self, wasm: &[u8]) -> Result<(Arc<PreparedTask>, Load), Failure> {
+        let started = Instant::now();
+        let (task, source) = self.cache.load(wasm)?;
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        Ok((task, Load { source, micros }))
+    }
+
+    /// A module loaded earlier, by its sha256.
+    pub fn loaded(&self, id: &ModuleId) -> Option<Arc<PreparedTask>> {
+        self.cache.get(id)
+    }
+
+    /// Runs one task on the calling thread; blocks until it ends.
+    pub fn run(
+        &self,
+        task: &PreparedTask,
+        load: Load,
+        args: &str,
+        limits: &TaskLimits,
+    ) -> TaskReport {
+        run::run_task(&self.engine, task, load, args, limits)
+    }
+}

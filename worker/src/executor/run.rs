@@ -1,0 +1,146 @@
+//! One attempt at one task: a fresh store and instance, the call, and a
+//! report that names whatever went wrong.
+
+use std::time::{Duration, Instant};
+
+use wasmtime::{Engine, Store, Trap, WasmBacktrace};
+
+use wasmgrid_protocol::{CacheSource, Failure, FailureKind, TaskLimits, TaskReport, TaskTimings};
+
+use super::bindings::TaskError;
+use super::cache::PreparedTask;
+use super::engine::EpochClock;
+use super::sandbox::Sandbox;
+
+/// How the module was obtained for this attempt, copied into its report.
+#[derive(Debug, Clone, Copy)]
+pub struct Load {
+    pub source: CacheSource,
+    pub micros: u64,
+}
+
+impl Load {
+    pub const WARM: Load = Load {
+        source: CacheSource::Memory,
+        micros: 0,
+    };
+}
+
+pub fn run_task(
+    engine: &Engine,
+    task: &PreparedTask,
+    load: Load,
+    args: &str,
+    limits: &TaskLimits,
+) -> TaskReport {
+    let sandbox = Sandbox::new(limits.memory_bytes, limits.output_bytes as usize);
+    let mut store = Store::new(engine, sandbox);
+    store.limiter(|sandbox| &mut sandbox.memory);
+    // Setting fuel cannot fail: fuel consumption is always on in our engine.
+    let _ = store.set_fuel(limits.fuel);
+    store.set_epoch_deadline(EpochClock::ticks_for(Duration::from_millis(
+        limits.timeout_ms,
+    )));
+    store.epoch_deadline_trap();
+
+    let started = Instant::now();
+    let instance = task.pre.instantiate(&mut store);
+    let instantiated = Instant::now();
+    let result = instance.and_then(|instance| instance.call_run(&mut store, args));
+    let finished = Instant::now();
+
+    let fuel_used = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
+    let outcome = match result {
+        Ok(Ok(json)) => Ok(json),
+        Ok(Err(TaskError::BadArgs(message))) => Err(Failure::new(FailureKind::BadArgs, message)),
+        Ok(Err(TaskError::Failed(message))) => Err(Failure::new(FailureKind::GuestError, message)),
+        Err(error) => Err(classify_trap(&error, store.data(), limits)),
+    };
+    let sandbox = store.data();
+    TaskReport {
+        outcome,
+        fuel_used,
+        cache: load.source,
+        timings: TaskTimings {
+            load_us: load.micros,
+            instantiate_us: micros(instantiated - started),
+            run_us: micros(finished - instantiated),
+        },
+        stdout: sandbox.stdout.captured(),
+        stderr: sandbox.stderr.captured(),
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Names an abnormal stop. A refused memory growth wins over the trap it
+/// causes, because guests' allocators turn it into a plain `unreachable`.
+fn classify_trap(error: &wasmtime::Error, sandbox: &Sandbox, limits: &TaskLimits) -> Failure {
+    if let Some(wanted) = sandbox.memory.refused {
+        return Failure::new(
+            FailureKind::MemoryLimit,
+            format!(
+                "the task tried to grow its memory to {} past its limit of {}",
+                mib(wanted),
+                mib(sandbox.memory.limit())
+            ),
+        );
+    }
+    match error.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => Failure::new(
+            FailureKind::OutOfFuel,
+            format!("the task used all of its {} units of fuel", limits.fuel),
+        ),
+        Some(Trap::Interrupt) => Failure::new(
+            FailureKind::Timeout,
+            format!(
+                "the task ran past its wall-clock limit of {:.3} s",
+                limits.timeout_ms as f64 / 1000.0
+            ),
+        ),
+        trap => {
+            let backtrace = error.downcast_ref::<WasmBacktrace>();
+            let mut message = String::new();
+            if let Some(panic) = &sandbox.panic_message {
+                message.push_str(panic);
+                message.push('\n');
+            } else if trap == Some(&Trap::StackOverflow) {
+                message.push_str(
+                    "stack overflow: the wasm call stack ran out (unbounded recursion?)\n",
+                );
+            } else if trap == Some(&Trap::MemoryOutOfBounds)
+                && backtrace.is_some_and(is_runaway_recursion)
+            {
+                message.push_str(
+                    "stack overflow: the guest's stack in linear memory ran out (unbounded recursion?)\n",
+                );
+            }
+            match trap {
+                Some(trap) => message.push_str(&trap.to_string()),
+                None => message.push_str(&format!("{error:#}")),
+            }
+            if let Some(backtrace) = backtrace {
+                message.push('\n');
+                message.push_str(&backtrace.to_string());
+            }
+            Failure::new(FailureKind::Trap, message)
+        }
+    }
+}
+
+/// Rust guests keep their stack in linear memory, so running out of it shows
+/// up as an out-of-bounds access deep inside one repeating function.
+fn is_runaway_recursion(backtrace: &WasmBacktrace) -> bool {
+    const MIN_FRAMES: usize = 16;
+    let frames = backtrace.frames();
+    frames.len() >= MIN_FRAMES
+        && frames[..MIN_FRAMES]
+            .windows(2)
+            .all(|pair| pair[0].func_index() == pair[1].func_index())
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}

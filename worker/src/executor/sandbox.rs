@@ -1,0 +1,137 @@
+//! The state each task's store carries: an empty WASI context, bounded output
+//! pipes, the memory guard, and the host side of the `wasmgrid:task/host` import.
+
+use wasmtime::ResourceLimiter;
+use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::bindings::wasmgrid::task::{host, types};
+use super::output::BoundedPipe;
+
+/// Longest panic message kept, so a guest cannot grow the report without bound.
+const MAX_PANIC_MESSAGE: usize = 16 * 1024;
+
+/// Most table elements one instance may have; guards host memory against huge tables.
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+pub struct Sandbox {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub memory: MemoryGuard,
+    pub stdout: BoundedPipe,
+    pub stderr: BoundedPipe,
+    pub panic_message: Option<String>,
+}
+
+impl Sandbox {
+    /// A sandbox with no files, no environment, no arguments, no network, and
+    /// stdout/stderr captured up to `output_bytes` each.
+    pub fn new(memory_bytes: u64, output_bytes: usize) -> Self {
+        let stdout = BoundedPipe::new(output_bytes);
+        let stderr = BoundedPipe::new(output_bytes);
+        let wasi = WasiCtxBuilder::new()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        Sandbox {
+            wasi,
+            table: ResourceTable::new(),
+            memory: MemoryGuard::new(memory_bytes),
+            stdout,
+            stderr,
+            panic_message: None,
+        }
+    }
+}
+
+impl WasiView for Sandbox {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl host::Host for Sandbox {
+    fn report_panic(&mut self, mut message: String) {
+        if message.len() > MAX_PANIC_MESSAGE {
+            let mut end = MAX_PANIC_MESSAGE;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push_str(" [truncated]");
+        }
+        self.panic_message = Some(message);
+    }
+}
+
+impl types::Host for Sandbox {}
+
+/// Caps linear memory summed over all of an instance's memories, and
+/// remembers a refused growth so the failure is named `MemoryLimit` rather
+/// than the bare trap a guest's allocator turns it into.
+#[derive(Debug)]
+pub struct MemoryGuard {
+    limit: u64,
+    in_use: u64,
+    pub refused: Option<u64>,
+}
+
+impl MemoryGuard {
+    pub fn new(limit: u64) -> Self {
+        MemoryGuard {
+            limit,
+            in_use: 0,
+            refused: None,
+        }
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+}
+
+impl ResourceLimiter for MemoryGuard {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let wanted = self.in_use.saturating_sub(current as u64) + desired as u64;
+        if wanted > self.limit {
+            self.refused = Some(wanted);
+            return Ok(false);
+        }
+        self.in_use = wanted;
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_guard_sums_memories_and_records_refusal() {
+        let mut guard = MemoryGuard::new(100);
+        assert!(guard.memory_growing(0, 60, None).unwrap());
+        assert!(guard.memory_growing(0, 40, None).unwrap());
+        assert!(!guard.memory_growing(40, 41, None).unwrap());
+        assert_eq!(guard.refused, Some(101));
+        assert!(guard.memory_growing(60, 59, None).unwrap());
+    }
+}

@@ -1,0 +1,5 @@
+//! The wasmgrid worker: the sandboxed executor, and the `worker exec` command
+//! that runs a whole job on this machine.
+
+pub mod exec;
+pub mod executor;

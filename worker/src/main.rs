@@ -1,0 +1,152 @@
+//! `worker`: runs wasmgrid tasks. `worker exec` runs a whole job on this machine.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use wasmgrid_protocol::TaskLimits;
+use wasmgrid_worker::exec::{run_job, split_args};
+use wasmgrid_worker::executor::Executor;
+
+#[derive(Parser)]
+#[command(
+    name = "worker",
+    version,
+    about = "Runs wasmgrid tasks in a wasm sandbox"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs every task of a job on this machine and prints the results as a
+    /// JSON array in argument order.
+    Exec(ExecArgs),
+}
+
+#[derive(Args)]
+struct ExecArgs {
+    /// The task: a wasm component of the wasmgrid:task world.
+    module: PathBuf,
+    /// A JSON array with one argument set per task.
+    args: PathBuf,
+    /// Tasks run at once (threads); defaults to the number of cores.
+    #[arg(long)]
+    slots: Option<usize>,
+    #[command(flatten)]
+    limits: LimitArgs,
+    /// Where compiled modules are cached between runs.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Do not read or write the on-disk module cache.
+    #[arg(long, conflicts_with = "cache_dir")]
+    no_cache: bool,
+    /// Write the results here instead of stdout.
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+    /// Also write every task's full report (outcome, fuel, timings, output) as JSON here.
+    #[arg(long)]
+    reports: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct LimitArgs {
+    /// Fuel per task (about one unit per wasm instruction).
+    #[arg(long, default_value_t = TaskLimits::DEFAULT_FUEL)]
+    fuel: u64,
+    /// Linear memory per task, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = TaskLimits::DEFAULT_MEMORY_MIB)]
+    memory: u64,
+    /// Wall-clock limit per task, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = TaskLimits::DEFAULT_TIMEOUT_SECS as f64)]
+    timeout: f64,
+}
+
+impl LimitArgs {
+    fn to_limits(&self) -> anyhow::Result<TaskLimits> {
+        anyhow::ensure!(
+            self.timeout.is_finite() && self.timeout > 0.0,
+            "--timeout must be a positive number of seconds"
+        );
+        Ok(TaskLimits {
+            fuel: self.fuel,
+            memory_bytes: self
+                .memory
+                .checked_mul(1 << 20)
+                .context("--memory is too large")?,
+            timeout_ms: (self.timeout * 1000.0).ceil() as u64,
+            output_bytes: TaskLimits::DEFAULT_OUTPUT_BYTES,
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Exec(args) => exec(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
+    let limits = args.limits.to_limits()?;
+    let wasm = std::fs::read(&args.module)
+        .with_context(|| format!("cannot read the module {}", args.module.display()))?;
+    let args_text = std::fs::read_to_string(&args.args)
+        .with_context(|| format!("cannot read the arguments {}", args.args.display()))?;
+    let task_args = split_args(&args_text).with_context(|| args.args.display().to_string())?;
+    let cache_dir = if args.no_cache {
+        None
+    } else {
+        args.cache_dir
+            .or_else(|| dirs::cache_dir().map(|d| d.join("wasmgrid").join("modules")))
+    };
+    let executor = Arc::new(Executor::new(cache_dir)?);
+    let slots = args
+        .slots
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let progress = std::io::stderr().is_terminal();
+    let run = run_job(executor, &wasm, &task_args, limits, slots, progress)
+        .map_err(|failure| anyhow::anyhow!("{}: {failure}", args.module.display()))?;
+
+    let results = run.results_json();
+    match &args.output {
+        Some(path) => std::fs::write(path, results + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?,
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(results.as_bytes())?;
+            stdout.write_all(b"\n")?;
+            stdout.flush()?;
+        }
+    }
+    if let Some(path) = &args.reports {
+        let json = serde_json::to_vec(&run.reports)?;
+        std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    eprintln!("{}", run.summary(10));
+    Ok(if run.all_succeeded() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,109 @@
+//! `cargo xtask`: the project's build steps in one place.
+//!
+//! - `guests`: every example and test fixture to wasm, in `target/wasm/`;
+//! - `demo`: the main job, end to end, with its results;
+//! - `test`: the whole test suite (what CI runs);
+//! - `bench`: the benchmarks, printed as tables;
+//! - `mandelbrot-png`: assembles Mandelbrot results into a picture.
+
+mod demo;
+mod guests;
+mod mandelbrot_png;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Builds every guest crate to a wasm component in target/wasm/.
+    Guests {
+        #[arg(long, value_enum, default_value = "auto")]
+        toolchain: guests::Toolchain,
+    },
+    /// Builds everything and runs the example jobs, showing their results.
+    Demo,
+    /// Builds the guests and runs formatting, lints and every test.
+    Test {
+        /// Skip `cargo fmt --check` and clippy.
+        #[arg(long)]
+        no_lint: bool,
+    },
+    /// Builds in release mode and prints the benchmark tables.
+    Bench,
+    /// Assembles `worker exec` results of the mandelbrot example into a PNG.
+    MandelbrotPng {
+        /// The results: a JSON array of bands.
+        results: PathBuf,
+        /// The picture to write.
+        output: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Guests { toolchain } => guests::build(toolchain),
+        Task::Demo => demo::run_demo(),
+        Task::Test { no_lint } => test(no_lint),
+        Task::Bench => bench(),
+        Task::MandelbrotPng { results, output } => mandelbrot_png::assemble(&results, &output),
+    }
+}
+
+fn test(no_lint: bool) -> anyhow::Result<()> {
+    guests::build(guests::Toolchain::Auto)?;
+    if !no_lint {
+        run(cargo().args(["fmt", "--all", "--", "--check"]))
+            .context("formatting differs: run `cargo fmt --all`")?;
+        run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
+    // The end-to-end tests start the real binaries, so build them first.
+    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    run(cargo().args(["test", "--workspace"]))
+}
+
+fn bench() -> anyhow::Result<()> {
+    guests::build(guests::Toolchain::Auto)?;
+    run(cargo().args(["bench", "-p", "wasmgrid-worker", "--bench", "executor"]))
+}
+
+/// The cargo that runs us, in the workspace root.
+pub fn cargo() -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(workspace_root());
+    command
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Runs a command to completion; fails unless it exits 0.
+pub fn run(command: &mut Command) -> anyhow::Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("cannot start {:?}", command.get_program()))?;
+    if !status.success() {
+        bail!("{command:?} failed with {status}");
+    }
+    Ok(())
+}
