@@ -290,6 +290,8 @@ fn the_disk_cache_is_reused_and_a_corrupt_entry_is_rebuilt() {
         Ok("5".into())
     );
 
+    // Artifacts are mapped into memory: drop their users before corrupting them in place.
+    drop((first, second, task));
     for entry in std::fs::read_dir(dir.path()).unwrap() {
         std::fs::write(entry.unwrap().path(), b"garbage").unwrap();
     }

@@ -88,7 +88,7 @@ mod tests {
         assert_eq!(count_primes_in(0, 100), 25);
         assert_eq!(count_primes_in(0, 1_000_000), 78_498);
         assert_eq!(count_primes_in(10, 20), 4);
-        assert_eq!(count_primes_in(999_900, 1_000_000), 5);
+        assert_eq!(count_primes_in(999_900, 1_000_000), 8);
     }
 
     #[test]

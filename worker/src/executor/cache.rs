@@ -51,6 +51,14 @@ pub struct PreparedTask {
     pub(super) pre: TaskPre<Sandbox>,
 }
 
+impl fmt::Debug for PreparedTask {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PreparedTask")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
 pub struct ModuleCache {
     engine: Engine,
     linker: Linker<Sandbox>,
