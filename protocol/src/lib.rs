@@ -2,6 +2,7 @@
 //! an attempt to run it reports.
 
 mod report;
+pub mod wire;
 
 pub use report::{
     CacheSource, CapturedOutput, Failure, FailureKind, TaskLimits, TaskOutcome, TaskReport,

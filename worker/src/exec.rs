@@ -2,7 +2,9 @@
 //! sandbox the grid uses, and gathers the reports in argument order.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -10,7 +12,7 @@ use serde_json::value::RawValue;
 
 use wasmgrid_protocol::{Failure, FailureKind, TaskLimits, TaskReport};
 
-use crate::executor::{Executor, Load, SlotPool};
+use crate::executor::{Executor, Load, SLOT_THREAD_STACK};
 
 /// Why an `args.json` cannot make a job.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -135,6 +137,10 @@ impl JobRun {
 }
 
 /// Runs every task of a job on `slots` threads; `progress` shows a bar on stderr.
+///
+/// Slot threads claim the next task index from a shared counter and write
+/// each report into its own place, so a tiny task costs no channel hop and
+/// no wake-up of the main thread, which only samples progress.
 pub fn run_job(
     executor: Arc<Executor>,
     wasm: &[u8],
@@ -145,45 +151,61 @@ pub fn run_job(
 ) -> Result<JobRun, Failure> {
     let started = Instant::now();
     let (task, load) = executor.load(wasm)?;
-    let pool = SlotPool::new(executor, slots).map_err(|e| {
+    let slots = slots
+        .clamp(1, executor.concurrency() as usize)
+        .min(args.len());
+    let reports: Vec<OnceLock<TaskReport>> = (0..args.len()).map(|_| OnceLock::new()).collect();
+    let next = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
+    let bar = progress_bar(args.len() as u64, progress);
+
+    let spawned = thread::scope(|scope| {
+        let mut handles = Vec::with_capacity(slots);
+        for slot in 0..slots {
+            let worker = || loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                let Some(arg) = args.get(index) else { break };
+                // Only the first attempt pays for the load; the rest find it warm.
+                let this_load = if index == 0 { load } else { Load::WARM };
+                let mut report = executor.run(&task, this_load, arg.get(), &limits);
+                if let Err(failure) = &mut report.outcome {
+                    if failure.kind == FailureKind::BadArgs {
+                        failure.message = format!("args[{index}]: {}", failure.message);
+                    }
+                }
+                let _ = reports[index].set(report);
+                done.fetch_add(1, Ordering::Relaxed);
+            };
+            let handle = thread::Builder::new()
+                .name(format!("wasmgrid-slot-{slot}"))
+                .stack_size(SLOT_THREAD_STACK)
+                .spawn_scoped(scope, worker);
+            match handle {
+                Ok(handle) => handles.push(handle),
+                Err(error) => {
+                    // Stop the others from claiming more work, then report.
+                    next.store(args.len(), Ordering::Relaxed);
+                    return Err(error);
+                }
+            }
+        }
+        while handles.iter().any(|h| !h.is_finished()) {
+            bar.set_position(done.load(Ordering::Relaxed) as u64);
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    });
+    bar.finish_and_clear();
+    spawned.map_err(|e| {
         Failure::new(
             FailureKind::WorkerLost,
             format!("could not start slot threads: {e}"),
         )
     })?;
-    let (done_tx, done_rx) = crossbeam_channel::unbounded();
-    for (index, arg) in args.iter().enumerate() {
-        let done = done_tx.clone();
-        // Only the first attempt pays for the load; the rest find it warm.
-        let this_load = if index == 0 { load } else { Load::WARM };
-        pool.submit(
-            task.clone(),
-            this_load,
-            arg.get().to_owned(),
-            limits,
-            move |report| {
-                let _ = done.send((index, report));
-            },
-        );
-    }
-    drop(done_tx);
-
-    let bar = progress_bar(args.len() as u64, progress);
-    let mut slots_filled: Vec<Option<TaskReport>> = vec![None; args.len()];
-    for (index, mut report) in done_rx {
-        if let Err(failure) = &mut report.outcome {
-            if failure.kind == FailureKind::BadArgs {
-                failure.message = format!("args[{index}]: {}", failure.message);
-            }
-        }
-        slots_filled[index] = Some(report);
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    let reports = slots_filled
+    let reports = reports
         .into_iter()
         .enumerate()
-        .map(|(index, report)| report.unwrap_or_else(|| lost_report(index)))
+        .map(|(index, report)| report.into_inner().unwrap_or_else(|| lost_report(index)))
         .collect();
     Ok(JobRun {
         reports,

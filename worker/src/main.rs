@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use wasmgrid_protocol::TaskLimits;
 use wasmgrid_worker::exec::{run_job, split_args};
-use wasmgrid_worker::executor::Executor;
+use wasmgrid_worker::executor::{Executor, ExecutorOptions};
 
 #[derive(Parser)]
 #[command(
@@ -120,10 +120,15 @@ fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
         args.cache_dir
             .or_else(|| dirs::cache_dir().map(|d| d.join("wasmgrid").join("modules")))
     };
-    let executor = Arc::new(Executor::new(cache_dir)?);
     let slots = args
         .slots
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let executor = Arc::new(Executor::with_options(ExecutorOptions {
+        cache_dir,
+        concurrency: u32::try_from(slots).context("--slots is too large")?,
+        ..ExecutorOptions::default()
+    })?);
     let progress = std::io::stderr().is_terminal();
     let run = run_job(executor, &wasm, &task_args, limits, slots, progress)
         .map_err(|failure| anyhow::anyhow!("{}: {failure}", args.module.display()))?;

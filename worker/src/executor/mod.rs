@@ -19,7 +19,7 @@ use wasmtime::Engine;
 use wasmgrid_protocol::{Failure, TaskLimits, TaskReport};
 
 pub use cache::{ModuleId, PreparedTask};
-pub use engine::SLOT_THREAD_STACK;
+pub use engine::{Metering, SLOT_THREAD_STACK};
 pub use run::Load;
 pub use slots::SlotPool;
 
@@ -40,16 +40,49 @@ pub enum ExecutorError {
     Clock(std::io::Error),
 }
 
+/// How an executor is set up.
+#[derive(Debug, Clone)]
+pub struct ExecutorOptions {
+    /// Where compiled modules persist between runs; `None` keeps them in memory only.
+    pub cache_dir: Option<PathBuf>,
+    pub metering: Metering,
+    /// The most tasks running at once (slots); instances are pooled for that many.
+    pub concurrency: u32,
+}
+
+impl Default for ExecutorOptions {
+    fn default() -> Self {
+        ExecutorOptions {
+            cache_dir: None,
+            metering: Metering::Fuel,
+            concurrency: 16,
+        }
+    }
+}
+
 pub struct Executor {
     engine: Engine,
+    concurrency: u32,
     cache: ModuleCache,
     _clock: EpochClock,
 }
 
 impl Executor {
-    /// An executor whose compiled modules persist in `cache_dir` when given.
+    /// A fuel-metered executor whose compiled modules persist in `cache_dir` when given.
     pub fn new(cache_dir: Option<PathBuf>) -> Result<Self, ExecutorError> {
-        let engine = engine::new_engine().map_err(ExecutorError::Engine)?;
+        Self::with_options(ExecutorOptions {
+            cache_dir,
+            ..ExecutorOptions::default()
+        })
+    }
+
+    pub fn with_options(options: ExecutorOptions) -> Result<Self, ExecutorError> {
+        let ExecutorOptions {
+            cache_dir,
+            metering,
+            concurrency,
+        } = options;
+        let engine = engine::new_engine(metering, concurrency).map_err(ExecutorError::Engine)?;
         let mut linker = Linker::<Sandbox>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(ExecutorError::Engine)?;
         bindings::Task::add_to_linker::<Sandbox, HasSelf<Sandbox>>(&mut linker, |s| s)
@@ -58,8 +91,14 @@ impl Executor {
         Ok(Executor {
             cache: ModuleCache::new(engine.clone(), linker, cache_dir),
             engine,
+            concurrency: concurrency.max(1),
             _clock: clock,
         })
+    }
+
+    /// The most tasks this executor can run at once.
+    pub fn concurrency(&self) -> u32 {
+        self.concurrency
     }
 
     /// Validates and prepares a module, reusing any earlier compilation.

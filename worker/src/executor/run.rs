@@ -36,7 +36,7 @@ pub fn run_task(
     let sandbox = Sandbox::new(limits.memory_bytes, limits.output_bytes as usize);
     let mut store = Store::new(engine, sandbox);
     store.limiter(|sandbox| &mut sandbox.memory);
-    // Setting fuel cannot fail: fuel consumption is always on in our engine.
+    // Fails only on an engine without fuel metering, where there is nothing to set.
     let _ = store.set_fuel(limits.fuel);
     store.set_epoch_deadline(EpochClock::ticks_for(Duration::from_millis(
         limits.timeout_ms,
@@ -49,7 +49,9 @@ pub fn run_task(
     let result = instance.and_then(|instance| instance.call_run(&mut store, args));
     let finished = Instant::now();
 
-    let fuel_used = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
+    let fuel_used = store
+        .get_fuel()
+        .map_or(0, |left| limits.fuel.saturating_sub(left));
     let outcome = match result {
         Ok(Ok(json)) => Ok(json),
         Ok(Err(TaskError::BadArgs(message))) => Err(Failure::new(FailureKind::BadArgs, message)),

@@ -24,9 +24,11 @@ pub struct SlotPool {
 }
 
 impl SlotPool {
+    /// `slots` threads, at most the executor's concurrency.
     pub fn new(executor: Arc<Executor>, slots: usize) -> std::io::Result<Self> {
+        let slots = slots.clamp(1, executor.concurrency() as usize);
         let (sender, receiver) = crossbeam_channel::unbounded::<Job>();
-        let threads = (0..slots.max(1))
+        let threads = (0..slots)
             .map(|slot| {
                 let executor = executor.clone();
                 let receiver = receiver.clone();

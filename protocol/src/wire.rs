@@ -1,0 +1,253 @@
+//! Messages between foreman and worker, and their framing.
+//!
+//! A connection is one QUIC bidirectional stream for control and tasks, plus
+//! one short bidirectional stream per module fetch. Both sides first send a
+//! [`Preamble`] (magic and protocol version), so an incompatible peer is told
+//! both versions before any message is decoded. After that, every message is
+//! a frame: a little-endian u32 length, then the message in postcard.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{TaskLimits, TaskReport};
+
+/// Protocol version; bumped on any change to the messages below.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// TLS application protocols a worker offers: this exact version first, then
+/// the bare name, which lets a foreman of another version still answer with
+/// a message that says both versions.
+pub const ALPN_VERSIONED: &[u8] = b"wasmgrid/1";
+pub const ALPN_ANY_VERSION: &[u8] = b"wasmgrid";
+
+/// Largest frame either side accepts (a module upload is the biggest message).
+pub const MAX_FRAME_BYTES: usize = 128 << 20;
+
+const MAGIC: [u8; 4] = *b"WGRD";
+
+/// The first six bytes on a connection's control stream, in each direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Preamble {
+    pub version: u16,
+}
+
+impl Preamble {
+    pub const LEN: usize = 6;
+
+    pub fn ours() -> Self {
+        Preamble {
+            version: PROTOCOL_VERSION,
+        }
+    }
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let v = self.version.to_le_bytes();
+        [MAGIC[0], MAGIC[1], MAGIC[2], MAGIC[3], v[0], v[1]]
+    }
+
+    pub fn decode(bytes: &[u8; Self::LEN]) -> Result<Self, WireError> {
+        if bytes[..4] != MAGIC {
+            return Err(WireError::NotWasmgrid);
+        }
+        Ok(Preamble {
+            version: u16::from_le_bytes([bytes[4], bytes[5]]),
+        })
+    }
+}
+
+/// The sha256 of a module's bytes.
+pub type ModuleHash = [u8; 32];
+
+/// Names one attempt at one task; unique for the foreman's lifetime and beyond.
+pub type AttemptId = u64;
+
+/// What a worker tells the foreman about itself when it joins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub name: String,
+    pub hostname: String,
+    pub os: String,
+    pub arch: String,
+    pub cores: u32,
+    pub memory_bytes: u64,
+    pub slots: u32,
+    pub wasmtime_version: String,
+    pub engine_hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToForeman {
+    /// First message: who the worker is and its join token.
+    Hello { token: String, info: WorkerInfo },
+    /// The worker can take `n` more tasks (slots plus a prefetch window).
+    Credit(u32),
+    /// Reports of finished attempts; each also returns one credit.
+    Finished(Vec<Finished>),
+    /// Still alive.
+    Heartbeat,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Finished {
+    pub attempt: AttemptId,
+    pub report: TaskReport,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToWorker {
+    /// The worker is registered under this id.
+    Welcome { worker_id: u64 },
+    /// Tasks to run, within the credit the worker granted.
+    Run(Vec<Assignment>),
+    /// Stop these attempts; their reports are no longer wanted.
+    Cancel(Vec<AttemptId>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub attempt: AttemptId,
+    pub module: ModuleHash,
+    pub args: String,
+    pub limits: TaskLimits,
+}
+
+/// A module fetch, on its own stream: the worker sends this, the foreman
+/// answers with [`ModuleReply`] and closes the stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchModule(pub ModuleHash);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ModuleReply {
+    Found(#[serde(with = "serde_bytes")] Vec<u8>),
+    Unknown,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("the peer is not speaking the wasmgrid protocol (bad preamble)")]
+    NotWasmgrid,
+    #[error("frame of {0} bytes is larger than the limit of {MAX_FRAME_BYTES} bytes")]
+    FrameTooLarge(usize),
+    #[error("malformed message: {0}")]
+    Malformed(String),
+}
+
+/// One message as a frame: length, then postcard.
+pub fn encode_frame<T: Serialize>(message: &T) -> Result<Vec<u8>, WireError> {
+    let mut frame = postcard::to_extend(message, vec![0u8; 4])
+        .map_err(|e| WireError::Malformed(e.to_string()))?;
+    let len = frame.len() - 4;
+    if len > MAX_FRAME_BYTES {
+        return Err(WireError::FrameTooLarge(len));
+    }
+    frame[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(frame)
+}
+
+/// Splits a byte stream into messages, enforcing [`MAX_FRAME_BYTES`].
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buffer: Vec<u8>,
+    consumed: usize,
+}
+
+impl FrameDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.consumed > 0 && self.consumed == self.buffer.len() {
+            self.buffer.clear();
+            self.consumed = 0;
+        }
+        self.buffer.extend_from_slice(bytes);
+    }
+
+    /// The next complete message, if one has arrived.
+    pub fn next<T: for<'de> Deserialize<'de>>(&mut self) -> Result<Option<T>, WireError> {
+        let pending = &self.buffer[self.consumed..];
+        if pending.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes([pending[0], pending[1], pending[2], pending[3]]) as usize;
+        if len > MAX_FRAME_BYTES {
+            return Err(WireError::FrameTooLarge(len));
+        }
+        if pending.len() < 4 + len {
+            return Ok(None);
+        }
+        let message = postcard::from_bytes(&pending[4..4 + len])
+            .map_err(|e| WireError::Malformed(e.to_string()))?;
+        self.consumed += 4 + len;
+        if self.consumed > self.buffer.len() / 2 {
+            self.buffer.drain(..self.consumed);
+            self.consumed = 0;
+        }
+        Ok(Some(message))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_split_at_any_byte() {
+        let messages = vec![
+            ToForeman::Credit(7),
+            ToForeman::Heartbeat,
+            ToForeman::Hello {
+                token: "t".into(),
+                info: WorkerInfo {
+                    name: "w".into(),
+                    hostname: "h".into(),
+                    os: "linux".into(),
+                    arch: "x86_64".into(),
+                    cores: 2,
+                    memory_bytes: 1 << 30,
+                    slots: 2,
+                    wasmtime_version: "48".into(),
+                    engine_hash: "abc".into(),
+                },
+            },
+        ];
+        let stream: Vec<u8> = messages
+            .iter()
+            .flat_map(|m| encode_frame(m).unwrap())
+            .collect();
+        for split in 0..stream.len() {
+            let mut decoder = FrameDecoder::new();
+            let mut got = Vec::new();
+            for chunk in [&stream[..split], &stream[split..]] {
+                decoder.push(chunk);
+                while let Some(m) = decoder.next::<ToForeman>().unwrap() {
+                    got.push(m);
+                }
+            }
+            assert_eq!(got, messages, "split at {split}");
+        }
+    }
+
+    #[test]
+    fn oversized_and_garbage_frames_are_errors() {
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            decoder.next::<ToForeman>(),
+            Err(WireError::FrameTooLarge(_))
+        ));
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&[3, 0, 0, 0, 0xff, 0xff, 0xff]);
+        assert!(matches!(
+            decoder.next::<ToForeman>(),
+            Err(WireError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn preamble_carries_the_version() {
+        let bytes = Preamble::ours().encode();
+        assert_eq!(Preamble::decode(&bytes).unwrap().version, PROTOCOL_VERSION);
+        assert_eq!(Preamble::decode(b"HTTP/1"), Err(WireError::NotWasmgrid));
+    }
+}
