@@ -164,7 +164,7 @@ impl FrameDecoder {
     }
 
     /// The next complete message, if one has arrived.
-    pub fn next<T: for<'de> Deserialize<'de>>(&mut self) -> Result<Option<T>, WireError> {
+    pub fn next_message<T: for<'de> Deserialize<'de>>(&mut self) -> Result<Option<T>, WireError> {
         let pending = &self.buffer[self.consumed..];
         if pending.len() < 4 {
             return Ok(None);
@@ -220,7 +220,7 @@ mod tests {
             let mut got = Vec::new();
             for chunk in [&stream[..split], &stream[split..]] {
                 decoder.push(chunk);
-                while let Some(m) = decoder.next::<ToForeman>().unwrap() {
+                while let Some(m) = decoder.next_message::<ToForeman>().unwrap() {
                     got.push(m);
                 }
             }
@@ -233,13 +233,13 @@ mod tests {
         let mut decoder = FrameDecoder::new();
         decoder.push(&u32::MAX.to_le_bytes());
         assert!(matches!(
-            decoder.next::<ToForeman>(),
+            decoder.next_message::<ToForeman>(),
             Err(WireError::FrameTooLarge(_))
         ));
         let mut decoder = FrameDecoder::new();
         decoder.push(&[3, 0, 0, 0, 0xff, 0xff, 0xff]);
         assert!(matches!(
-            decoder.next::<ToForeman>(),
+            decoder.next_message::<ToForeman>(),
             Err(WireError::Malformed(_))
         ));
     }
