@@ -96,9 +96,7 @@ fn wasm_vs_native() {
         scale: 3.0,
         max_iter: 1000,
     };
-    let view_json = format!(
-        "[{{\"width\":640,\"height\":480,\"center_x\":-0.75,\"center_y\":0.0,\"scale\":3.0,\"max_iter\":1000}}, 0, 480]"
-    );
+    let view_json = r#"[{"width":640,"height":480,"center_x":-0.75,"center_y":0.0,"scale":3.0,"max_iter":1000}, 0, 480]"#.to_owned();
     type Native = Box<dyn FnMut() -> String>;
     let kernels: [(&str, &str, String, Native); 2] = [
         (
