@@ -1,0 +1,372 @@
+//! The foreman's durable state in one SQLite file.
+//!
+//! All writes go through one writer thread that owns the only writing
+//! connection: [`Store::record`] queues a change and returns at once, and the
+//! writer commits queued changes in batches (one transaction per ~5 ms or
+//! ~2,000 records), so the core never waits for the disk. Operations that
+//! must be durable when they return (`create_job`, `put_module`) run on the
+//! same thread, in order with the queued records, and are committed with
+//! `synchronous=FULL`. Reads use a small pool of separate connections; with
+//! WAL they never block the writer and the writer never blocks them. Reads see
+//! committed data only: call [`Store::flush`] first to read your own records.
+
+mod queries;
+mod schema;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use rusqlite::Connection;
+use serde::Serialize;
+use wasmgrid_protocol::wire::{ModuleHash, WorkerInfo};
+use wasmgrid_protocol::{Failure, TaskLimits};
+
+use crate::model::{JobId, JobSpec, JobState, Record, TaskIndex, TaskState, WorkerId};
+
+use writer::Command;
+
+/// Largest page [`Store::jobs`] returns.
+pub const MAX_PAGE: u64 = 1000;
+
+/// Idle read connections kept open for reuse.
+const MAX_IDLE_READERS: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("module {0} is not stored")]
+    UnknownModule(String),
+    #[error("job {0} does not exist")]
+    UnknownJob(JobId),
+    #[error("task {task} of job {job} does not exist")]
+    UnknownTask { job: JobId, task: TaskIndex },
+    #[error("worker {0} does not exist")]
+    UnknownWorker(WorkerId),
+    #[error("invalid job: {0}")]
+    InvalidJob(String),
+    #[error("database schema version {found} is newer than this foreman supports ({supported})")]
+    SchemaTooNew { found: i64, supported: i64 },
+    #[error("unexpected value in the database: {0}")]
+    Corrupt(String),
+    /// Records that could not be applied (they named an unknown job, task or
+    /// attempt) were dropped; the rest of their batch was committed.
+    #[error("{count} record(s) rejected since the last flush; first: {first}")]
+    Rejected { count: u64, first: String },
+    /// Committing queued records failed; they are kept and retried.
+    #[error("writing queued records failed: {0}")]
+    WriteFailed(String),
+    #[error("the store's writer thread has stopped")]
+    Closed,
+}
+
+/// A job as submitted, before it has an id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewJob {
+    pub module: ModuleHash,
+    pub limits: TaskLimits,
+    pub max_retries: u32,
+    pub priority: i32,
+    pub scheduler: String,
+    /// One JSON text per task, in task order.
+    pub args: Vec<String>,
+}
+
+/// A job as the API shows it; the counters are kept by the writer, so
+/// reading one costs one row whatever the job's size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JobRow {
+    pub id: JobId,
+    /// The module's sha256, lower-case hex.
+    pub module: String,
+    pub state: JobState,
+    pub priority: i32,
+    pub scheduler: String,
+    pub limits: TaskLimits,
+    pub max_retries: u32,
+    pub total: u32,
+    pub queued: u32,
+    pub running: u32,
+    pub succeeded: u32,
+    pub failed: u32,
+    pub cancelled: u32,
+    /// Fuel used by every attempt of every task, retries included.
+    pub fuel_used: u64,
+    pub created_at_ms: u64,
+    pub started_at_ms: Option<u64>,
+    pub finished_at_ms: Option<u64>,
+}
+
+/// One task's outcome. `result` and `failure` are set only once the task's
+/// state is final.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TaskOutcomeRow {
+    pub index: TaskIndex,
+    pub state: TaskState,
+    /// The task's result, as JSON text.
+    pub result: Option<String>,
+    pub failure: Option<Failure>,
+    pub attempts: u32,
+}
+
+/// What restart recovery needs to rebuild a job in the core.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UnfinishedJob {
+    pub spec: JobSpec,
+    /// `Queued` or `Running`.
+    pub state: JobState,
+    pub scheduler: String,
+    /// One JSON text per task, in task order.
+    pub args: Vec<String>,
+    /// Per task, in task order: its state and the attempts started so far.
+    /// A task still `Running` had an attempt in flight when the foreman stopped.
+    pub tasks: Vec<(TaskState, u32)>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct WorkerRow {
+    /// 0 for a worker not yet registered.
+    pub id: WorkerId,
+    pub name: String,
+    pub hostname: String,
+    pub os: String,
+    pub arch: String,
+    pub cores: u32,
+    pub memory_bytes: u64,
+    pub slots: u32,
+    pub wasmtime_version: String,
+    pub engine_hash: String,
+    pub online: bool,
+    pub last_seen_ms: u64,
+    /// Attempts this worker ended with a result.
+    pub tasks_succeeded: u64,
+    /// Attempts this worker ended with a failure or lost (cancellations excluded).
+    pub tasks_failed: u64,
+}
+
+impl WorkerRow {
+    /// A row for a worker that just said hello, not yet registered.
+    pub fn joining(info: &WorkerInfo) -> WorkerRow {
+        WorkerRow {
+            id: 0,
+            name: info.name.clone(),
+            hostname: info.hostname.clone(),
+            os: info.os.clone(),
+            arch: info.arch.clone(),
+            cores: info.cores,
+            memory_bytes: info.memory_bytes,
+            slots: info.slots,
+            wasmtime_version: info.wasmtime_version.clone(),
+            engine_hash: info.engine_hash.clone(),
+            online: true,
+            last_seen_ms: 0,
+            tasks_succeeded: 0,
+            tasks_failed: 0,
+        }
+    }
+}
+
+/// A handle on the store; clones share one writer thread and reader pool.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    commands: Option<Sender<Command>>,
+    writer: Option<JoinHandle<()>>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the channel lets the writer commit what is queued and stop.
+        self.commands.take();
+        if let Some(handle) = self.writer.take() {
+            if handle.join().is_err() {
+                tracing::error!("the store's writer thread panicked");
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens or creates `path` (WAL, synchronous=NORMAL, foreign keys on,
+    /// busy timeout), creates or migrates the schema, marks every worker
+    /// offline (none is connected to a foreman that just started) and starts
+    /// the writer thread.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = schema::open_writer(path)?;
+        let (commands, receiver) = mpsc::channel();
+        let writer = writer::spawn(conn, receiver)?;
+        tracing::info!(path = %path.display(), "store opened");
+        Ok(Store {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                commands: Some(commands),
+                writer: Some(writer),
+                readers: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// Stores a module once by its sha256 (the caller computed it). Durable
+    /// when it returns.
+    pub fn put_module(&self, hash: &ModuleHash, wasm: &[u8]) -> Result<(), StoreError> {
+        let hash = *hash;
+        let wasm = wasm.to_vec();
+        self.call(true, move |conn| queries::put_module(conn, &hash, &wasm))
+    }
+
+    pub fn module(&self, hash: &ModuleHash) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read(|conn| queries::module(conn, hash))
+    }
+
+    /// Accepts a job: allocates its id, stores the job and one task per
+    /// argument set in one transaction. Durable when it returns.
+    pub fn create_job(&self, job: NewJob) -> Result<JobSpec, StoreError> {
+        self.call(true, move |conn| queries::create_job(conn, job))
+    }
+
+    /// Queues a change for the writer thread and returns at once.
+    pub fn record(&self, record: Record) {
+        self.send(Command::Records(vec![record]));
+    }
+
+    /// Queues changes, in order, for the writer thread and returns at once.
+    pub fn record_all(&self, records: impl IntoIterator<Item = Record>) {
+        let records: Vec<Record> = records.into_iter().collect();
+        if !records.is_empty() {
+            self.send(Command::Records(records));
+        }
+    }
+
+    /// Blocks until every record queued before this call is committed.
+    /// Fails if the commit failed (the records are kept and retried), or if
+    /// records were rejected since the previous flush.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        self.try_send(Command::Flush(reply))?;
+        answer.recv().map_err(|_| StoreError::Closed)?
+    }
+
+    pub fn job(&self, id: JobId) -> Result<Option<JobRow>, StoreError> {
+        self.read(|conn| queries::job(conn, id))
+    }
+
+    /// Newest first, optionally only jobs in `state`; `limit` is capped at
+    /// [`MAX_PAGE`].
+    pub fn jobs(
+        &self,
+        skip: u64,
+        limit: u64,
+        state: Option<JobState>,
+    ) -> Result<Vec<JobRow>, StoreError> {
+        self.read(|conn| queries::jobs(conn, skip, limit.min(MAX_PAGE), state))
+    }
+
+    /// Every task's outcome in argument order; `None` when the job is unknown.
+    pub fn results(&self, id: JobId) -> Result<Option<Vec<TaskOutcomeRow>>, StoreError> {
+        self.read(|conn| queries::results(conn, id))
+    }
+
+    /// Every job not in a final state, oldest first, for restart recovery.
+    pub fn unfinished_jobs(&self) -> Result<Vec<UnfinishedJob>, StoreError> {
+        self.read(queries::unfinished_jobs)
+    }
+
+    /// One past the largest attempt id ever stored (1 on an empty database).
+    pub fn next_attempt_id(&self) -> Result<u64, StoreError> {
+        self.read(queries::next_attempt_id)
+    }
+
+    /// Registers a worker, or refreshes the one with the same name and
+    /// hostname; returns its stable id. `id`, `last_seen_ms` and the task
+    /// counters of `w` are ignored (the store keeps those).
+    pub fn upsert_worker(&self, w: &WorkerRow) -> Result<WorkerId, StoreError> {
+        let w = w.clone();
+        self.call(false, move |conn| queries::upsert_worker(conn, &w))
+    }
+
+    pub fn set_worker_online(&self, id: WorkerId, online: bool) -> Result<(), StoreError> {
+        self.call(false, move |conn| {
+            queries::set_worker_online(conn, id, online)
+        })
+    }
+
+    /// Every worker ever registered, by id.
+    pub fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
+        self.read(queries::workers)
+    }
+
+    fn send(&self, command: Command) {
+        if let Err(e) = self.try_send(command) {
+            tracing::error!(error = %e, "record dropped");
+        }
+    }
+
+    fn try_send(&self, command: Command) -> Result<(), StoreError> {
+        let commands = self.inner.commands.as_ref().ok_or(StoreError::Closed)?;
+        commands.send(command).map_err(|_| StoreError::Closed)
+    }
+
+    /// Runs `f` on the writer thread, after everything queued before, and
+    /// waits for its answer. `durable`: commit with `synchronous=FULL`.
+    fn call<T: Send + 'static>(
+        &self,
+        durable: bool,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        self.try_send(Command::Exec {
+            durable,
+            run: Box::new(move |conn| {
+                // The caller may have gone; nothing to do then.
+                let _ = reply.send(f(conn));
+            }),
+        })?;
+        answer.recv().map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `f` on a pooled read connection.
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let idle = self
+            .inner
+            .readers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .pop();
+        let mut conn = match idle {
+            Some(conn) => conn,
+            None => schema::open_reader(&self.inner.path)?,
+        };
+        let result = f(&mut conn);
+        let mut readers = self
+            .inner
+            .readers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if readers.len() < MAX_IDLE_READERS {
+            readers.push(conn);
+        }
+        result
+    }
+}

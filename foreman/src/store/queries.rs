@@ -1,0 +1,349 @@
+//! One-shot operations. Writes (`put_module`, `create_job`, workers) run on
+//! the writer thread's connection, between record batches; reads run on
+//! pooled read connections, and those that read more than one statement do
+//! so in one read transaction, so they see one snapshot.
+
+use rusqlite::types::ValueRef;
+use std::time::Instant;
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use wasmgrid_protocol::wire::ModuleHash;
+use wasmgrid_protocol::{Failure, TaskLimits};
+
+use super::schema::{self, from_sql, now_ms, to_sql, u32_from_sql};
+use super::{JobRow, NewJob, StoreError, TaskOutcomeRow, UnfinishedJob, WorkerRow};
+use crate::model::{JobId, JobSpec, JobState, WorkerId};
+
+const JOB_COLUMNS: &str = "id, module, state, priority, scheduler, fuel, memory_bytes, timeout_ms,
+    output_bytes, max_retries, total, queued, running, succeeded, failed, cancelled, fuel_used,
+    created_at_ms, started_at_ms, finished_at_ms";
+
+pub(super) fn put_module(
+    conn: &mut Connection,
+    hash: &ModuleHash,
+    wasm: &[u8],
+) -> Result<(), StoreError> {
+    let size = i64::try_from(wasm.len()).unwrap_or(i64::MAX);
+    let added = conn.execute(
+        "INSERT OR IGNORE INTO modules (hash, wasm, size, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
+        params![&hash[..], wasm, size, now_ms()],
+    )?;
+    if added > 0 {
+        tracing::info!(module = %hex::encode(hash), size, "module stored");
+    }
+    Ok(())
+}
+
+pub(super) fn create_job(conn: &mut Connection, job: NewJob) -> Result<JobSpec, StoreError> {
+    let task_count = u32::try_from(job.args.len())
+        .map_err(|_| StoreError::InvalidJob(format!("{} tasks is too many", job.args.len())))?;
+    let started = Instant::now();
+    let tx = conn.transaction()?;
+    let known = tx
+        .query_row(
+            "SELECT 1 FROM modules WHERE hash = ?1",
+            [&job.module[..]],
+            |_| Ok(()),
+        )
+        .optional()?;
+    if known.is_none() {
+        return Err(StoreError::UnknownModule(hex::encode(job.module)));
+    }
+    let limits = &job.limits;
+    tx.execute(
+        "INSERT INTO jobs (module, state, priority, scheduler, fuel, memory_bytes, timeout_ms,
+             output_bytes, max_retries, total, queued, created_at_ms)
+         VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10)",
+        params![
+            &job.module[..],
+            job.priority,
+            job.scheduler,
+            to_sql(limits.fuel),
+            to_sql(limits.memory_bytes),
+            to_sql(limits.timeout_ms),
+            limits.output_bytes,
+            job.max_retries,
+            task_count,
+            now_ms(),
+        ],
+    )?;
+    let id = schema::from_sql(tx.last_insert_rowid());
+    {
+        let mut insert =
+            tx.prepare_cached("INSERT INTO tasks (job_id, idx, args) VALUES (?1, ?2, ?3)")?;
+        for (idx, args) in (0u32..).zip(&job.args) {
+            insert.execute(params![to_sql(id), idx, args])?;
+        }
+    }
+    tx.commit()?;
+    tracing::info!(job = id, tasks = task_count, elapsed = ?started.elapsed(), "job stored");
+    Ok(JobSpec {
+        id,
+        module: job.module,
+        limits: job.limits,
+        max_retries: job.max_retries,
+        priority: job.priority,
+        task_count,
+    })
+}
+
+pub(super) fn upsert_worker(conn: &mut Connection, w: &WorkerRow) -> Result<WorkerId, StoreError> {
+    let id: i64 = conn.query_row(
+        "INSERT INTO workers (name, hostname, os, arch, cores, memory_bytes, slots,
+             wasmtime_version, engine_hash, online, first_seen_ms, last_seen_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11)
+         ON CONFLICT (name, hostname) DO UPDATE SET os = excluded.os, arch = excluded.arch,
+             cores = excluded.cores, memory_bytes = excluded.memory_bytes,
+             slots = excluded.slots, wasmtime_version = excluded.wasmtime_version,
+             engine_hash = excluded.engine_hash, online = excluded.online,
+             last_seen_ms = excluded.last_seen_ms
+         RETURNING id",
+        params![
+            w.name,
+            w.hostname,
+            w.os,
+            w.arch,
+            w.cores,
+            to_sql(w.memory_bytes),
+            w.slots,
+            w.wasmtime_version,
+            w.engine_hash,
+            w.online,
+            now_ms(),
+        ],
+        |row| row.get(0),
+    )?;
+    Ok(schema::from_sql(id))
+}
+
+pub(super) fn set_worker_online(
+    conn: &mut Connection,
+    id: WorkerId,
+    online: bool,
+) -> Result<(), StoreError> {
+    let changed = conn.execute(
+        "UPDATE workers SET online = ?2, last_seen_ms = ?3 WHERE id = ?1",
+        params![to_sql(id), online, now_ms()],
+    )?;
+    if changed == 0 {
+        return Err(StoreError::UnknownWorker(id));
+    }
+    Ok(())
+}
+
+pub(super) fn module(
+    conn: &mut Connection,
+    hash: &ModuleHash,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT wasm FROM modules WHERE hash = ?1")?
+        .query_row([&hash[..]], |row| row.get(0))
+        .optional()?)
+}
+
+pub(super) fn job(conn: &mut Connection, id: JobId) -> Result<Option<JobRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"))?;
+    let mut rows = stmt.query([to_sql(id)])?;
+    rows.next()?.map(job_row).transpose()
+}
+
+pub(super) fn jobs(
+    conn: &mut Connection,
+    skip: u64,
+    limit: u64,
+    state: Option<JobState>,
+) -> Result<Vec<JobRow>, StoreError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let skip = i64::try_from(skip).unwrap_or(i64::MAX);
+    let mut out = Vec::new();
+    let (sql, filter) = match state {
+        None => (
+            format!("SELECT {JOB_COLUMNS} FROM jobs ORDER BY id DESC LIMIT ?1 OFFSET ?2"),
+            None,
+        ),
+        Some(state) => (
+            format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE state = ?3 ORDER BY id DESC LIMIT ?1 OFFSET ?2"
+            ),
+            Some(state.as_str()),
+        ),
+    };
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut rows = match filter {
+        None => stmt.query(params![limit, skip])?,
+        Some(state) => stmt.query(params![limit, skip, state])?,
+    };
+    while let Some(row) = rows.next()? {
+        out.push(job_row(row)?);
+    }
+    Ok(out)
+}
+
+pub(super) fn results(
+    conn: &mut Connection,
+    id: JobId,
+) -> Result<Option<Vec<TaskOutcomeRow>>, StoreError> {
+    let tx = conn.transaction()?;
+    let total: Option<i64> = tx
+        .prepare_cached("SELECT total FROM jobs WHERE id = ?1")?
+        .query_row([to_sql(id)], |row| row.get(0))
+        .optional()?;
+    let Some(total) = total else {
+        return Ok(None);
+    };
+    let mut out = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+    {
+        let mut stmt = tx.prepare_cached(
+            "SELECT idx, state, result, failure_kind, failure_message, attempts
+             FROM tasks WHERE job_id = ?1 ORDER BY idx",
+        )?;
+        let mut rows = stmt.query([to_sql(id)])?;
+        while let Some(row) = rows.next()? {
+            let failure = match text(row, 3)? {
+                Some(kind) => Some(Failure {
+                    kind: schema::failure_kind(kind)?,
+                    message: row.get::<_, Option<String>>(4)?.unwrap_or_default(),
+                }),
+                None => None,
+            };
+            out.push(TaskOutcomeRow {
+                index: u32_from_sql(row.get(0)?)?,
+                state: schema::task_state(required_text(row, 1)?)?,
+                result: row.get(2)?,
+                failure,
+                attempts: u32_from_sql(row.get(5)?)?,
+            });
+        }
+    }
+    tx.finish()?;
+    Ok(Some(out))
+}
+
+pub(super) fn unfinished_jobs(conn: &mut Connection) -> Result<Vec<UnfinishedJob>, StoreError> {
+    let tx = conn.transaction()?;
+    let mut jobs = Vec::new();
+    {
+        let mut stmt = tx.prepare_cached(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ('queued', 'running') ORDER BY id"
+        ))?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            jobs.push(job_row(row)?);
+        }
+    }
+    let mut out = Vec::with_capacity(jobs.len());
+    {
+        let mut stmt = tx.prepare_cached(
+            "SELECT args, state, attempts FROM tasks WHERE job_id = ?1 ORDER BY idx",
+        )?;
+        for job in jobs {
+            let mut args = Vec::with_capacity(job.total as usize);
+            let mut tasks = Vec::with_capacity(job.total as usize);
+            let mut rows = stmt.query([to_sql(job.id)])?;
+            while let Some(row) = rows.next()? {
+                args.push(row.get(0)?);
+                tasks.push((
+                    schema::task_state(required_text(row, 1)?)?,
+                    u32_from_sql(row.get(2)?)?,
+                ));
+            }
+            let module = hex::decode(&job.module)
+                .ok()
+                .and_then(|bytes| ModuleHash::try_from(bytes).ok())
+                .ok_or_else(|| StoreError::Corrupt(format!("module hash {}", job.module)))?;
+            out.push(UnfinishedJob {
+                spec: JobSpec {
+                    id: job.id,
+                    module,
+                    limits: job.limits,
+                    max_retries: job.max_retries,
+                    priority: job.priority,
+                    task_count: job.total,
+                },
+                state: job.state,
+                scheduler: job.scheduler,
+                args,
+                tasks,
+            });
+        }
+    }
+    tx.finish()?;
+    Ok(out)
+}
+
+pub(super) fn next_attempt_id(conn: &mut Connection) -> Result<u64, StoreError> {
+    let max: i64 = conn
+        .prepare_cached("SELECT coalesce(max(id), 0) FROM attempts")?
+        .query_row([], |row| row.get(0))?;
+    Ok(from_sql(max).wrapping_add(1))
+}
+
+pub(super) fn workers(conn: &mut Connection) -> Result<Vec<WorkerRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, name, hostname, os, arch, cores, memory_bytes, slots, wasmtime_version,
+             engine_hash, online, last_seen_ms, tasks_succeeded, tasks_failed
+         FROM workers ORDER BY id",
+    )?;
+    let mut rows = stmt.query([])?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        out.push(WorkerRow {
+            id: from_sql(row.get(0)?),
+            name: row.get(1)?,
+            hostname: row.get(2)?,
+            os: row.get(3)?,
+            arch: row.get(4)?,
+            cores: u32_from_sql(row.get(5)?)?,
+            memory_bytes: from_sql(row.get(6)?),
+            slots: u32_from_sql(row.get(7)?)?,
+            wasmtime_version: row.get(8)?,
+            engine_hash: row.get(9)?,
+            online: row.get(10)?,
+            last_seen_ms: from_sql(row.get(11)?),
+            tasks_succeeded: from_sql(row.get(12)?),
+            tasks_failed: from_sql(row.get(13)?),
+        });
+    }
+    Ok(out)
+}
+
+/// A row selected with `JOB_COLUMNS`.
+fn job_row(row: &Row<'_>) -> Result<JobRow, StoreError> {
+    let module: Vec<u8> = row.get(1)?;
+    Ok(JobRow {
+        id: from_sql(row.get(0)?),
+        module: hex::encode(module),
+        state: schema::job_state(required_text(row, 2)?)?,
+        priority: row.get(3)?,
+        scheduler: row.get(4)?,
+        limits: TaskLimits {
+            fuel: from_sql(row.get(5)?),
+            memory_bytes: from_sql(row.get(6)?),
+            timeout_ms: from_sql(row.get(7)?),
+            output_bytes: u32_from_sql(row.get(8)?)?,
+        },
+        max_retries: u32_from_sql(row.get(9)?)?,
+        total: u32_from_sql(row.get(10)?)?,
+        queued: u32_from_sql(row.get(11)?)?,
+        running: u32_from_sql(row.get(12)?)?,
+        succeeded: u32_from_sql(row.get(13)?)?,
+        failed: u32_from_sql(row.get(14)?)?,
+        cancelled: u32_from_sql(row.get(15)?)?,
+        fuel_used: from_sql(row.get(16)?),
+        created_at_ms: from_sql(row.get(17)?),
+        started_at_ms: row.get::<_, Option<i64>>(18)?.map(from_sql),
+        finished_at_ms: row.get::<_, Option<i64>>(19)?.map(from_sql),
+    })
+}
+
+/// A nullable text column, borrowed from the row.
+fn text<'r>(row: &'r Row<'_>, i: usize) -> Result<Option<&'r str>, StoreError> {
+    match row.get_ref(i)? {
+        ValueRef::Null => Ok(None),
+        value => Ok(Some(value.as_str().map_err(rusqlite::Error::from)?)),
+    }
+}
+
+fn required_text<'r>(row: &'r Row<'_>, i: usize) -> Result<&'r str, StoreError> {
+    text(row, i)?.ok_or_else(|| StoreError::Corrupt(format!("NULL in column {i}")))
+}
