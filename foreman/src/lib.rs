@@ -1,5 +1,12 @@
 //! The wasmgrid foreman: accepts jobs, splits them into tasks, dispatches
 //! them to workers over QUIC and keeps everything in SQLite.
 
+pub mod api;
+pub mod client;
+pub mod core;
+pub mod driver;
+pub mod identity;
 pub mod model;
+pub mod net;
+pub mod serve;
 pub mod store;

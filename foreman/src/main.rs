@@ -1,1 +1,176 @@
-fn main() {}
+//! `foreman`: runs the grid's coordinator (`serve`) and talks to it (`submit`,
+//! `status`, `results`, `cancel`, `jobs`, `workers`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use wasmgrid_foreman::api::JobOptions;
+use wasmgrid_foreman::client::{self, Client, SubmitOptions};
+use wasmgrid_foreman::serve::{serve, ServeOptions};
+use wasmgrid_protocol::TaskLimits;
+
+#[derive(Parser)]
+#[command(
+    name = "foreman",
+    version,
+    about = "The wasmgrid foreman: jobs in, tasks out to workers, results back"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the foreman: QUIC for workers, REST for users, SQLite for everything.
+    Serve {
+        #[arg(long, default_value = "wasmgrid-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "0.0.0.0:9000")]
+        quic: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        http: SocketAddr,
+        /// Also start and supervise this many workers on this machine.
+        #[arg(long, default_value_t = 0)]
+        local_workers: u32,
+    },
+    /// Submits a job and waits for its results (printed as a JSON array in argument order).
+    Submit {
+        module: PathBuf,
+        args: PathBuf,
+        #[arg(long, default_value = DEFAULT_FOREMAN)]
+        foreman: String,
+        #[arg(long, default_value_t = TaskLimits::DEFAULT_FUEL)]
+        fuel: u64,
+        #[arg(long, value_name = "MIB", default_value_t = TaskLimits::DEFAULT_MEMORY_MIB)]
+        memory: u64,
+        #[arg(long, value_name = "SECS", default_value_t = TaskLimits::DEFAULT_TIMEOUT_SECS as f64)]
+        timeout: f64,
+        #[arg(long, default_value_t = 3)]
+        retries: u32,
+        #[arg(long, default_value_t = 0)]
+        priority: i32,
+        #[arg(long, default_value = "fifo")]
+        scheduler: String,
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Print the job id and return at once.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// A job's state and counts.
+    Status {
+        job: u64,
+        #[arg(long, default_value = DEFAULT_FOREMAN)]
+        foreman: String,
+    },
+    /// A job's results and failures.
+    Results {
+        job: u64,
+        #[arg(long, default_value = DEFAULT_FOREMAN)]
+        foreman: String,
+    },
+    /// Cancels a job.
+    Cancel {
+        job: u64,
+        #[arg(long, default_value = DEFAULT_FOREMAN)]
+        foreman: String,
+    },
+    /// Lists jobs, newest first.
+    Jobs {
+        #[arg(long, default_value = DEFAULT_FOREMAN)]
+        foreman: String,
+    },
+    /// Lists workers.
+    Workers {
+        #[arg(long, default_value = DEFAULT_FOREMAN)]
+        foreman: String,
+    },
+}
+
+const DEFAULT_FOREMAN: &str = "http://127.0.0.1:8000";
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse().command) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve {
+            data_dir,
+            quic,
+            http,
+            local_workers,
+        } => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(serve(ServeOptions {
+                data_dir,
+                quic,
+                http,
+                local_workers,
+            }))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Submit {
+            module,
+            args,
+            foreman,
+            fuel,
+            memory,
+            timeout,
+            retries,
+            priority,
+            scheduler,
+            output,
+            detach,
+        } => {
+            let job = JobOptions {
+                fuel,
+                memory_mib: memory,
+                timeout_secs: timeout,
+                retries,
+                priority,
+                scheduler,
+            };
+            client::submit(
+                &Client::new(&foreman),
+                SubmitOptions {
+                    module,
+                    args,
+                    job,
+                    output,
+                    detach,
+                },
+            )
+        }
+        Command::Status { job, foreman } => {
+            client::print_json(&Client::new(&foreman).get(&format!("/api/jobs/{job}"))?)
+        }
+        Command::Results { job, foreman } => {
+            client::print_json(&Client::new(&foreman).get(&format!("/api/jobs/{job}/results"))?)
+        }
+        Command::Cancel { job, foreman } => client::print_json(
+            &Client::new(&foreman)
+                .post(&format!("/api/jobs/{job}/cancel"), &serde_json::json!({}))?,
+        ),
+        Command::Jobs { foreman } => client::print_json(&Client::new(&foreman).get("/api/jobs")?),
+        Command::Workers { foreman } => {
+            client::print_json(&Client::new(&foreman).get("/api/workers")?)
+        }
+    }
+}

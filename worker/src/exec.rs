@@ -215,11 +215,16 @@ pub fn run_job(
 }
 
 fn lost_report(index: usize) -> TaskReport {
+    failed_report(Failure::new(
+        FailureKind::WorkerLost,
+        format!("task {index} was never reported by its slot"),
+    ))
+}
+
+/// The report of an attempt that never ran.
+pub fn failed_report(failure: Failure) -> TaskReport {
     TaskReport {
-        outcome: Err(Failure::new(
-            FailureKind::WorkerLost,
-            format!("task {index} was never reported by its slot"),
-        )),
+        outcome: Err(failure),
         fuel_used: 0,
         cache: wasmgrid_protocol::CacheSource::Memory,
         timings: Default::default(),

@@ -16,11 +16,33 @@ use wasmgrid_worker::executor::{Executor, ExecutorOptions};
 #[command(
     name = "worker",
     version,
-    about = "Runs wasmgrid tasks in a wasm sandbox"
+    about = "Runs wasmgrid tasks in a wasm sandbox: joins a foreman, or runs a job here with `worker exec`"
 )]
+#[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    join: JoinArgs,
+}
+
+#[derive(Args)]
+struct JoinArgs {
+    /// The foreman's QUIC address, as printed by `foreman serve`.
+    #[arg(long)]
+    foreman: Option<std::net::SocketAddr>,
+    /// The join token printed by `foreman serve` (secret and certificate fingerprint).
+    #[arg(long)]
+    token: Option<String>,
+    /// Tasks run at once; defaults to the number of cores.
+    #[arg(long)]
+    slots: Option<u32>,
+    /// How this worker shows up at the foreman; defaults to the hostname.
+    #[arg(long)]
+    name: Option<String>,
+    /// Where compiled modules are cached.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -90,13 +112,14 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Exec(args) => exec(args),
+        Some(Command::Exec(args)) => exec(args),
+        None => join(cli.join),
     };
     match result {
         Ok(code) => code,
@@ -105,6 +128,35 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn join(args: JoinArgs) -> anyhow::Result<ExitCode> {
+    let (Some(foreman), Some(token)) = (args.foreman, args.token) else {
+        anyhow::bail!("give --foreman ADDR and --token TOKEN (printed by `foreman serve`), or use `worker exec`");
+    };
+    let slots = args
+        .slots
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32))
+        .max(1);
+    let name = args.name.unwrap_or_else(|| {
+        std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "worker".into())
+    });
+    let cache_dir = args
+        .cache_dir
+        .or_else(|| dirs::cache_dir().map(|d| d.join("wasmgrid").join("modules")));
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(wasmgrid_worker::join::run(
+        wasmgrid_worker::join::JoinOptions {
+            foreman,
+            token,
+            slots,
+            name,
+            cache_dir,
+        },
+    ))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {

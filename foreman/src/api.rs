@@ -1,0 +1,339 @@
+//! The REST API: submit jobs, follow them, fetch their results.
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use wasmgrid_protocol::{FailureKind, TaskLimits};
+use wasmgrid_worker::exec::split_args;
+use wasmgrid_worker::executor::{Executor, ModuleId};
+
+use crate::driver::{Driver, Input};
+use crate::model::{JobId, JobState, TaskState};
+use crate::store::{NewJob, Store, StoreError};
+
+/// Largest request body (module and args together).
+pub const MAX_BODY_BYTES: usize = 256 << 20;
+
+pub struct ApiState {
+    pub store: Store,
+    pub driver: Driver,
+    /// Validates modules against the task world before a job is accepted.
+    pub validator: Arc<Executor>,
+}
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/api/jobs", post(submit).get(list_jobs))
+        .route("/api/jobs/{id}", get(job))
+        .route("/api/jobs/{id}/results", get(results))
+        .route("/api/jobs/{id}/cancel", post(cancel))
+        .route("/api/workers", get(workers))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// `{ "error": { "code", "message" } }` with a status.
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn job_not_found(id: JobId) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no job with id {id}"),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        tracing::error!("store: {error}");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "store",
+            error.to_string(),
+        )
+    }
+}
+
+impl From<tokio::task::JoinError> for ApiError {
+    fn from(error: tokio::task::JoinError) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            error.to_string(),
+        )
+    }
+}
+
+#[derive(Deserialize)]
+pub struct SubmitRequest {
+    /// The module, base64; or `module_sha256` of one already stored.
+    pub module_base64: Option<String>,
+    pub module_sha256: Option<String>,
+    pub args: Box<RawValue>,
+    #[serde(default)]
+    pub options: JobOptions,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct JobOptions {
+    pub fuel: u64,
+    pub memory_mib: u64,
+    pub timeout_secs: f64,
+    pub retries: u32,
+    pub priority: i32,
+    pub scheduler: String,
+}
+
+impl Default for JobOptions {
+    fn default() -> Self {
+        JobOptions {
+            fuel: TaskLimits::DEFAULT_FUEL,
+            memory_mib: TaskLimits::DEFAULT_MEMORY_MIB,
+            timeout_secs: TaskLimits::DEFAULT_TIMEOUT_SECS as f64,
+            retries: 3,
+            priority: 0,
+            scheduler: "fifo".into(),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct Submitted {
+    pub id: JobId,
+    pub tasks: u32,
+}
+
+async fn submit(
+    State(state): State<Arc<ApiState>>,
+    Json(request): Json<SubmitRequest>,
+) -> Result<(StatusCode, Json<Submitted>), ApiError> {
+    let bad =
+        |code: &'static str, message: String| ApiError::new(StatusCode::BAD_REQUEST, code, message);
+    let options = request.options;
+    if !(options.timeout_secs.is_finite() && options.timeout_secs > 0.0) {
+        return Err(bad(
+            "bad_options",
+            "timeout_secs must be a positive number".into(),
+        ));
+    }
+    let memory_bytes = options
+        .memory_mib
+        .checked_mul(1 << 20)
+        .ok_or_else(|| bad("bad_options", "memory_mib is too large".into()))?;
+    let args: Vec<String> = split_args(request.args.get())
+        .map_err(|e| bad("bad_args", e.to_string()))?
+        .into_iter()
+        .map(|raw| raw.get().to_owned())
+        .collect();
+    let wasm = match (request.module_base64, request.module_sha256) {
+        (Some(encoded), _) => base64::engine::general_purpose::STANDARD
+            .decode(encoded.as_bytes())
+            .map_err(|e| bad("bad_module", format!("module_base64 is not base64: {e}")))?,
+        (None, Some(hash)) => {
+            let hash = parse_hash(&hash)
+                .ok_or_else(|| bad("bad_module", "module_sha256 is not 64 hex digits".into()))?;
+            let store = state.store.clone();
+            tokio::task::spawn_blocking(move || store.module(&hash))
+                .await??
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        "unknown_module",
+                        "no module with that sha256 is stored",
+                    )
+                })?
+        }
+        (None, None) => {
+            return Err(bad(
+                "bad_module",
+                "give module_base64 or module_sha256".into(),
+            ))
+        }
+    };
+    let validator = state.validator.clone();
+    let checked =
+        tokio::task::spawn_blocking(move || validator.load(&wasm).map(|(task, _)| (task.id, wasm)))
+            .await?;
+    let (id, wasm) = checked.map_err(|failure| {
+        let code = if failure.kind == FailureKind::WrongWorld {
+            "wrong_world"
+        } else {
+            "invalid_module"
+        };
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, failure.to_string())
+    })?;
+    let ModuleId(hash) = id;
+    let new_job = NewJob {
+        module: hash,
+        limits: TaskLimits {
+            fuel: options.fuel,
+            memory_bytes,
+            timeout_ms: (options.timeout_secs * 1000.0).ceil() as u64,
+            output_bytes: TaskLimits::DEFAULT_OUTPUT_BYTES,
+        },
+        max_retries: options.retries,
+        priority: options.priority,
+        scheduler: options.scheduler,
+        args,
+    };
+    let store = state.store.clone();
+    let (spec, args) = tokio::task::spawn_blocking(move || {
+        store.put_module(&hash, &wasm)?;
+        let args: Vec<Arc<str>> = new_job.args.iter().map(|a| Arc::from(a.as_str())).collect();
+        store.create_job(new_job).map(|spec| (spec, args))
+    })
+    .await??;
+    let submitted = Submitted {
+        id: spec.id,
+        tasks: spec.task_count,
+    };
+    state.driver.send(Input::Submit { spec, args });
+    Ok((StatusCode::CREATED, Json(submitted)))
+}
+
+fn parse_hash(text: &str) -> Option<[u8; 32]> {
+    let bytes = hex::decode(text).ok()?;
+    bytes.try_into().ok()
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    skip: Option<u64>,
+    limit: Option<u64>,
+    status: Option<String>,
+}
+
+async fn list_jobs(
+    State(state): State<Arc<ApiState>>,
+    Query(query): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    let status = match query.status.as_deref() {
+        None => None,
+        Some(text) => Some(parse_job_state(text).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_parameter",
+                format!("status: unknown job state {text:?}"),
+            )
+        })?),
+    };
+    let store = state.store.clone();
+    let jobs = tokio::task::spawn_blocking(move || {
+        store.jobs(query.skip.unwrap_or(0), query.limit.unwrap_or(100), status)
+    })
+    .await??;
+    Ok(Json(jobs).into_response())
+}
+
+fn parse_job_state(text: &str) -> Option<JobState> {
+    [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Completed,
+        JobState::Failed,
+        JobState::Cancelled,
+    ]
+    .into_iter()
+    .find(|s| s.as_str() == text)
+}
+
+async fn job(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<JobId>,
+) -> Result<Response, ApiError> {
+    let store = state.store.clone();
+    let row = tokio::task::spawn_blocking(move || store.job(id)).await??;
+    row.map(|row| Json(row).into_response())
+        .ok_or_else(|| ApiError::job_not_found(id))
+}
+
+#[derive(Serialize)]
+struct TaskFailure {
+    index: u32,
+    kind: FailureKind,
+    message: String,
+}
+
+async fn results(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<JobId>,
+) -> Result<Response, ApiError> {
+    let store = state.store.clone();
+    let rows = tokio::task::spawn_blocking(move || store.results(id))
+        .await??
+        .ok_or_else(|| ApiError::job_not_found(id))?;
+    // Results are JSON already: splice them in rather than parse and re-encode.
+    let mut body = String::from("{\"results\":[");
+    let mut failures = Vec::new();
+    for (i, row) in rows.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        match (&row.result, row.state) {
+            (Some(json), TaskState::Succeeded) => body.push_str(json),
+            _ => body.push_str("null"),
+        }
+        if let Some(failure) = &row.failure {
+            failures.push(TaskFailure {
+                index: row.index,
+                kind: failure.kind,
+                message: failure.message.clone(),
+            });
+        }
+    }
+    body.push_str("],\"failures\":");
+    body.push_str(&serde_json::to_string(&failures).unwrap_or_else(|_| "[]".into()));
+    body.push('}');
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response())
+}
+
+async fn cancel(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<JobId>,
+) -> Result<Response, ApiError> {
+    let cancelled = state.driver.cancel(id).await;
+    let store = state.store.clone();
+    let row = tokio::task::spawn_blocking(move || store.job(id))
+        .await??
+        .ok_or_else(|| ApiError::job_not_found(id))?;
+    Ok(Json(serde_json::json!({ "cancelled": cancelled, "state": row.state })).into_response())
+}
+
+async fn workers(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    let store = state.store.clone();
+    let rows = tokio::task::spawn_blocking(move || store.workers()).await??;
+    Ok(Json(rows).into_response())
+}

@@ -1,0 +1,200 @@
+//! The command-line client of the REST API: `foreman submit`, `status`,
+//! `results`, `jobs`, `workers`.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use base64::Engine as _;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::Value;
+use ureq::Agent;
+
+use crate::api::JobOptions;
+
+pub struct Client {
+    base: String,
+    agent: Agent,
+}
+
+impl Client {
+    pub fn new(base: &str) -> Self {
+        let agent: Agent = Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Client {
+            base: base.trim_end_matches('/').to_owned(),
+            agent,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn read(&self, mut response: ureq::http::Response<ureq::Body>) -> anyhow::Result<Value> {
+        let status = response.status();
+        let body: Value = response
+            .body_mut()
+            .with_config()
+            .limit(u64::MAX)
+            .read_json()
+            .with_context(|| format!("the foreman answered {status} without JSON"))?;
+        if !status.is_success() {
+            let message = body["error"]["message"].as_str().unwrap_or("no message");
+            bail!("{message} (HTTP {status})");
+        }
+        Ok(body)
+    }
+
+    pub fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let response = self
+            .agent
+            .get(&self.url(path))
+            .call()
+            .with_context(|| format!("cannot reach the foreman at {}", self.base))?;
+        self.read(response)
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let response = self
+            .agent
+            .post(&self.url(path))
+            .send_json(body)
+            .with_context(|| format!("cannot reach the foreman at {}", self.base))?;
+        self.read(response)
+    }
+}
+
+pub struct SubmitOptions {
+    pub module: PathBuf,
+    pub args: PathBuf,
+    pub job: JobOptions,
+    pub output: Option<PathBuf>,
+    pub detach: bool,
+}
+
+pub fn submit(client: &Client, options: SubmitOptions) -> anyhow::Result<ExitCode> {
+    let wasm = std::fs::read(&options.module)
+        .with_context(|| format!("cannot read the module {}", options.module.display()))?;
+    let args_text = std::fs::read_to_string(&options.args)
+        .with_context(|| format!("cannot read the arguments {}", options.args.display()))?;
+    let args: Value = serde_json::from_str(&args_text)
+        .with_context(|| format!("{}: args.json is not valid JSON", options.args.display()))?;
+    let body = serde_json::json!({
+        "module_base64": base64::engine::general_purpose::STANDARD.encode(&wasm),
+        "args": args,
+        "options": options.job,
+    });
+    let submitted = client.post("/api/jobs", &body)?;
+    let id = submitted["id"]
+        .as_u64()
+        .context("the foreman returned no job id")?;
+    if options.detach {
+        println!("{id}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!("job {id}: {} tasks", submitted["tasks"]);
+    let job = wait(client, id)?;
+    print_results(client, id, &job, options.output.as_ref())
+}
+
+/// Polls the job until it ends, with a progress bar on a terminal.
+fn wait(client: &Client, id: u64) -> anyhow::Result<Value> {
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr_with_hz(10));
+        if let Ok(style) = ProgressStyle::with_template(
+            "{bar:40.cyan/blue} {pos}/{len} tasks  {msg}  {per_sec}  ETA {eta}",
+        ) {
+            bar.set_style(style);
+        }
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(2);
+    loop {
+        let job = client.get(&format!("/api/jobs/{id}"))?;
+        let total = job["total"].as_u64().unwrap_or(0);
+        let done = job["succeeded"].as_u64().unwrap_or(0)
+            + job["failed"].as_u64().unwrap_or(0)
+            + job["cancelled"].as_u64().unwrap_or(0);
+        bar.set_length(total);
+        bar.set_position(done);
+        bar.set_message(format!("{} failed", job["failed"].as_u64().unwrap_or(0)));
+        let state = job["state"].as_str().unwrap_or("");
+        if matches!(state, "completed" | "failed" | "cancelled") {
+            bar.finish_and_clear();
+            eprintln!(
+                "job {id} {state} in {:.2} s",
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(job);
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_millis(200));
+    }
+}
+
+fn print_results(
+    client: &Client,
+    id: u64,
+    job: &Value,
+    output: Option<&PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let body = client.get(&format!("/api/jobs/{id}/results"))?;
+    let results = serde_json::to_string(&body["results"])?;
+    match output {
+        Some(path) => std::fs::write(path, results + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?,
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(results.as_bytes())?;
+            stdout.write_all(b"\n")?;
+        }
+    }
+    let failures = body["failures"].as_array().cloned().unwrap_or_default();
+    let total = job["total"].as_u64().unwrap_or(0);
+    eprintln!(
+        "{total} tasks: {} succeeded, {} failed",
+        job["succeeded"], job["failed"]
+    );
+    if !failures.is_empty() {
+        let mut by_kind: BTreeMap<String, usize> = BTreeMap::new();
+        for failure in &failures {
+            *by_kind
+                .entry(failure["kind"].as_str().unwrap_or("?").to_owned())
+                .or_insert(0) += 1;
+        }
+        let kinds: Vec<String> = by_kind.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+        eprintln!("failures by kind: {}", kinds.join(", "));
+        for failure in failures.iter().take(10) {
+            let first_line = failure["message"]
+                .as_str()
+                .unwrap_or("")
+                .lines()
+                .next()
+                .unwrap_or("");
+            eprintln!(
+                "task {} failed: {}: {first_line}",
+                failure["index"],
+                failure["kind"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    Ok(if job["state"] == "completed" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+pub fn print_json(value: &Value) -> anyhow::Result<ExitCode> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(ExitCode::SUCCESS)
+}

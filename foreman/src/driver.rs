@@ -1,0 +1,138 @@
+//! Drives the sans-IO core: feeds it what the network and the API report,
+//! and carries out what it decides (messages to workers, records to the store).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+use wasmgrid_protocol::wire::{Finished, ToWorker};
+
+use crate::core::{Command, Core};
+use crate::model::{JobId, JobSpec, WorkerId};
+use crate::store::Store;
+
+/// Most inputs applied before the core dispatches, so bursts are batched.
+const MAX_INPUTS_PER_ROUND: usize = 4096;
+
+pub enum Input {
+    Submit {
+        spec: JobSpec,
+        args: Vec<Arc<str>>,
+    },
+    WorkerJoined {
+        worker: WorkerId,
+        slots: u32,
+        outbox: mpsc::UnboundedSender<ToWorker>,
+    },
+    Credit {
+        worker: WorkerId,
+        n: u32,
+    },
+    Finished {
+        worker: WorkerId,
+        reports: Vec<Finished>,
+    },
+    WorkerLeft {
+        worker: WorkerId,
+    },
+    Cancel {
+        job: JobId,
+        reply: oneshot::Sender<bool>,
+    },
+}
+
+/// Where everything that changes the grid's state is sent.
+#[derive(Clone)]
+pub struct Driver {
+    inputs: mpsc::UnboundedSender<Input>,
+}
+
+impl Driver {
+    pub fn spawn(core: Core, store: Store) -> Driver {
+        let (inputs, receiver) = mpsc::unbounded_channel();
+        tokio::spawn(run(core, store, receiver));
+        Driver { inputs }
+    }
+
+    pub fn send(&self, input: Input) {
+        // The driver runs as long as the process does.
+        let _ = self.inputs.send(input);
+    }
+
+    pub async fn cancel(&self, job: JobId) -> bool {
+        let (reply, answer) = oneshot::channel();
+        self.send(Input::Cancel { job, reply });
+        answer.await.unwrap_or(false)
+    }
+}
+
+async fn run(mut core: Core, store: Store, mut inputs: mpsc::UnboundedReceiver<Input>) {
+    let mut outboxes: HashMap<WorkerId, mpsc::UnboundedSender<ToWorker>> = HashMap::new();
+    while let Some(first) = inputs.recv().await {
+        apply(&mut core, &mut outboxes, first);
+        for _ in 1..MAX_INPUTS_PER_ROUND {
+            match inputs.try_recv() {
+                Ok(input) => apply(&mut core, &mut outboxes, input),
+                Err(_) => break,
+            }
+        }
+        core.dispatch();
+        let mut records = Vec::new();
+        while let Some(command) = core.poll_command() {
+            match command {
+                Command::Send {
+                    worker,
+                    assignments,
+                } => send_to(&outboxes, worker, ToWorker::Run(assignments)),
+                Command::Cancel { worker, attempts } => {
+                    send_to(&outboxes, worker, ToWorker::Cancel(attempts))
+                }
+                Command::Record(record) => records.push(record),
+            }
+        }
+        if !records.is_empty() {
+            store.record_all(records);
+        }
+    }
+}
+
+fn apply(
+    core: &mut Core,
+    outboxes: &mut HashMap<WorkerId, mpsc::UnboundedSender<ToWorker>>,
+    input: Input,
+) {
+    match input {
+        Input::Submit { spec, args } => core.submit_job(spec, args),
+        Input::WorkerJoined {
+            worker,
+            slots,
+            outbox,
+        } => {
+            outboxes.insert(worker, outbox);
+            core.worker_joined(worker, slots);
+        }
+        Input::Credit { worker, n } => core.grant_credit(worker, n),
+        Input::Finished { worker, reports } => {
+            for finished in reports {
+                core.attempt_finished(worker, finished.attempt, finished.report);
+            }
+        }
+        Input::WorkerLeft { worker } => {
+            outboxes.remove(&worker);
+            core.worker_left(worker);
+        }
+        Input::Cancel { job, reply } => {
+            let _ = reply.send(core.cancel_job(job));
+        }
+    }
+}
+
+fn send_to(
+    outboxes: &HashMap<WorkerId, mpsc::UnboundedSender<ToWorker>>,
+    worker: WorkerId,
+    message: ToWorker,
+) {
+    if let Some(outbox) = outboxes.get(&worker) {
+        let _ = outbox.send(message);
+    }
+}

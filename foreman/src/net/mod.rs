@@ -1,0 +1,60 @@
+//! The QUIC side of the foreman: TLS 1.3 with our own certificate, the
+//! version handshake, join tokens, and one session per worker.
+
+mod session;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use wasmgrid_protocol::wire::{ALPN_ANY_VERSION, ALPN_VERSIONED};
+
+use crate::driver::Driver;
+use crate::identity::Identity;
+use crate::store::Store;
+
+/// QUIC application close codes, with a reason for people.
+pub mod close {
+    pub const NOT_WASMGRID: u32 = 1;
+    pub const INCOMPATIBLE_VERSION: u32 = 2;
+    pub const BAD_TOKEN: u32 = 3;
+    pub const PROTOCOL_ERROR: u32 = 4;
+}
+
+pub struct NetContext {
+    pub secret: String,
+    pub store: Store,
+    pub driver: Driver,
+}
+
+pub fn endpoint(identity: &Identity, addr: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())
+        .context("the foreman's certificate or key is unusable")?;
+    tls.alpn_protocols = vec![ALPN_VERSIONED.to_vec(), ALPN_ANY_VERSION.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(Duration::from_secs(30).try_into()?))
+        .keep_alive_interval(Some(Duration::from_secs(5)));
+    server.transport_config(Arc::new(transport));
+    quinn::Endpoint::server(server, addr).with_context(|| format!("cannot listen on {addr}/udp"))
+}
+
+/// Accepts workers until the endpoint closes.
+pub async fn accept(endpoint: quinn::Endpoint, ctx: Arc<NetContext>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            if let Err(error) = session::run(incoming, ctx).await {
+                tracing::warn!(%remote, "worker session ended: {error:#}");
+            }
+        });
+    }
+}

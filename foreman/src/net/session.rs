@@ -1,0 +1,159 @@
+//! One worker's connection: handshake, registration, then tasks out,
+//! reports in, and module fetches on their own streams.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tokio::sync::mpsc;
+use wasmgrid_protocol::wire::{
+    encode_frame, FetchModule, FrameDecoder, ModuleReply, Preamble, ToForeman, ToWorker,
+    PROTOCOL_VERSION,
+};
+
+use super::{close, NetContext};
+use crate::driver::Input;
+use crate::store::WorkerRow;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn run(incoming: quinn::Incoming, ctx: Arc<NetContext>) -> anyhow::Result<()> {
+    let connection = incoming.await.context("QUIC handshake failed")?;
+    let (mut send, mut recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, connection.accept_bi())
+        .await
+        .context("the worker opened no stream")??;
+
+    let mut preamble = [0u8; Preamble::LEN];
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, recv.read_exact(&mut preamble))
+        .await
+        .context("the worker sent no preamble")??;
+    let peer = match Preamble::decode(&preamble) {
+        Ok(peer) => peer,
+        Err(error) => {
+            connection.close(close::NOT_WASMGRID.into(), error.to_string().as_bytes());
+            bail!("{error}");
+        }
+    };
+    send.write_all(&Preamble::ours().encode()).await?;
+    if peer.version != PROTOCOL_VERSION {
+        let reason = format!(
+            "incompatible protocol: the foreman speaks version {PROTOCOL_VERSION}, the worker speaks version {}",
+            peer.version
+        );
+        connection.close(close::INCOMPATIBLE_VERSION.into(), reason.as_bytes());
+        bail!("{reason}");
+    }
+
+    let mut decoder = FrameDecoder::new();
+    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_message(&mut recv, &mut decoder))
+        .await
+        .context("the worker sent no hello")??;
+    let Some(ToForeman::Hello { token, info }) = hello else {
+        connection.close(close::PROTOCOL_ERROR.into(), b"expected hello");
+        bail!("the worker did not start with hello");
+    };
+    if token != ctx.secret {
+        connection.close(close::BAD_TOKEN.into(), b"invalid join token");
+        bail!(
+            "refused worker {} ({}): invalid join token",
+            info.name,
+            info.hostname
+        );
+    }
+    let store = ctx.store.clone();
+    let row = WorkerRow::joining(&info);
+    let worker = tokio::task::spawn_blocking(move || store.upsert_worker(&row)).await??;
+    send.write_all(&encode_frame(&ToWorker::Welcome { worker_id: worker })?)
+        .await?;
+    tracing::info!(worker, name = %info.name, slots = info.slots, "worker joined");
+
+    let (outbox, mut outbox_rx) = mpsc::unbounded_channel::<ToWorker>();
+    ctx.driver.send(Input::WorkerJoined {
+        worker,
+        slots: info.slots,
+        outbox,
+    });
+
+    // Messages to the worker, coalesced into one write when several are waiting.
+    let writer = tokio::spawn(async move {
+        while let Some(first) = outbox_rx.recv().await {
+            let mut bytes = encode_frame(&first)?;
+            while let Ok(next) = outbox_rx.try_recv() {
+                bytes.extend(encode_frame(&next)?);
+            }
+            send.write_all(&bytes).await?;
+        }
+        anyhow::Ok(())
+    });
+
+    let modules = tokio::spawn(serve_modules(connection.clone(), ctx.clone()));
+
+    let result = read_reports(&mut recv, &mut decoder, worker, &ctx).await;
+    ctx.driver.send(Input::WorkerLeft { worker });
+    writer.abort();
+    modules.abort();
+    let store = ctx.store.clone();
+    let _ = tokio::task::spawn_blocking(move || store.set_worker_online(worker, false)).await;
+    if let Err(error) = &result {
+        connection.close(close::PROTOCOL_ERROR.into(), error.to_string().as_bytes());
+    }
+    tracing::info!(worker, "worker left");
+    result
+}
+
+async fn read_reports(
+    recv: &mut quinn::RecvStream,
+    decoder: &mut FrameDecoder,
+    worker: u64,
+    ctx: &NetContext,
+) -> anyhow::Result<()> {
+    loop {
+        match read_message(recv, decoder).await? {
+            None => return Ok(()),
+            Some(ToForeman::Credit(n)) => ctx.driver.send(Input::Credit { worker, n }),
+            Some(ToForeman::Finished(reports)) => {
+                ctx.driver.send(Input::Finished { worker, reports })
+            }
+            Some(ToForeman::Heartbeat) => {}
+            Some(ToForeman::Hello { .. }) => bail!("a second hello"),
+        }
+    }
+}
+
+/// The next message on a stream; `None` when the peer finished it.
+async fn read_message(
+    recv: &mut quinn::RecvStream,
+    decoder: &mut FrameDecoder,
+) -> anyhow::Result<Option<ToForeman>> {
+    loop {
+        if let Some(message) = decoder.next_message()? {
+            return Ok(Some(message));
+        }
+        match recv.read_chunk(64 * 1024, true).await? {
+            Some(chunk) => decoder.push(&chunk.bytes),
+            None => return Ok(None),
+        }
+    }
+}
+
+async fn serve_modules(connection: quinn::Connection, ctx: Arc<NetContext>) {
+    while let Ok((mut send, mut recv)) = connection.accept_bi().await {
+        let store = ctx.store.clone();
+        tokio::spawn(async move {
+            let request = recv.read_to_end(1024).await?;
+            let mut decoder = FrameDecoder::new();
+            decoder.push(&request);
+            let Some(FetchModule(hash)) = decoder.next_message()? else {
+                bail!("empty module request");
+            };
+            let wasm = tokio::task::spawn_blocking(move || store.module(&hash)).await??;
+            let reply = match wasm {
+                Some(bytes) => ModuleReply::Found(bytes),
+                None => ModuleReply::Unknown,
+            };
+            send.write_all(&encode_frame(&reply)?).await?;
+            send.finish()?;
+            anyhow::Ok(())
+        });
+    }
+}

@@ -1,0 +1,147 @@
+//! `foreman serve`: one process with the QUIC endpoint for workers, the REST
+//! API, the store, and optionally workers of its own on this machine.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::api::{self, ApiState};
+use crate::core::Core;
+use crate::driver::Driver;
+use crate::identity;
+use crate::net::{self, NetContext};
+use crate::store::Store;
+use wasmgrid_worker::executor::Executor;
+
+pub struct ServeOptions {
+    pub data_dir: PathBuf,
+    pub quic: SocketAddr,
+    pub http: SocketAddr,
+    pub local_workers: u32,
+}
+
+pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
+    let identity = identity::load_or_create(&options.data_dir)?;
+    let db = options.data_dir.join("foreman.db");
+    let store = tokio::task::spawn_blocking(move || Store::open(&db)).await??;
+
+    let mut core = Core::new(store.next_attempt_id()?);
+    let unfinished = store.unfinished_jobs()?;
+    let resumed = unfinished.len();
+    for job in unfinished {
+        let args = job.args.iter().map(|a| Arc::from(a.as_str())).collect();
+        let done = job
+            .tasks
+            .iter()
+            .enumerate()
+            .filter(|(_, (state, _))| state.is_finished())
+            .map(|(i, (state, _))| (i as u32, *state))
+            .collect();
+        let attempts = job.tasks.iter().map(|(_, attempts)| *attempts).collect();
+        core.restore_job(job.spec, args, done, attempts);
+    }
+    let driver = Driver::spawn(core, store.clone());
+    if resumed > 0 {
+        tracing::info!(jobs = resumed, "resumed unfinished jobs");
+    }
+
+    let endpoint = net::endpoint(&identity, options.quic)?;
+    let quic_addr = endpoint.local_addr()?;
+    tokio::spawn(net::accept(
+        endpoint,
+        Arc::new(NetContext {
+            secret: identity.secret.clone(),
+            store: store.clone(),
+            driver: driver.clone(),
+        }),
+    ));
+
+    let validator = Arc::new(Executor::new(Some(
+        options.data_dir.join("validated-modules"),
+    ))?);
+    let app = api::router(Arc::new(ApiState {
+        store: store.clone(),
+        driver: driver.clone(),
+        validator,
+    }));
+    let listener = tokio::net::TcpListener::bind(options.http)
+        .await
+        .with_context(|| format!("cannot listen on {}", options.http))?;
+    let http_addr = listener.local_addr()?;
+
+    let join_host = if quic_addr.ip().is_unspecified() {
+        SocketAddr::new([127, 0, 0, 1].into(), quic_addr.port())
+    } else {
+        quic_addr
+    };
+    let worker_command = format!(
+        "worker --foreman {join_host} --token {}",
+        identity.join_token()
+    );
+    println!("wasmgrid foreman");
+    println!("  REST API:  http://{http_addr}");
+    println!(
+        "  workers:   {quic_addr}/udp (QUIC, certificate sha256 {})",
+        identity.fingerprint
+    );
+    println!("  join with: {worker_command}");
+    // Machine-readable lines for scripts and tests.
+    println!("HTTP {http_addr}");
+    println!("QUIC {join_host}");
+    println!("TOKEN {}", identity.join_token());
+
+    if options.local_workers > 0 {
+        tokio::spawn(supervise_local_workers(
+            options.local_workers,
+            join_host,
+            identity.join_token(),
+            options.data_dir.join("local-worker-cache"),
+        ));
+    }
+    axum::serve(listener, app)
+        .await
+        .context("the REST API stopped")?;
+    Ok(())
+}
+
+/// Starts `n` worker processes next to this binary and restarts any that exits.
+async fn supervise_local_workers(n: u32, foreman: SocketAddr, token: String, cache_dir: PathBuf) {
+    let Some(worker_bin) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("worker")))
+    else {
+        tracing::error!("cannot locate the worker binary next to the foreman");
+        return;
+    };
+    for index in 0..n {
+        let worker_bin = worker_bin.clone();
+        let token = token.clone();
+        let cache_dir = cache_dir.clone();
+        tokio::spawn(async move {
+            loop {
+                let status = tokio::process::Command::new(&worker_bin)
+                    .arg("--foreman")
+                    .arg(foreman.to_string())
+                    .arg("--token")
+                    .arg(&token)
+                    .arg("--name")
+                    .arg(format!("local-{index}"))
+                    .arg("--cache-dir")
+                    .arg(&cache_dir)
+                    .kill_on_drop(true)
+                    .status()
+                    .await;
+                match status {
+                    Ok(status) => tracing::warn!(index, %status, "local worker exited; restarting"),
+                    Err(error) => {
+                        tracing::error!(index, "cannot start {}: {error}", worker_bin.display())
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+}

@@ -1,0 +1,345 @@
+//! Joining a foreman: QUIC with the foreman's certificate pinned by its
+//! fingerprint, the version handshake, then tasks in and reports out.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use wasmgrid_protocol::wire::{
+    encode_frame, Assignment, FetchModule, Finished, FrameDecoder, ModuleReply, Preamble,
+    ToForeman, ToWorker, WorkerInfo, ALPN_ANY_VERSION, ALPN_VERSIONED, PROTOCOL_VERSION,
+};
+
+use crate::executor::{Executor, ExecutorOptions, Load, ModuleId, SlotPool};
+
+/// The name in the foreman's certificate.
+const SERVER_NAME: &str = "wasmgrid-foreman";
+/// Tasks held beyond the slots, so a slot never waits for a round trip.
+const PREFETCH_PER_SLOT: u32 = 4;
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+pub struct JoinOptions {
+    pub foreman: SocketAddr,
+    /// `<secret>:<certificate sha256>` as printed by `foreman serve`.
+    pub token: String,
+    pub slots: u32,
+    pub name: String,
+    pub cache_dir: Option<std::path::PathBuf>,
+}
+
+/// Serves the foreman until it goes away for good; reconnects with backoff.
+pub async fn run(options: JoinOptions) -> anyhow::Result<()> {
+    let (secret, fingerprint) = options
+        .token
+        .split_once(':')
+        .context("the token must look like SECRET:FINGERPRINT (as printed by `foreman serve`)")?;
+    let executor = Arc::new(Executor::with_options(ExecutorOptions {
+        cache_dir: options.cache_dir.clone(),
+        concurrency: options.slots,
+        ..ExecutorOptions::default()
+    })?);
+    let pool = Arc::new(SlotPool::new(executor.clone(), options.slots as usize)?);
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match session(&options, secret, fingerprint, &executor, &pool).await {
+            Ok(()) => backoff = Duration::from_millis(200),
+            Err(error) => {
+                let refused = error.downcast_ref::<Refused>().is_some();
+                tracing::warn!("{error:#}");
+                if refused {
+                    return Err(error);
+                }
+            }
+        }
+        let jitter = Duration::from_millis(u64::from(rand_jitter()) % 200);
+        tokio::time::sleep(backoff + jitter).await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+fn rand_jitter() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+}
+
+/// The foreman said no (token, version): retrying will not help.
+#[derive(Debug, thiserror::Error)]
+#[error("the foreman refused this worker: {0}")]
+struct Refused(String);
+
+async fn session(
+    options: &JoinOptions,
+    secret: &str,
+    fingerprint: &str,
+    executor: &Arc<Executor>,
+    pool: &Arc<SlotPool>,
+) -> anyhow::Result<()> {
+    let endpoint = quinn::Endpoint::client(SocketAddr::new([0, 0, 0, 0].into(), 0))?;
+    let connection = endpoint
+        .connect_with(client_config(fingerprint)?, options.foreman, SERVER_NAME)?
+        .await
+        .with_context(|| format!("cannot connect to the foreman at {}", options.foreman))?;
+    let (mut send, mut recv) = connection.open_bi().await?;
+    send.write_all(&Preamble::ours().encode()).await?;
+    let mut preamble = [0u8; Preamble::LEN];
+    if let Err(error) = recv.read_exact(&mut preamble).await {
+        return Err(
+            refusal(&connection).unwrap_or_else(|| anyhow::anyhow!("handshake failed: {error}"))
+        );
+    }
+    let theirs = Preamble::decode(&preamble)?;
+    if theirs.version != PROTOCOL_VERSION {
+        return Err(Refused(format!(
+            "incompatible protocol: the foreman speaks version {}, this worker speaks version {PROTOCOL_VERSION}",
+            theirs.version
+        ))
+        .into());
+    }
+    send.write_all(&encode_frame(&ToForeman::Hello {
+        token: secret.to_owned(),
+        info: worker_info(options),
+    })?)
+    .await?;
+    let mut decoder = FrameDecoder::new();
+    let worker_id = match read_message(&mut recv, &mut decoder).await {
+        Ok(Some(ToWorker::Welcome { worker_id })) => worker_id,
+        Ok(_) => bail!("the foreman did not welcome this worker"),
+        Err(error) => return Err(refusal(&connection).unwrap_or(error)),
+    };
+    tracing::info!(worker_id, foreman = %options.foreman, "joined");
+    send.write_all(&encode_frame(&ToForeman::Credit(
+        options.slots * (1 + PREFETCH_PER_SLOT),
+    ))?)
+    .await?;
+
+    let (reports_tx, mut reports_rx) = mpsc::unbounded_channel::<Finished>();
+    // Reports, batched: whatever finished while the last batch was being sent goes in the next.
+    let writer = tokio::spawn(async move {
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        loop {
+            let message = tokio::select! {
+                first = reports_rx.recv() => {
+                    let Some(first) = first else { break };
+                    let mut batch = vec![first];
+                    while let Ok(next) = reports_rx.try_recv() {
+                        batch.push(next);
+                    }
+                    ToForeman::Finished(batch)
+                }
+                _ = heartbeat.tick() => ToForeman::Heartbeat,
+            };
+            send.write_all(&encode_frame(&message)?).await?;
+        }
+        anyhow::Ok(())
+    });
+
+    let result = async {
+        loop {
+            match read_message(&mut recv, &mut decoder).await? {
+                None => return Ok(()),
+                Some(ToWorker::Run(assignments)) => {
+                    run_batch(&connection, executor, pool, assignments, &reports_tx).await?
+                }
+                // Interrupting running tasks is not built yet: their reports are dropped by the foreman.
+                Some(ToWorker::Cancel(_)) => {}
+                Some(ToWorker::Welcome { .. }) => bail!("a second welcome"),
+            }
+        }
+    }
+    .await;
+    writer.abort();
+    result.map_err(|error: anyhow::Error| refusal(&connection).unwrap_or(error))
+}
+
+fn refusal(connection: &quinn::Connection) -> Option<anyhow::Error> {
+    match connection.close_reason()? {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            Some(Refused(String::from_utf8_lossy(&close.reason).into_owned()).into())
+        }
+        other => Some(anyhow::anyhow!("connection lost: {other}")),
+    }
+}
+
+async fn run_batch(
+    connection: &quinn::Connection,
+    executor: &Arc<Executor>,
+    pool: &Arc<SlotPool>,
+    assignments: Vec<Assignment>,
+    reports: &mpsc::UnboundedSender<Finished>,
+) -> anyhow::Result<()> {
+    for assignment in assignments {
+        let id = ModuleId(assignment.module);
+        let (task, load) = match executor.loaded(&id) {
+            Some(task) => (task, Load::WARM),
+            None => {
+                let wasm = fetch_module(connection, assignment.module).await?;
+                let executor = executor.clone();
+                match tokio::task::spawn_blocking(move || executor.load(&wasm)).await? {
+                    Ok(loaded) => loaded,
+                    Err(failure) => {
+                        let _ = reports.send(Finished {
+                            attempt: assignment.attempt,
+                            report: crate::exec::failed_report(failure),
+                        });
+                        continue;
+                    }
+                }
+            }
+        };
+        let reports = reports.clone();
+        let attempt = assignment.attempt;
+        pool.submit(
+            task,
+            load,
+            assignment.args,
+            assignment.limits,
+            move |report| {
+                let _ = reports.send(Finished { attempt, report });
+            },
+        );
+    }
+    Ok(())
+}
+
+async fn fetch_module(connection: &quinn::Connection, hash: [u8; 32]) -> anyhow::Result<Vec<u8>> {
+    let (mut send, mut recv) = connection.open_bi().await?;
+    send.write_all(&encode_frame(&FetchModule(hash))?).await?;
+    send.finish()?;
+    let bytes = recv
+        .read_to_end(wasmgrid_protocol::wire::MAX_FRAME_BYTES + 4)
+        .await
+        .context("fetching a module")?;
+    let mut decoder = FrameDecoder::new();
+    decoder.push(&bytes);
+    match decoder.next_message()? {
+        Some(ModuleReply::Found(wasm)) => {
+            if Sha256::digest(&wasm).as_slice() != hash {
+                bail!("the foreman sent a module whose sha256 does not match");
+            }
+            Ok(wasm)
+        }
+        _ => bail!("the foreman does not have module {}", hex::encode(hash)),
+    }
+}
+
+async fn read_message(
+    recv: &mut quinn::RecvStream,
+    decoder: &mut FrameDecoder,
+) -> anyhow::Result<Option<ToWorker>> {
+    loop {
+        if let Some(message) = decoder.next_message()? {
+            return Ok(Some(message));
+        }
+        match recv.read_chunk(64 * 1024, true).await? {
+            Some(chunk) => decoder.push(&chunk.bytes),
+            None => return Ok(None),
+        }
+    }
+}
+
+fn worker_info(options: &JoinOptions) -> WorkerInfo {
+    WorkerInfo {
+        name: options.name.clone(),
+        hostname: std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "unknown".into()),
+        os: std::env::consts::OS.into(),
+        arch: std::env::consts::ARCH.into(),
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        memory_bytes: total_memory(),
+        slots: options.slots,
+        wasmtime_version: "48.0.8".into(),
+        engine_hash: String::new(),
+    }
+}
+
+fn total_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(0)
+}
+
+fn client_config(fingerprint: &str) -> anyhow::Result<quinn::ClientConfig> {
+    let pinned = hex::decode(fingerprint)
+        .ok()
+        .filter(|b| b.len() == 32)
+        .context("the token's fingerprint is not 64 hex digits")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCertificate { pinned, provider }))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN_VERSIONED.to_vec(), ALPN_ANY_VERSION.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+}
+
+/// Trusts exactly one certificate, by its sha256: no CA, no trust on first use.
+#[derive(Debug)]
+struct PinnedCertificate {
+    pinned: Vec<u8>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedCertificate {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if Sha256::digest(end_entity.as_ref()).as_slice() == self.pinned.as_slice() {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "the foreman's certificate does not match the fingerprint in the token".into(),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
