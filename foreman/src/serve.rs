@@ -131,6 +131,7 @@ async fn supervise_local_workers(n: u32, foreman: SocketAddr, token: String, cac
                     .arg(format!("local-{index}"))
                     .arg("--cache-dir")
                     .arg(&cache_dir)
+                    .arg("--exit-with-parent")
                     .kill_on_drop(true)
                     .status()
                     .await;

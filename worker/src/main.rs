@@ -43,6 +43,9 @@ struct JoinArgs {
     /// Where compiled modules are cached.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+    /// Exit when the process that started this worker exits (set by `foreman serve --local-workers`).
+    #[arg(long, hide = true)]
+    exit_with_parent: bool,
 }
 
 #[derive(Subcommand)]
@@ -146,6 +149,9 @@ fn join(args: JoinArgs) -> anyhow::Result<ExitCode> {
     let cache_dir = args
         .cache_dir
         .or_else(|| dirs::cache_dir().map(|d| d.join("wasmgrid").join("modules")));
+    if args.exit_with_parent {
+        exit_when_orphaned();
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(wasmgrid_worker::join::run(
         wasmgrid_worker::join::JoinOptions {
@@ -157,6 +163,21 @@ fn join(args: JoinArgs) -> anyhow::Result<ExitCode> {
         },
     ))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A supervised worker must not outlive its supervisor, even one killed with SIGKILL.
+fn exit_when_orphaned() {
+    #[cfg(unix)]
+    {
+        let parent = std::os::unix::process::parent_id();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            if std::os::unix::process::parent_id() != parent {
+                tracing::info!("the supervising foreman is gone; exiting");
+                std::process::exit(0);
+            }
+        });
+    }
 }
 
 fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {

@@ -1,0 +1,269 @@
+//! The grid end to end: a real foreman and real workers on 127.0.0.1, jobs
+//! submitted with `foreman submit`, answers checked against native code.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use wasmgrid_tests::{binary, example_args_path, guest_path, json_elements};
+
+/// A child process killed when the test ends, pass or fail.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Foreman {
+    _process: Running,
+    http: String,
+    quic: String,
+    token: String,
+}
+
+fn start_foreman(data_dir: &Path, extra: &[&str]) -> Foreman {
+    let mut child = Command::new(binary("foreman"))
+        .args([
+            "serve",
+            "--quic",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("foreman starts");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let (mut http, mut quic, mut token) = (None, None, None);
+    while http.is_none() || quic.is_none() || token.is_none() {
+        let line = lines
+            .next()
+            .expect("foreman prints its addresses")
+            .expect("utf-8");
+        if let Some(v) = line.strip_prefix("HTTP ") {
+            http = Some(format!("http://{v}"));
+        } else if let Some(v) = line.strip_prefix("QUIC ") {
+            quic = Some(v.to_owned());
+        } else if let Some(v) = line.strip_prefix("TOKEN ") {
+            token = Some(v.to_owned());
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    Foreman {
+        _process: Running(child),
+        http: http.unwrap_or_default(),
+        quic: quic.unwrap_or_default(),
+        token: token.unwrap_or_default(),
+    }
+}
+
+fn start_worker(foreman: &Foreman, name: &str, cache: &Path) -> Running {
+    Running(
+        Command::new(binary("worker"))
+            .args([
+                "--foreman",
+                &foreman.quic,
+                "--token",
+                &foreman.token,
+                "--slots",
+                "1",
+                "--name",
+                name,
+            ])
+            .arg("--cache-dir")
+            .arg(cache)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("worker starts"),
+    )
+}
+
+fn submit(foreman: &Foreman, name: &str) -> Output {
+    Command::new(binary("foreman"))
+        .arg("submit")
+        .arg(guest_path(name))
+        .arg(example_args_path(name))
+        .args(["--foreman", &foreman.http])
+        .output()
+        .expect("foreman submit runs")
+}
+
+fn check_against_native<E: std::fmt::Display>(
+    name: &str,
+    output: &Output,
+    native: impl Fn(&str) -> Result<String, E>,
+) {
+    assert!(
+        output.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let results: Vec<Value> =
+        serde_json::from_slice(&output.stdout).expect("results are a JSON array");
+    let elements = json_elements(&example_args_path(name));
+    assert_eq!(results.len(), elements.len(), "{name}");
+    for (i, (arg, result)) in elements.iter().zip(&results).enumerate() {
+        let expected: Value =
+            serde_json::from_str(&native(arg).unwrap_or_else(|e| panic!("{name} args[{i}]: {e}")))
+                .unwrap();
+        assert_eq!(result, &expected, "{name} args[{i}]");
+    }
+}
+
+#[test]
+fn two_workers_run_every_example_and_match_native() {
+    let dir = tempfile::tempdir().unwrap();
+    let foreman = start_foreman(&dir.path().join("data"), &[]);
+    let _a = start_worker(&foreman, "a", &dir.path().join("cache-a"));
+    let _b = start_worker(&foreman, "b", &dir.path().join("cache-b"));
+    check_against_native("primes", &submit(&foreman, "primes"), primes::task_entry);
+    check_against_native(
+        "mandelbrot",
+        &submit(&foreman, "mandelbrot"),
+        mandelbrot::task_entry,
+    );
+    check_against_native("pi", &submit(&foreman, "pi"), pi::task_entry);
+    check_against_native(
+        "hashsearch",
+        &submit(&foreman, "hashsearch"),
+        hashsearch::task_entry,
+    );
+    check_against_native(
+        "wordcount",
+        &submit(&foreman, "wordcount"),
+        wordcount::task_entry,
+    );
+    check_against_native("add", &submit(&foreman, "add"), add::task_entry);
+}
+
+#[test]
+fn a_job_submitted_before_any_worker_runs_when_one_joins_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let foreman = start_foreman(&data, &[]);
+    let detached = Command::new(binary("foreman"))
+        .arg("submit")
+        .arg(guest_path("primes"))
+        .arg(example_args_path("primes"))
+        .args(["--foreman", &foreman.http, "--detach"])
+        .output()
+        .unwrap();
+    assert!(
+        detached.status.success(),
+        "{}",
+        String::from_utf8_lossy(&detached.stderr)
+    );
+    let id = String::from_utf8_lossy(&detached.stdout).trim().to_owned();
+
+    let status = |foreman: &Foreman| -> Value {
+        let out = Command::new(binary("foreman"))
+            .args(["status", &id, "--foreman", &foreman.http])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    assert_eq!(status(&foreman)["state"], "queued");
+
+    let worker = start_worker(&foreman, "late", &dir.path().join("cache"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status(&foreman)["state"] != "completed" {
+        assert!(
+            Instant::now() < deadline,
+            "the job did not complete: {}",
+            status(&foreman)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(worker);
+    drop(foreman);
+
+    let restarted = start_foreman(&data, &[]);
+    let results = Command::new(binary("foreman"))
+        .args(["results", &id, "--foreman", &restarted.http])
+        .output()
+        .unwrap();
+    let body: Value = serde_json::from_slice(&results.stdout).unwrap();
+    let total: u64 = body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 1_270_607);
+}
+
+#[test]
+fn serve_with_local_workers_is_a_whole_grid() {
+    let dir = tempfile::tempdir().unwrap();
+    let foreman = start_foreman(&dir.path().join("data"), &["--local-workers", "2"]);
+    check_against_native("pi", &submit(&foreman, "pi"), pi::task_entry);
+}
+
+#[test]
+fn bad_submissions_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let foreman = start_foreman(&dir.path().join("data"), &[]);
+    let not_wasm = dir.path().join("not.wasm");
+    std::fs::write(&not_wasm, b"plain text").unwrap();
+    let empty = dir.path().join("empty.json");
+    std::fs::write(&empty, b"[]").unwrap();
+    for (module, args, expected) in [
+        (
+            not_wasm.as_path(),
+            example_args_path("add"),
+            "InvalidModule: not a wasm binary",
+        ),
+        (guest_path("add").as_path(), empty.clone(), "empty array"),
+    ] {
+        let out = Command::new(binary("foreman"))
+            .arg("submit")
+            .arg(module)
+            .arg(&args)
+            .args(["--foreman", &foreman.http])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expected), "{err}");
+    }
+    let unknown = Command::new(binary("foreman"))
+        .args(["status", "999", "--foreman", &foreman.http])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no job with id 999"));
+}
+
+#[test]
+fn a_worker_with_a_wrong_token_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let foreman = start_foreman(&dir.path().join("data"), &[]);
+    let fingerprint = foreman.token.split_once(':').unwrap().1;
+    let out = Command::new(binary("worker"))
+        .args([
+            "--foreman",
+            &foreman.quic,
+            "--token",
+            &format!("wrong:{fingerprint}"),
+            "--slots",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid join token"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
