@@ -1,9 +1,11 @@
 //! The REST API: submit jobs, follow them, fetch their results.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -33,6 +35,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/jobs", post(submit).get(list_jobs))
         .route("/api/jobs/{id}", get(job))
         .route("/api/jobs/{id}/results", get(results))
+        .route("/api/jobs/{id}/wait", get(wait))
+        .route("/api/jobs/{id}/events", get(events))
         .route("/api/jobs/{id}/cancel", post(cancel))
         .route("/api/workers", get(workers))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -336,4 +340,85 @@ async fn workers(State(state): State<Arc<ApiState>>) -> Result<Response, ApiErro
     let store = state.store.clone();
     let rows = tokio::task::spawn_blocking(move || store.workers()).await??;
     Ok(Json(rows).into_response())
+}
+
+#[derive(Deserialize)]
+struct WaitQuery {
+    timeout_ms: Option<u64>,
+}
+
+/// Longest a `wait` holds the request open.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+async fn job_row(state: &ApiState, id: JobId) -> Result<crate::store::JobRow, ApiError> {
+    let store = state.store.clone();
+    tokio::task::spawn_blocking(move || store.job(id))
+        .await??
+        .ok_or_else(|| ApiError::job_not_found(id))
+}
+
+/// The job once it has finished, or as it is when `timeout_ms` runs out
+/// (default 30 s): lets a client learn of completion without polling.
+async fn wait(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<JobId>,
+    Query(query): Query<WaitQuery>,
+) -> Result<Response, ApiError> {
+    let timeout = query
+        .timeout_ms
+        .map_or(Duration::from_secs(30), Duration::from_millis)
+        .min(MAX_WAIT);
+    let deadline = tokio::time::Instant::now() + timeout;
+    // Subscribe before reading, so a change between the two is not missed.
+    let mut changes = state.store.job_events();
+    loop {
+        let row = job_row(&state, id).await?;
+        if row.state.is_finished() {
+            return Ok(Json(row).into_response());
+        }
+        loop {
+            match tokio::time::timeout_at(deadline, changes.recv()).await {
+                Err(_) => return Ok(Json(job_row(&state, id).await?).into_response()),
+                Ok(Ok((job, job_state))) if job == id && job_state.is_finished() => break,
+                Ok(Ok(_)) => continue,
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => break,
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => {
+                    return Ok(Json(job_row(&state, id).await?).into_response())
+                }
+            }
+        }
+    }
+}
+
+/// Server-sent events: the job's row every 250 ms while it changes, ending
+/// with its final state.
+async fn events(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<JobId>,
+) -> Result<Sse<impl futures_util::Stream<Item = Result<Event, std::convert::Infallible>>>, ApiError>
+{
+    let first = job_row(&state, id).await?;
+    let stream = futures_util::stream::unfold(
+        (state, Some(first), None::<String>),
+        move |(state, next, last)| async move {
+            let row = match next {
+                Some(row) => row,
+                None => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    job_row(&state, id).await.ok()?
+                }
+            };
+            let json = serde_json::to_string(&row).ok()?;
+            if last.as_deref() == Some(json.as_str()) && !row.state.is_finished() {
+                let event = Event::default().comment("unchanged");
+                return Some((Ok(event), (state, None, last)));
+            }
+            if last.as_deref() == Some(json.as_str()) {
+                return None;
+            }
+            let event = Event::default().event("progress").data(json.clone());
+            Some((Ok(event), (state, None, Some(json))))
+        },
+    );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 use base64::Engine as _;
@@ -117,13 +117,14 @@ fn wait(client: &Client, id: u64) -> anyhow::Result<Value> {
         ProgressBar::hidden()
     };
     let started = Instant::now();
-    let mut delay = Duration::from_millis(2);
     loop {
-        let job = client.get(&format!("/api/jobs/{id}"))?;
+        // Returns at once when the job ends, else after a moment with its progress.
+        let job = client.get(&format!("/api/jobs/{id}/wait?timeout_ms=250"))?;
         let total = job["total"].as_u64().unwrap_or(0);
-        let done = job["succeeded"].as_u64().unwrap_or(0)
-            + job["failed"].as_u64().unwrap_or(0)
-            + job["cancelled"].as_u64().unwrap_or(0);
+        let done = ["succeeded", "failed", "cancelled"]
+            .iter()
+            .map(|k| job[*k].as_u64().unwrap_or(0))
+            .sum();
         bar.set_length(total);
         bar.set_position(done);
         bar.set_message(format!("{} failed", job["failed"].as_u64().unwrap_or(0)));
@@ -136,8 +137,6 @@ fn wait(client: &Client, id: u64) -> anyhow::Result<Value> {
             );
             return Ok(job);
         }
-        std::thread::sleep(delay);
-        delay = (delay * 2).min(Duration::from_millis(200));
     }
 }
 

@@ -1,50 +1,91 @@
-//! The main job, end to end: builds the guests and the worker, runs every
-//! example job in the sandbox, and shows the results.
+//! The main job, end to end: builds everything, starts a foreman with two
+//! workers on loopback, submits every example job and shows the results.
 
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 
 use crate::{cargo, guests, mandelbrot_png, run, workspace_root};
 
+/// Stops the foreman (and with it its workers) however the demo ends.
+struct Foreman(Child);
+
+impl Drop for Foreman {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub fn run_demo() -> anyhow::Result<()> {
     guests::build(guests::Toolchain::Auto)?;
-    run(cargo().args([
-        "build",
-        "--quiet",
-        "-p",
-        "wasmgrid-worker",
-        "--bin",
-        "worker",
-    ]))?;
+    run(cargo().args(["build", "--quiet", "--workspace", "--bins"]))?;
     let root = workspace_root();
-    let worker = root.join("target/debug/worker");
+    let bin = root.join("target/debug");
     let out = root.join("target/demo");
+    let data = out.join("foreman-data");
+    let _ = std::fs::remove_dir_all(&data);
     std::fs::create_dir_all(&out)?;
+
+    println!("== foreman serve --local-workers 2 (on 127.0.0.1)");
+    let mut child = Command::new(bin.join("foreman"))
+        .args([
+            "serve",
+            "--quic",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--local-workers",
+            "2",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot start the foreman")?;
+    let stdout = child.stdout.take().context("no foreman stdout")?;
+    let foreman = Foreman(child);
+    let mut http = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        if let Some(address) = line.strip_prefix("HTTP ") {
+            http = Some(format!("http://{address}"));
+            break;
+        }
+        println!("{line}");
+    }
+    let Some(http) = http else {
+        bail!("the foreman exited before it was ready");
+    };
 
     for (name, dir) in guests::guest_crates()?
         .into_iter()
         .filter(|(_, d)| d.starts_with(root.join("examples")))
     {
         let results = out.join(format!("{name}.json"));
-        println!("\n== {name}: worker exec target/wasm/{name}.wasm examples/{name}/args.json");
-        run(Command::new(&worker)
-            .arg("exec")
+        println!("\n== foreman submit target/wasm/{name}.wasm examples/{name}/args.json");
+        run(Command::new(bin.join("foreman"))
+            .arg("submit")
             .arg(guests::output_dir().join(format!("{name}.wasm")))
             .arg(dir.join("args.json"))
-            .arg("--output")
+            .args(["--foreman", &http, "--output"])
             .arg(&results))?;
         let text = std::fs::read_to_string(&results)?;
         println!("{}", excerpt(&text, 300));
         println!("(all results: {})", results.display());
     }
+    println!("\n== foreman workers");
+    run(Command::new(bin.join("foreman")).args(["workers", "--foreman", &http]))?;
+    drop(foreman);
 
     let picture: PathBuf = out.join("mandelbrot.png");
     mandelbrot_png::assemble(&out.join("mandelbrot.json"), &picture)
         .context("assembling the mandelbrot picture")?;
     println!(
-        "\nThe Mandelbrot set, rendered by 48 tasks: {}",
+        "\nThe Mandelbrot set, rendered by 48 tasks on the grid: {}",
         picture.display()
     );
     Ok(())

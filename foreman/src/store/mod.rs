@@ -178,8 +178,12 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
+/// Committed job state changes, for whoever waits on a job.
+pub type JobEvents = tokio::sync::broadcast::Sender<(JobId, JobState)>;
+
 struct Inner {
     path: PathBuf,
+    job_events: JobEvents,
     commands: Option<Sender<Command>>,
     writer: Option<JoinHandle<()>>,
     readers: Mutex<Vec<Connection>>,
@@ -213,16 +217,24 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let conn = schema::open_writer(path)?;
         let (commands, receiver) = mpsc::channel();
-        let writer = writer::spawn(conn, receiver)?;
+        let (job_events, _) = tokio::sync::broadcast::channel(1024);
+        let writer = writer::spawn(conn, receiver, job_events.clone())?;
         tracing::info!(path = %path.display(), "store opened");
         Ok(Store {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
+                job_events,
                 commands: Some(commands),
                 writer: Some(writer),
                 readers: Mutex::new(Vec::new()),
             }),
         })
+    }
+
+    /// Job state changes as they are committed (a result is readable once its
+    /// job's final state is announced).
+    pub fn job_events(&self) -> tokio::sync::broadcast::Receiver<(JobId, JobState)> {
+        self.inner.job_events.subscribe()
     }
 
     /// Stores a module once by its sha256 (the caller computed it). Durable

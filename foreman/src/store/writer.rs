@@ -3,7 +3,7 @@
 //! counters in step, and runs the one-shot writes of `queries` between batches.
 
 use std::collections::HashMap;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -11,11 +11,10 @@ use rusqlite::{params, CachedStatement, Connection};
 use wasmgrid_protocol::{Failure, FailureKind, TaskReport};
 
 use super::schema::{self, now_ms, to_sql};
-use super::StoreError;
+use super::{JobEvents, StoreError};
 use crate::model::{JobId, JobState, Record, TaskIndex, TaskState, WorkerId};
 
 /// A batch is committed this long after its first record at the latest...
-const BATCH_WINDOW: Duration = Duration::from_millis(5);
 /// ...or once it holds this many records.
 const BATCH_MAX: usize = 2_000;
 /// Pause before retrying a batch whose commit failed.
@@ -36,10 +35,12 @@ pub(super) enum Command {
 pub(super) fn spawn(
     conn: Connection,
     commands: Receiver<Command>,
+    job_events: JobEvents,
 ) -> Result<JoinHandle<()>, StoreError> {
     let writer = Writer {
         conn,
         commands,
+        job_events,
         pending: Vec::new(),
         rejected: 0,
         first_rejection: None,
@@ -61,6 +62,8 @@ struct Writer {
     first_rejection: Option<String>,
     /// Why the last commit of `pending` failed, while it keeps failing.
     last_failure: Option<String>,
+    /// Job state changes, announced once committed.
+    job_events: JobEvents,
 }
 
 impl Writer {
@@ -75,19 +78,18 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            // Gather more records until the window closes or the batch is full.
+            // Group commit: take whatever else is already queued, without
+            // waiting; records arriving during this commit form the next batch.
             if next.is_none() {
-                let deadline = Instant::now() + BATCH_WINDOW;
                 while self.pending.len() < BATCH_MAX {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    match self.commands.recv_timeout(left) {
+                    match self.commands.try_recv() {
                         Ok(Command::Records(records)) => self.pending.extend(records),
                         Ok(other) => {
                             next = Some(other);
                             break;
                         }
-                        Err(RecvTimeoutError::Timeout) => break,
-                        Err(RecvTimeoutError::Disconnected) => {
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => {
                             closed = true;
                             break;
                         }
@@ -123,7 +125,11 @@ impl Writer {
             let n = self.pending.len().min(BATCH_MAX);
             match self.commit_batch(n) {
                 Ok(()) => {
-                    self.pending.drain(..n);
+                    for record in self.pending.drain(..n) {
+                        if let Record::JobStateChanged { job, state } = record {
+                            let _ = self.job_events.send((job, state));
+                        }
+                    }
                     self.last_failure = None;
                 }
                 Err(e) => {
