@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -20,17 +21,30 @@ use crate::driver::{Driver, Input};
 use crate::model::{JobId, JobState, TaskState};
 use crate::store::{NewJob, Store, StoreError};
 
-/// Largest request body (module and args together).
-pub const MAX_BODY_BYTES: usize = 256 << 20;
+/// Largest upload (module and args together) unless configured otherwise.
+pub const DEFAULT_MAX_UPLOAD_BYTES: usize = 256 << 20;
 
 pub struct ApiState {
     pub store: Store,
     pub driver: Driver,
     /// Validates modules against the task world before a job is accepted.
     pub validator: Arc<Executor>,
+    pub max_upload_bytes: usize,
+    /// Modules stored and validated since start: a job naming one by hash skips both.
+    pub validated: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
+}
+
+impl ApiState {
+    fn is_validated(&self, hash: &[u8; 32]) -> bool {
+        self.validated
+            .lock()
+            .map(|set| set.contains(hash))
+            .unwrap_or(false)
+    }
 }
 
 pub fn router(state: Arc<ApiState>) -> Router {
+    let max_upload = state.max_upload_bytes;
     Router::new()
         .route("/api/jobs", post(submit).get(list_jobs))
         .route("/api/jobs/{id}", get(job))
@@ -39,7 +53,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/jobs/{id}/events", get(events))
         .route("/api/jobs/{id}/cancel", post(cancel))
         .route("/api/workers", get(workers))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(DefaultBodyLimit::max(max_upload))
         .with_state(state)
 }
 
@@ -138,8 +152,22 @@ pub struct Submitted {
 
 async fn submit(
     State(state): State<Arc<ApiState>>,
-    Json(request): Json<SubmitRequest>,
+    request: Result<Json<SubmitRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Submitted>), ApiError> {
+    let Json(request) = request.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!(
+                    "the upload is larger than the foreman's limit of {} MiB (foreman serve --max-upload-mib)",
+                    state.max_upload_bytes >> 20
+                ),
+            )
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, "bad_request", rejection.body_text())
+        }
+    })?;
     let bad =
         |code: &'static str, message: String| ApiError::new(StatusCode::BAD_REQUEST, code, message);
     let options = request.options;
@@ -158,7 +186,51 @@ async fn submit(
         .into_iter()
         .map(|raw| raw.get().to_owned())
         .collect();
-    let wasm = match (request.module_base64, request.module_sha256) {
+    let known = request
+        .module_sha256
+        .as_deref()
+        .and_then(parse_hash)
+        .filter(|hash| state.is_validated(hash));
+    let hash = match known {
+        Some(hash) => hash,
+        None => validate_and_store(&state, request.module_base64, request.module_sha256).await?,
+    };
+    let new_job = NewJob {
+        module: hash,
+        limits: TaskLimits {
+            fuel: options.fuel,
+            memory_bytes,
+            timeout_ms: (options.timeout_secs * 1000.0).ceil() as u64,
+            output_bytes: TaskLimits::DEFAULT_OUTPUT_BYTES,
+        },
+        max_retries: options.retries,
+        priority: options.priority,
+        scheduler: options.scheduler,
+        args,
+    };
+    let store = state.store.clone();
+    let (spec, args) = tokio::task::spawn_blocking(move || {
+        let args: Vec<Arc<str>> = new_job.args.iter().map(|a| Arc::from(a.as_str())).collect();
+        store.create_job(new_job).map(|spec| (spec, args))
+    })
+    .await??;
+    let submitted = Submitted {
+        id: spec.id,
+        tasks: spec.task_count,
+    };
+    state.driver.send(Input::Submit { spec, args });
+    Ok((StatusCode::CREATED, Json(submitted)))
+}
+
+/// Checks a module against the task world and stores it; returns its sha256.
+async fn validate_and_store(
+    state: &Arc<ApiState>,
+    module_base64: Option<String>,
+    module_sha256: Option<String>,
+) -> Result<[u8; 32], ApiError> {
+    let bad =
+        |code: &'static str, message: String| ApiError::new(StatusCode::BAD_REQUEST, code, message);
+    let wasm = match (module_base64, module_sha256) {
         (Some(encoded), _) => base64::engine::general_purpose::STANDARD
             .decode(encoded.as_bytes())
             .map_err(|e| bad("bad_module", format!("module_base64 is not base64: {e}")))?,
@@ -187,7 +259,7 @@ async fn submit(
     let checked =
         tokio::task::spawn_blocking(move || validator.load(&wasm).map(|(task, _)| (task.id, wasm)))
             .await?;
-    let (id, wasm) = checked.map_err(|failure| {
+    let (ModuleId(hash), wasm) = checked.map_err(|failure| {
         let code = if failure.kind == FailureKind::WrongWorld {
             "wrong_world"
         } else {
@@ -195,33 +267,12 @@ async fn submit(
         };
         ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, failure.to_string())
     })?;
-    let ModuleId(hash) = id;
-    let new_job = NewJob {
-        module: hash,
-        limits: TaskLimits {
-            fuel: options.fuel,
-            memory_bytes,
-            timeout_ms: (options.timeout_secs * 1000.0).ceil() as u64,
-            output_bytes: TaskLimits::DEFAULT_OUTPUT_BYTES,
-        },
-        max_retries: options.retries,
-        priority: options.priority,
-        scheduler: options.scheduler,
-        args,
-    };
     let store = state.store.clone();
-    let (spec, args) = tokio::task::spawn_blocking(move || {
-        store.put_module(&hash, &wasm)?;
-        let args: Vec<Arc<str>> = new_job.args.iter().map(|a| Arc::from(a.as_str())).collect();
-        store.create_job(new_job).map(|spec| (spec, args))
-    })
-    .await??;
-    let submitted = Submitted {
-        id: spec.id,
-        tasks: spec.task_count,
-    };
-    state.driver.send(Input::Submit { spec, args });
-    Ok((StatusCode::CREATED, Json(submitted)))
+    tokio::task::spawn_blocking(move || store.put_module(&hash, &wasm)).await??;
+    if let Ok(mut validated) = state.validated.lock() {
+        validated.insert(hash);
+    }
+    Ok(hash)
 }
 
 fn parse_hash(text: &str) -> Option<[u8; 32]> {

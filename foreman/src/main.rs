@@ -35,6 +35,9 @@ enum Command {
         /// Also start and supervise this many workers on this machine.
         #[arg(long, default_value_t = 0)]
         local_workers: u32,
+        /// Largest job upload (module and args together), in MiB.
+        #[arg(long, value_name = "MIB", default_value_t = 256)]
+        max_upload_mib: usize,
     },
     /// Submits a job and waits for its results (printed as a JSON array in argument order).
     Submit {
@@ -116,6 +119,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             quic,
             http,
             local_workers,
+            max_upload_mib,
         } => {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(serve(ServeOptions {
@@ -123,6 +127,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 quic,
                 http,
                 local_workers,
+                max_upload_bytes: max_upload_mib.saturating_mul(1 << 20),
             }))?;
             Ok(ExitCode::SUCCESS)
         }

@@ -21,6 +21,7 @@ pub struct ServeOptions {
     pub quic: SocketAddr,
     pub http: SocketAddr,
     pub local_workers: u32,
+    pub max_upload_bytes: usize,
 }
 
 pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
@@ -66,6 +67,8 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         store: store.clone(),
         driver: driver.clone(),
         validator,
+        max_upload_bytes: options.max_upload_bytes,
+        validated: Default::default(),
     }));
     let listener = tokio::net::TcpListener::bind(options.http)
         .await

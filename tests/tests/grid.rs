@@ -267,3 +267,92 @@ fn a_worker_with_a_wrong_token_is_refused_with_the_reason() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Opens a QUIC connection that passes TLS, sends `bytes` on the control
+/// stream, and returns the reason the foreman gave for closing it.
+async fn close_reason_after(quic: &str, fingerprint: &str, bytes: Vec<u8>) -> String {
+    use wasmgrid_worker::join::{client_config, SERVER_NAME};
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let connection = endpoint
+        .connect_with(
+            client_config(fingerprint).unwrap(),
+            quic.parse().unwrap(),
+            SERVER_NAME,
+        )
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    send.write_all(&bytes).await.unwrap();
+    let _ = recv.read_to_end(1 << 20).await;
+    match connection.closed().await {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            String::from_utf8_lossy(&close.reason).into_owned()
+        }
+        other => other.to_string(),
+    }
+}
+
+#[test]
+fn incompatible_and_garbage_peers_are_cut_off_and_the_grid_carries_on() {
+    use wasmgrid_protocol::wire::Preamble;
+    let dir = tempfile::tempdir().unwrap();
+    let foreman = start_foreman(&dir.path().join("data"), &[]);
+    let fingerprint = foreman.token.split_once(':').unwrap().1.to_owned();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let future_version = Preamble { version: 99 }.encode().to_vec();
+        let reason = close_reason_after(&foreman.quic, &fingerprint, future_version).await;
+        assert_eq!(
+            reason,
+            "incompatible protocol: the foreman speaks version 1, the worker speaks version 99"
+        );
+
+        let mut garbage_frame = Preamble::ours().encode().to_vec();
+        garbage_frame.extend([0xff; 64]);
+        let reason = close_reason_after(&foreman.quic, &fingerprint, garbage_frame).await;
+        assert!(reason.contains("larger than the limit"), "{reason}");
+
+        let mut not_a_hello = Preamble::ours().encode().to_vec();
+        not_a_hello.extend([3, 0, 0, 0, 0xfe, 0xfe, 0xfe]);
+        let reason = close_reason_after(&foreman.quic, &fingerprint, not_a_hello).await;
+        assert!(reason.contains("malformed message"), "{reason}");
+
+        let reason =
+            close_reason_after(&foreman.quic, &fingerprint, b"GET / HTTP/1.1\r\n".to_vec()).await;
+        assert!(
+            reason.contains("not speaking the wasmgrid protocol"),
+            "{reason}"
+        );
+    });
+    // Raw UDP noise at the QUIC port.
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for _ in 0..50 {
+        socket.send_to(&[0xde; 1200], &foreman.quic).unwrap();
+    }
+    let _worker = start_worker(&foreman, "after-noise", &dir.path().join("cache"));
+    check_against_native("add", &submit(&foreman, "add"), add::task_entry);
+}
+
+#[test]
+fn an_upload_over_the_limit_is_refused_naming_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let foreman = start_foreman(&dir.path().join("data"), &["--max-upload-mib", "1"]);
+    let big_args = dir.path().join("big.json");
+    let element = format!("[\"{}\"]", "x".repeat(1000));
+    let all: Vec<&str> = std::iter::repeat_n(element.as_str(), 2000).collect();
+    std::fs::write(&big_args, format!("[{}]", all.join(","))).unwrap();
+    let out = Command::new(binary("foreman"))
+        .arg("submit")
+        .arg(guest_path("wordcount"))
+        .arg(&big_args)
+        .args(["--foreman", &foreman.http])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("larger than the foreman's limit of 1 MiB") && err.contains("413"),
+        "{err}"
+    );
+}

@@ -16,9 +16,12 @@ use wasmgrid_protocol::wire::{
 use crate::executor::{Executor, ExecutorOptions, Load, ModuleId, SlotPool};
 
 /// The name in the foreman's certificate.
-const SERVER_NAME: &str = "wasmgrid-foreman";
-/// Tasks held beyond the slots, so a slot never waits for a round trip.
-const PREFETCH_PER_SLOT: u32 = 4;
+pub const SERVER_NAME: &str = "wasmgrid-foreman";
+/// Queued work to hold per slot, measured in time: enough that tiny tasks are
+/// not bound by round trips, little enough that long ones are not hoarded.
+const PIPE_TARGET_US: f64 = 10_000.0;
+const MIN_PREFETCH_PER_SLOT: u32 = 2;
+const MAX_PREFETCH_PER_SLOT: u32 = 512;
 const HEARTBEAT: Duration = Duration::from_secs(5);
 
 pub struct JoinOptions {
@@ -111,10 +114,9 @@ async fn session(
         Err(error) => return Err(refusal(&connection).unwrap_or(error)),
     };
     tracing::info!(worker_id, foreman = %options.foreman, "joined");
-    send.write_all(&encode_frame(&ToForeman::Credit(
-        options.slots * (1 + PREFETCH_PER_SLOT),
-    ))?)
-    .await?;
+    let mut window = CreditWindow::new(options.slots);
+    send.write_all(&encode_frame(&ToForeman::Credit(window.granted))?)
+        .await?;
 
     let (reports_tx, mut reports_rx) = mpsc::unbounded_channel::<Finished>();
     // Reports, batched: whatever finished while the last batch was being sent goes in the next.
@@ -128,11 +130,19 @@ async fn session(
                     while let Ok(next) = reports_rx.try_recv() {
                         batch.push(next);
                     }
+                    for finished in &batch {
+                        let timings = finished.report.timings;
+                        window.observe(timings.instantiate_us + timings.run_us);
+                    }
                     ToForeman::Finished(batch)
                 }
                 _ = heartbeat.tick() => ToForeman::Heartbeat,
             };
-            send.write_all(&encode_frame(&message)?).await?;
+            let mut bytes = encode_frame(&message)?;
+            if let Some(extra) = window.grow() {
+                bytes.extend(encode_frame(&ToForeman::Credit(extra))?);
+            }
+            send.write_all(&bytes).await?;
         }
         anyhow::Ok(())
     });
@@ -153,6 +163,41 @@ async fn session(
     .await;
     writer.abort();
     result.map_err(|error: anyhow::Error| refusal(&connection).unwrap_or(error))
+}
+
+/// The credit this worker has granted, grown as it learns how long tasks take.
+struct CreditWindow {
+    slots: u32,
+    granted: u32,
+    /// Moving average of a task's instantiate + run time.
+    task_us: f64,
+}
+
+impl CreditWindow {
+    fn new(slots: u32) -> Self {
+        CreditWindow {
+            slots,
+            granted: slots * (1 + MIN_PREFETCH_PER_SLOT),
+            task_us: PIPE_TARGET_US / f64::from(MIN_PREFETCH_PER_SLOT),
+        }
+    }
+
+    fn observe(&mut self, micros: u64) {
+        self.task_us = 0.9 * self.task_us + 0.1 * (micros.max(1) as f64);
+    }
+
+    /// More credit to grant, when tasks turned out shorter than assumed.
+    /// Credit is never taken back: each report returns its own.
+    fn grow(&mut self) -> Option<u32> {
+        let per_slot = (PIPE_TARGET_US / self.task_us).ceil() as u32;
+        let per_slot = per_slot.clamp(MIN_PREFETCH_PER_SLOT, MAX_PREFETCH_PER_SLOT);
+        let wanted = self.slots * (1 + per_slot);
+        (wanted > self.granted).then(|| {
+            let extra = wanted - self.granted;
+            self.granted = wanted;
+            extra
+        })
+    }
 }
 
 fn refusal(connection: &quinn::Connection) -> Option<anyhow::Error> {
@@ -257,6 +302,28 @@ fn worker_info(options: &JoinOptions) -> WorkerInfo {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credit_grows_for_tiny_tasks_and_stays_small_for_long_ones() {
+        let mut long = CreditWindow::new(2);
+        for _ in 0..100 {
+            long.observe(2_000_000);
+        }
+        assert_eq!(long.grow(), None);
+        assert_eq!(long.granted, 6);
+
+        let mut tiny = CreditWindow::new(2);
+        for _ in 0..200 {
+            tiny.observe(10);
+        }
+        assert_eq!(tiny.grow(), Some(2 * (1 + MAX_PREFETCH_PER_SLOT) - 6));
+        assert_eq!(tiny.grow(), None);
+    }
+}
+
 fn total_memory() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -268,7 +335,8 @@ fn total_memory() -> u64 {
         .unwrap_or(0)
 }
 
-fn client_config(fingerprint: &str) -> anyhow::Result<quinn::ClientConfig> {
+/// QUIC client settings that trust only the certificate with this sha256 (hex).
+pub fn client_config(fingerprint: &str) -> anyhow::Result<quinn::ClientConfig> {
     let pinned = hex::decode(fingerprint)
         .ok()
         .filter(|b| b.len() == 32)

@@ -80,7 +80,10 @@ fn test(no_lint: bool) -> anyhow::Result<()> {
 
 fn bench() -> anyhow::Result<()> {
     guests::build(guests::Toolchain::Auto)?;
-    run(cargo().args(["bench", "-p", "wasmgrid-worker", "--bench", "executor"]))
+    // The grid bench starts the release binaries.
+    run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+    run(cargo().args(["bench", "-p", "wasmgrid-worker", "--bench", "executor"]))?;
+    run(cargo().args(["bench", "-p", "wasmgrid-tests", "--bench", "grid"]))
 }
 
 /// The cargo that runs us, in the workspace root.

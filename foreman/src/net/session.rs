@@ -19,6 +19,18 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn run(incoming: quinn::Incoming, ctx: Arc<NetContext>) -> anyhow::Result<()> {
     let connection = incoming.await.context("QUIC handshake failed")?;
+    let result = serve(&connection, ctx).await;
+    if let Err(error) = &result {
+        // Tell the peer why; a close already sent with a better reason wins.
+        connection.close(
+            close::PROTOCOL_ERROR.into(),
+            format!("{error:#}").as_bytes(),
+        );
+    }
+    result
+}
+
+async fn serve(connection: &quinn::Connection, ctx: Arc<NetContext>) -> anyhow::Result<()> {
     let (mut send, mut recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, connection.accept_bi())
         .await
         .context("the worker opened no stream")??;
@@ -94,9 +106,6 @@ pub async fn run(incoming: quinn::Incoming, ctx: Arc<NetContext>) -> anyhow::Res
     modules.abort();
     let store = ctx.store.clone();
     let _ = tokio::task::spawn_blocking(move || store.set_worker_online(worker, false)).await;
-    if let Err(error) = &result {
-        connection.close(close::PROTOCOL_ERROR.into(), error.to_string().as_bytes());
-    }
     tracing::info!(worker, "worker left");
     result
 }
