@@ -13,7 +13,7 @@ use wasmgrid_protocol::wire::{
     ToForeman, ToWorker, WorkerInfo, ALPN_ANY_VERSION, ALPN_VERSIONED, PROTOCOL_VERSION,
 };
 
-use crate::executor::{Executor, ExecutorOptions, Load, ModuleId, SlotPool};
+use crate::executor::{Executor, ExecutorOptions, ModuleId, SlotPool};
 
 /// The name in the foreman's certificate.
 pub const SERVER_NAME: &str = "wasmgrid-foreman";
@@ -23,6 +23,8 @@ const PIPE_TARGET_US: f64 = 10_000.0;
 const MIN_PREFETCH_PER_SLOT: u32 = 2;
 const MAX_PREFETCH_PER_SLOT: u32 = 512;
 const HEARTBEAT: Duration = Duration::from_secs(5);
+/// The wasmtime this worker embeds (pinned in the workspace manifest).
+const WASMTIME_VERSION: &str = "48.0.8";
 
 pub struct JoinOptions {
     pub foreman: SocketAddr,
@@ -104,7 +106,7 @@ async fn session(
     }
     send.write_all(&encode_frame(&ToForeman::Hello {
         token: secret.to_owned(),
-        info: worker_info(options),
+        info: worker_info(options, executor.engine_hash()),
     })?)
     .await?;
     let mut decoder = FrameDecoder::new();
@@ -218,8 +220,8 @@ async fn run_batch(
 ) -> anyhow::Result<()> {
     for assignment in assignments {
         let id = ModuleId(assignment.module);
-        let (task, load) = match executor.loaded(&id) {
-            Some(task) => (task, Load::WARM),
+        let (task, load) = match executor.load_cached(id) {
+            Some(cached) => cached,
             None => {
                 let wasm = fetch_module(connection, assignment.module).await?;
                 let executor = executor.clone();
@@ -286,7 +288,7 @@ async fn read_message(
     }
 }
 
-fn worker_info(options: &JoinOptions) -> WorkerInfo {
+fn worker_info(options: &JoinOptions, engine_hash: &str) -> WorkerInfo {
     WorkerInfo {
         name: options.name.clone(),
         hostname: std::fs::read_to_string("/etc/hostname")
@@ -297,8 +299,8 @@ fn worker_info(options: &JoinOptions) -> WorkerInfo {
         cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
         memory_bytes: total_memory(),
         slots: options.slots,
-        wasmtime_version: "48.0.8".into(),
-        engine_hash: String::new(),
+        wasmtime_version: WASMTIME_VERSION.into(),
+        engine_hash: engine_hash.into(),
     }
 }
 

@@ -94,6 +94,25 @@ impl ModuleCache {
         Ok((task, source))
     }
 
+    /// A task by its sha256 alone: loaded in this process, or compiled by an
+    /// earlier one into the disk cache (so a restarted worker need not fetch it).
+    pub fn load_cached(&self, id: ModuleId) -> Option<(Arc<PreparedTask>, CacheSource)> {
+        if let Some(task) = self.get(&id) {
+            return Some((task, CacheSource::Memory));
+        }
+        let path = self.artifact_path(id).filter(|p| p.exists())?;
+        // SAFETY: as in `component`: our own artifacts, named by content and engine.
+        let component = unsafe { Component::deserialize_file(&self.engine, &path) }.ok()?;
+        let task = Arc::new(self.prepare(id, &component).ok()?);
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        Some((loaded.entry(id).or_insert(task).clone(), CacheSource::Disk))
+    }
+
+    /// Names the engine build and settings compiled artifacts are valid for.
+    pub fn compatibility(&self) -> &str {
+        &self.compat
+    }
+
     /// A task already loaded in this process.
     pub fn get(&self, id: &ModuleId) -> Option<Arc<PreparedTask>> {
         let loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());

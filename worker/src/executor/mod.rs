@@ -114,6 +114,19 @@ impl Executor {
         self.cache.get(id)
     }
 
+    /// A module by its sha256 from memory or the disk cache, without its bytes.
+    pub fn load_cached(&self, id: ModuleId) -> Option<(Arc<PreparedTask>, Load)> {
+        let started = Instant::now();
+        let (task, source) = self.cache.load_cached(id)?;
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        Some((task, Load { source, micros }))
+    }
+
+    /// The engine's artifact compatibility hash, reported to the foreman.
+    pub fn engine_hash(&self) -> &str {
+        self.cache.compatibility()
+    }
+
     /// Runs one task on the calling thread; blocks until it ends.
     pub fn run(
         &self,
