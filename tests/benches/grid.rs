@@ -160,10 +160,12 @@ impl Grid {
             Module::Hash(hash) => body["module_sha256"] = Value::String(hash),
             Module::Upload(encoded) => body["module_base64"] = Value::String(encoded),
         }
+        let t0 = Instant::now();
         let submitted = self.post("/api/jobs", &body);
         let id = submitted["id"]
             .as_u64()
             .unwrap_or_else(|| panic!("submit failed: {submitted}"));
+        let t1 = Instant::now();
         loop {
             let job = self.get(&format!("/api/jobs/{id}/wait?timeout_ms=30000"));
             if job["state"] != "queued" && job["state"] != "running" {
@@ -171,7 +173,9 @@ impl Grid {
                 break;
             }
         }
-        self.get(&format!("/api/jobs/{id}/results"))["results"].clone()
+        let t2 = Instant::now();
+        let results = self.get(&format!("/api/jobs/{id}/results"))["results"].clone();
+        (results, [t1 - t0, t2 - t1, t2.elapsed()])
     }
 }
 
