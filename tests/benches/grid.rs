@@ -227,6 +227,14 @@ fn main() {
         ms(wall),
         tasks as f64 / wall.as_secs_f64()
     );
+    println!("\n## Foreman footprint\n");
+    println!("| peak RSS after the 100,000-task job | `foreman serve` start → REST answering | targets |");
+    println!("|---|---|---|");
+    println!(
+        "| {:.1} MiB | {} | ≤ 100 MB, ≤ 0.2 s |",
+        grid.foreman_peak_rss_mib(),
+        ms(grid.startup)
+    );
 
     let mut phases: [Vec<Duration>; 4] = Default::default();
     for i in 0..300u64 {
