@@ -225,11 +225,23 @@ fn worker_exec_throughput() {
 }
 
 fn main() {
-    // `cargo bench` passes --bench; a filter argument is not supported.
+    // `cargo bench -- NAME` runs only the sections whose name contains NAME.
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
     println!("# wasmgrid executor benchmarks");
-    let executor = Executor::new(None).expect("engine");
-    per_task_overhead(&executor);
-    wasm_vs_native();
-    compile_and_cache();
-    worker_exec_throughput();
+    if wanted("overhead") {
+        per_task_overhead(&Executor::new(None).expect("engine"));
+    }
+    if wanted("native") {
+        wasm_vs_native();
+    }
+    if wanted("compile") {
+        compile_and_cache();
+    }
+    if wanted("exec") {
+        worker_exec_throughput();
+    }
 }
