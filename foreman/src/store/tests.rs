@@ -561,3 +561,29 @@ fn hundred_thousand_tasks() {
     assert_eq!(store.next_attempt_id().unwrap(), u64::from(N) + 1);
     assert_eq!(store.workers().unwrap()[0].tasks_succeeded, u64::from(N));
 }
+
+#[test]
+fn a_finished_task_keeps_its_outcome_when_a_duplicate_attempt_ends_later() {
+    let (_dir, store) = open_temp();
+    store.put_module(&MODULE, b"wasm").unwrap();
+    let spec = store.create_job(new_job(args(1))).unwrap();
+    store.record_all([
+        started(spec.id, 0, 1, 1),
+        started(spec.id, 0, 2, 1),
+        ended(spec.id, 0, 1, Ok("42".into()), TaskState::Succeeded),
+        Record::AttemptAbandoned {
+            job: spec.id,
+            task: 0,
+            attempt: 2,
+            worker: 1,
+            failure: Failure::new(FailureKind::Cancelled, "a duplicate"),
+            task_state: TaskState::Cancelled,
+        },
+    ]);
+    store.flush().unwrap();
+    let results = store.results(spec.id).unwrap().unwrap();
+    assert_eq!(results[0].state, TaskState::Succeeded);
+    assert_eq!(results[0].result.as_deref(), Some("42"));
+    let row = store.job(spec.id).unwrap().unwrap();
+    assert_eq!((row.succeeded, row.cancelled), (1, 0));
+}

@@ -496,16 +496,21 @@ fn end_attempt(
         _ => None,
     };
     let task_failure = failure.filter(|_| is_final);
-    st.end_task.execute(params![
-        to_sql(end.job),
-        end.task,
-        end.state.as_str(),
-        to_sql(end.worker),
-        fuel,
-        result,
-        task_failure.map(|f| f.kind.as_str()),
-        task_failure.map(|f| f.message.as_str()),
-    ])?;
+    // A finished task keeps its outcome: a later attempt record (a cancelled
+    // duplicate, a late report) is kept as history only.
+    let task_open = !from.is_finished();
+    if task_open {
+        st.end_task.execute(params![
+            to_sql(end.job),
+            end.task,
+            end.state.as_str(),
+            to_sql(end.worker),
+            fuel,
+            result,
+            task_failure.map(|f| f.kind.as_str()),
+            task_failure.map(|f| f.message.as_str()),
+        ])?;
+    }
     let text = |s: &str| (!s.is_empty()).then(|| s.to_owned());
     st.end_attempt.execute(params![
         to_sql(end.attempt),
@@ -536,7 +541,9 @@ fn end_attempt(
             now
         ])?;
     }
-    deltas.task_moved(end.job, from, end.state, 1);
+    if task_open {
+        deltas.task_moved(end.job, from, end.state, 1);
+    }
     let d = deltas.jobs.entry(end.job).or_default();
     d.fuel = d.fuel.wrapping_add(fuel);
     let w = deltas.workers.entry(end.worker).or_default();
