@@ -53,6 +53,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/jobs/{id}/events", get(events))
         .route("/api/jobs/{id}/cancel", post(cancel))
         .route("/api/workers", get(workers))
+        .route("/api/limits", get(limits))
         .layer(DefaultBodyLimit::max(max_upload))
         .with_state(state)
 }
@@ -472,4 +473,111 @@ async fn events(
         },
     );
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// What the foreman accepts, so a client can refuse an oversized upload
+/// before sending it (a server that stops reading mid-upload can only reset
+/// the connection, and the client would never see the 413).
+async fn limits(State(state): State<Arc<ApiState>>) -> Response {
+    Json(serde_json::json!({
+        "max_upload_bytes": state.max_upload_bytes,
+        "max_upload_mib": state.max_upload_bytes >> 20,
+    }))
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    async fn app(max_upload_bytes: usize) -> (tempfile::TempDir, Router) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("foreman.db")).unwrap();
+        let driver = Driver::spawn(crate::core::Core::new(1), store.clone());
+        let state = ApiState {
+            store,
+            driver,
+            validator: Arc::new(Executor::new(None).unwrap()),
+            max_upload_bytes,
+            validated: Default::default(),
+        };
+        (dir, router(Arc::new(state)))
+    }
+
+    async fn call(app: Router, request: Request<Body>) -> (StatusCode, serde_json::Value) {
+        let response = app.oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    #[tokio::test]
+    async fn an_oversized_upload_is_413_naming_the_limit() {
+        let (_dir, app) = app(1 << 20).await;
+        let body = format!("{{\"args\": [\"{}\"]}}", "x".repeat(2 << 20));
+        let request = Request::post("/api/jobs")
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+            .unwrap();
+        let (status, json) = call(app, request).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(json["error"]["code"], "too_large");
+        assert!(
+            json["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("limit of 1 MiB"),
+            "{json}"
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_jobs_and_bad_parameters_are_named() {
+        let (_dir, app) = app(1 << 20).await;
+        let (status, json) = call(
+            app.clone(),
+            Request::get("/api/jobs/77").body(Body::empty()).unwrap(),
+        )
+        .await;
+        assert_eq!(
+            (status, json["error"]["message"].as_str()),
+            (StatusCode::NOT_FOUND, Some("no job with id 77"))
+        );
+        let (status, json) = call(
+            app.clone(),
+            Request::get("/api/jobs?status=done")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(
+            json["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("status:"),
+            "{json}"
+        );
+        let request = Request::post("/api/jobs")
+            .header("content-type", "application/json")
+            .body(Body::from(r#"{"module_base64": "AAAA", "args": {"a": 1}}"#))
+            .unwrap();
+        let (status, json) = call(app, request).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(
+            json["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("must be a JSON array"),
+            "{json}"
+        );
+    }
 }

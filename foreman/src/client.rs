@@ -61,10 +61,15 @@ impl Client {
     }
 
     pub fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        self.post_bytes(path, serde_json::to_vec(body)?)
+    }
+
+    fn post_bytes(&self, path: &str, body: Vec<u8>) -> anyhow::Result<Value> {
         let response = self
             .agent
             .post(&self.url(path))
-            .send_json(body)
+            .header("content-type", "application/json")
+            .send(body)
             .with_context(|| format!("cannot reach the foreman at {}", self.base))?;
         self.read(response)
     }
@@ -90,7 +95,23 @@ pub fn submit(client: &Client, options: SubmitOptions) -> anyhow::Result<ExitCod
         "args": args,
         "options": options.job,
     });
-    let submitted = client.post("/api/jobs", &body)?;
+    let body = serde_json::to_vec(&body)?;
+    // Refuse here what the foreman would refuse, while the message can still reach us.
+    if let Some(limit) = client
+        .get("/api/limits")
+        .ok()
+        .and_then(|l| l["max_upload_bytes"].as_u64())
+    {
+        if body.len() as u64 > limit {
+            bail!(
+                "the upload ({:.1} MiB) is larger than the foreman's limit of {} MiB \
+                 (foreman serve --max-upload-mib; the API answers 413)",
+                body.len() as f64 / (1024.0 * 1024.0),
+                limit >> 20
+            );
+        }
+    }
+    let submitted = client.post_bytes("/api/jobs", body)?;
     let id = submitted["id"]
         .as_u64()
         .context("the foreman returned no job id")?;

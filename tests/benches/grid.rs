@@ -5,26 +5,16 @@
 //! - single-task round trip through the REST API (submit, wait, results);
 //! - CPU-bound scaling: `primes` below 20,000,000 in 64 tasks, 2 workers vs 1.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use serde_json::{json, Value};
-use wasmgrid_tests::{binary, example_args_path, guest_wasm};
-
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use wasmgrid_tests::processes::{start_foreman, start_worker, Foreman, Running};
+use wasmgrid_tests::{example_args_path, guest_wasm};
 
 struct Grid {
-    foreman: Running,
+    foreman: Foreman,
     /// From spawning `foreman serve` to its REST API answering.
     startup: Duration,
     _workers: Vec<Running>,
@@ -35,68 +25,33 @@ struct Grid {
 impl Grid {
     fn start(dir: &Path, workers: usize) -> Grid {
         let spawned = Instant::now();
-        let mut child = Command::new(binary("foreman"))
-            .args([
-                "serve",
-                "--quic",
-                "127.0.0.1:0",
-                "--http",
-                "127.0.0.1:0",
-                "--data-dir",
-            ])
-            .arg(dir.join("data"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("foreman starts");
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let (mut http, mut quic, mut token) = (String::new(), String::new(), String::new());
-        while http.is_empty() || quic.is_empty() || token.is_empty() {
-            let line = lines.next().expect("foreman ready").expect("utf-8");
-            if let Some(v) = line.strip_prefix("HTTP ") {
-                http = format!("http://{v}");
-            } else if let Some(v) = line.strip_prefix("QUIC ") {
-                quic = v.to_owned();
-            } else if let Some(v) = line.strip_prefix("TOKEN ") {
-                token = v.to_owned();
-            }
-        }
-        std::thread::spawn(move || for _ in lines {});
+        let foreman = start_foreman(&dir.join("data"), &[]);
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .build()
             .into();
-        while agent.get(&format!("{http}/api/jobs")).call().is_err() {
+        while agent
+            .get(&format!("{}/api/jobs", foreman.http))
+            .call()
+            .is_err()
+        {
             std::thread::sleep(Duration::from_millis(1));
         }
         let startup = spawned.elapsed();
         let workers = (0..workers)
             .map(|i| {
-                Running(
-                    Command::new(binary("worker"))
-                        .args([
-                            "--foreman",
-                            &quic,
-                            "--token",
-                            &token,
-                            "--slots",
-                            "1",
-                            "--name",
-                            &format!("bench-{i}"),
-                        ])
-                        .arg("--cache-dir")
-                        .arg(dir.join(format!("cache-{i}")))
-                        .env("RUST_LOG", "warn")
-                        .spawn()
-                        .expect("worker starts"),
+                start_worker(
+                    &foreman,
+                    &format!("bench-{i}"),
+                    &dir.join(format!("cache-{i}")),
                 )
             })
             .collect();
         let grid = Grid {
-            foreman: Running(child),
+            http: foreman.http.clone(),
+            foreman,
             startup,
             _workers: workers,
-            http,
             agent,
         };
         // Ready when every worker has registered.
@@ -138,8 +93,9 @@ impl Grid {
 
     /// The foreman's peak resident memory so far.
     fn foreman_peak_rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.foreman.0.id()))
-            .unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.foreman.process.0.id()))
+                .unwrap_or_default();
         let kib: f64 = status
             .lines()
             .find_map(|l| l.strip_prefix("VmHWM:"))

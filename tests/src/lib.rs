@@ -1,5 +1,7 @@
 //! Helpers for the end-to-end tests: where the built guests and binaries are.
 
+pub mod processes;
+
 use std::path::{Path, PathBuf};
 
 pub fn workspace_root() -> PathBuf {

@@ -1,0 +1,95 @@
+//! Real `foreman` and `worker` processes on 127.0.0.1 for tests and benchmarks.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use crate::binary;
+
+/// A child process killed when dropped, pass or fail.
+pub struct Running(pub Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A running `foreman serve` and the addresses it printed.
+pub struct Foreman {
+    pub process: Running,
+    /// `http://127.0.0.1:PORT`
+    pub http: String,
+    /// `127.0.0.1:PORT` (UDP)
+    pub quic: String,
+    pub token: String,
+}
+
+/// Starts `foreman serve` on free loopback ports; returns once it has printed its addresses.
+pub fn start_foreman(data_dir: &Path, extra: &[&str]) -> Foreman {
+    let mut child = Command::new(binary("foreman"))
+        .args([
+            "serve",
+            "--quic",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("foreman starts");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let (mut http, mut quic, mut token) = (None, None, None);
+    while http.is_none() || quic.is_none() || token.is_none() {
+        let line = lines
+            .next()
+            .expect("foreman prints its addresses")
+            .expect("utf-8");
+        if let Some(v) = line.strip_prefix("HTTP ") {
+            http = Some(format!("http://{v}"));
+        } else if let Some(v) = line.strip_prefix("QUIC ") {
+            quic = Some(v.to_owned());
+        } else if let Some(v) = line.strip_prefix("TOKEN ") {
+            token = Some(v.to_owned());
+        }
+    }
+    // Keep draining stdout so the foreman never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Foreman {
+        process: Running(child),
+        http: http.unwrap_or_default(),
+        quic: quic.unwrap_or_default(),
+        token: token.unwrap_or_default(),
+    }
+}
+
+/// Starts a one-slot worker that joins `foreman`.
+pub fn start_worker(foreman: &Foreman, name: &str, cache: &Path) -> Running {
+    Running(
+        Command::new(binary("worker"))
+            .args([
+                "--foreman",
+                &foreman.quic,
+                "--token",
+                &foreman.token,
+                "--slots",
+                "1",
+                "--name",
+                name,
+            ])
+            .arg("--cache-dir")
+            .arg(cache)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("worker starts"),
+    )
+}
