@@ -19,7 +19,7 @@ use crate::executor::{Executor, ExecutorOptions, ModuleId, SlotPool};
 pub const SERVER_NAME: &str = "wasmgrid-foreman";
 /// Queued work to hold per slot, measured in time: enough that tiny tasks are
 /// not bound by round trips, little enough that long ones are not hoarded.
-const PIPE_TARGET_US: f64 = 10_000.0;
+const PIPE_TARGET_US: f64 = 2_000.0;
 const MIN_PREFETCH_PER_SLOT: u32 = 2;
 const MAX_PREFETCH_PER_SLOT: u32 = 512;
 const HEARTBEAT: Duration = Duration::from_secs(5);
