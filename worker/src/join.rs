@@ -319,7 +319,7 @@ mod tests {
 
         let mut tiny = CreditWindow::new(2);
         for _ in 0..200 {
-            tiny.observe(10);
+            tiny.observe(1);
         }
         assert_eq!(tiny.grow(), Some(2 * (1 + MAX_PREFETCH_PER_SLOT) - 6));
         assert_eq!(tiny.grow(), None);
