@@ -84,17 +84,19 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         "worker --foreman {join_host} --token {}",
         identity.join_token()
     );
-    println!("wasmgrid foreman");
-    println!("  REST API:  http://{http_addr}");
-    println!(
-        "  workers:   {quic_addr}/udp (QUIC, certificate sha256 {})",
-        identity.fingerprint
+    // The banner must not take the foreman down if nobody reads stdout any more.
+    let banner = format!(
+        "wasmgrid foreman\n  REST API:  http://{http_addr}\n  workers:   {quic_addr}/udp (QUIC, certificate sha256 {})\n  join with: {worker_command}\nHTTP {http_addr}\nQUIC {join_host}\nTOKEN {}\n",
+        identity.fingerprint,
+        identity.join_token()
     );
-    println!("  join with: {worker_command}");
-    // Machine-readable lines for scripts and tests.
-    println!("HTTP {http_addr}");
-    println!("QUIC {join_host}");
-    println!("TOKEN {}", identity.join_token());
+    {
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        let _ = stdout
+            .write_all(banner.as_bytes())
+            .and_then(|()| stdout.flush());
+    }
 
     if options.local_workers > 0 {
         tokio::spawn(supervise_local_workers(

@@ -49,7 +49,8 @@ pub fn run_demo() -> anyhow::Result<()> {
     let stdout = child.stdout.take().context("no foreman stdout")?;
     let foreman = Foreman(child);
     let mut http = None;
-    for line in BufReader::new(stdout).lines() {
+    let mut lines = BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
         let line = line?;
         if let Some(address) = line.strip_prefix("HTTP ") {
             http = Some(format!("http://{address}"));
@@ -57,6 +58,8 @@ pub fn run_demo() -> anyhow::Result<()> {
         }
         println!("{line}");
     }
+    // Keep reading, so the foreman never writes into a closed pipe.
+    std::thread::spawn(move || for _ in lines {});
     let Some(http) = http else {
         bail!("the foreman exited before it was ready");
     };
