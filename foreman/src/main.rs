@@ -38,6 +38,9 @@ enum Command {
         /// Largest job upload (module and args together), in MiB.
         #[arg(long, value_name = "MIB", default_value_t = 256)]
         max_upload_mib: usize,
+        /// A worker silent this long is offline and its tasks are requeued.
+        #[arg(long, value_name = "SECS", default_value_t = 15.0)]
+        heartbeat_timeout: f64,
     },
     /// Submits a job and waits for its results (printed as a JSON array in argument order).
     Submit {
@@ -120,7 +123,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             http,
             local_workers,
             max_upload_mib,
+            heartbeat_timeout,
         } => {
+            anyhow::ensure!(
+                heartbeat_timeout.is_finite() && heartbeat_timeout >= 0.05,
+                "--heartbeat-timeout must be at least 0.05 seconds"
+            );
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(serve(ServeOptions {
                 data_dir,
@@ -128,6 +136,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 http,
                 local_workers,
                 max_upload_bytes: max_upload_mib.saturating_mul(1 << 20),
+                heartbeat_timeout: std::time::Duration::from_secs_f64(heartbeat_timeout),
             }))?;
             Ok(ExitCode::SUCCESS)
         }

@@ -22,6 +22,7 @@ pub struct ServeOptions {
     pub http: SocketAddr,
     pub local_workers: u32,
     pub max_upload_bytes: usize,
+    pub heartbeat_timeout: Duration,
 }
 
 pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
@@ -55,6 +56,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         endpoint,
         Arc::new(NetContext {
             secret: identity.secret.clone(),
+            heartbeat_timeout: options.heartbeat_timeout,
             store: store.clone(),
             driver: driver.clone(),
         }),

@@ -94,8 +94,9 @@ pub struct Finished {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ToWorker {
-    /// The worker is registered under this id.
-    Welcome { worker_id: u64 },
+    /// The worker is registered under this id and must send something
+    /// (a heartbeat if nothing else) at least every `heartbeat_ms`.
+    Welcome { worker_id: u64, heartbeat_ms: u64 },
     /// Tasks to run, within the credit the worker granted.
     Run(Vec<Assignment>),
     /// Stop these attempts; their reports are no longer wanted.

@@ -275,3 +275,75 @@ fn an_upload_over_the_limit_is_refused_naming_the_limit() {
         "{err}"
     );
 }
+
+#[test]
+fn a_silent_worker_goes_offline_and_its_tasks_run_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let foreman = start_foreman(&dir.path().join("data"), &["--heartbeat-timeout", "1"]);
+    let frozen = start_worker(&foreman, "frozen", &dir.path().join("cache-frozen"));
+    let foreman_cli = |args: &[&str]| -> Value {
+        let out = Command::new(binary("foreman"))
+            .args(args)
+            .args(["--foreman", &foreman.http])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while foreman_cli(&["workers"]).as_array().map_or(0, Vec::len) < 1 {
+        assert!(Instant::now() < deadline, "the first worker did not join");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Eight tasks of ~0.1–0.3 s each: the first worker holds several when it freezes.
+    let step = 30_000_000u64;
+    let ranges: Vec<(u64, u64)> = (0..8).map(|i| (i * step, (i + 1) * step)).collect();
+    let args = dir.path().join("args.json");
+    let json: Vec<String> = ranges
+        .iter()
+        .map(|(lo, hi)| format!("[{lo},{hi}]"))
+        .collect();
+    std::fs::write(&args, format!("[{}]", json.join(","))).unwrap();
+    let detached = Command::new(binary("foreman"))
+        .arg("submit")
+        .arg(guest_path("primes"))
+        .arg(&args)
+        .args(["--foreman", &foreman.http, "--detach"])
+        .output()
+        .unwrap();
+    let id = String::from_utf8_lossy(&detached.stdout).trim().to_owned();
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = frozen.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let _healthy = start_worker(&foreman, "healthy", &dir.path().join("cache-healthy"));
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let job = foreman_cli(&["status", &id]);
+        if job["state"] == "completed" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the job did not complete: {job}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let results = foreman_cli(&["results", &id]);
+    let expected: Vec<Value> = ranges
+        .iter()
+        .map(|&(lo, hi)| Value::from(primes::count_primes_in(lo, hi)))
+        .collect();
+    assert_eq!(results["results"], Value::Array(expected));
+    let workers = foreman_cli(&["workers"]);
+    let frozen_row = workers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == "frozen")
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(frozen_row["online"], false, "{workers}");
+    let _ = Command::new("kill").args(["-CONT", &pid]).status();
+}

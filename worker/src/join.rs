@@ -22,7 +22,6 @@ pub const SERVER_NAME: &str = "wasmgrid-foreman";
 const PIPE_TARGET_US: f64 = 2_000.0;
 const MIN_PREFETCH_PER_SLOT: u32 = 2;
 const MAX_PREFETCH_PER_SLOT: u32 = 512;
-const HEARTBEAT: Duration = Duration::from_secs(5);
 /// The wasmtime this worker embeds (pinned in the workspace manifest).
 const WASMTIME_VERSION: &str = "48.0.8";
 
@@ -110,8 +109,11 @@ async fn session(
     })?)
     .await?;
     let mut decoder = FrameDecoder::new();
-    let worker_id = match read_message(&mut recv, &mut decoder).await {
-        Ok(Some(ToWorker::Welcome { worker_id })) => worker_id,
+    let (worker_id, heartbeat) = match read_message(&mut recv, &mut decoder).await {
+        Ok(Some(ToWorker::Welcome {
+            worker_id,
+            heartbeat_ms,
+        })) => (worker_id, Duration::from_millis(heartbeat_ms.max(10))),
         Ok(_) => bail!("the foreman did not welcome this worker"),
         Err(error) => return Err(refusal(&connection).unwrap_or(error)),
     };
@@ -123,7 +125,7 @@ async fn session(
     let (reports_tx, mut reports_rx) = mpsc::unbounded_channel::<Finished>();
     // Reports, batched: whatever finished while the last batch was being sent goes in the next.
     let writer = tokio::spawn(async move {
-        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        let mut heartbeat = tokio::time::interval(heartbeat);
         loop {
             let message = tokio::select! {
                 first = reports_rx.recv() => {

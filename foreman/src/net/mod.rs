@@ -24,6 +24,9 @@ pub mod close {
 
 pub struct NetContext {
     pub secret: String,
+    /// A worker silent this long is offline: its connection is closed and
+    /// its tasks go back to the queue.
+    pub heartbeat_timeout: Duration,
     pub store: Store,
     pub driver: Driver,
 }

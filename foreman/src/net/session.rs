@@ -75,8 +75,13 @@ async fn serve(connection: &quinn::Connection, ctx: Arc<NetContext>) -> anyhow::
     let store = ctx.store.clone();
     let row = WorkerRow::joining(&info);
     let worker = tokio::task::spawn_blocking(move || store.upsert_worker(&row)).await??;
-    send.write_all(&encode_frame(&ToWorker::Welcome { worker_id: worker })?)
-        .await?;
+    // Three heartbeats fit in the timeout, so one lost or late beat is no death.
+    let heartbeat_ms = (ctx.heartbeat_timeout.as_millis() / 3).max(1) as u64;
+    send.write_all(&encode_frame(&ToWorker::Welcome {
+        worker_id: worker,
+        heartbeat_ms,
+    })?)
+    .await?;
     tracing::info!(worker, name = %info.name, slots = info.slots, "worker joined");
 
     let (outbox, mut outbox_rx) = mpsc::unbounded_channel::<ToWorker>();
@@ -117,7 +122,15 @@ async fn read_reports(
     ctx: &NetContext,
 ) -> anyhow::Result<()> {
     loop {
-        match read_message(recv, decoder).await? {
+        let message = tokio::time::timeout(ctx.heartbeat_timeout, read_message(recv, decoder))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "no heartbeat for {:.1} s: the worker is considered offline",
+                    ctx.heartbeat_timeout.as_secs_f64()
+                )
+            })??;
+        match message {
             None => return Ok(()),
             Some(ToForeman::Credit(n)) => ctx.driver.send(Input::Credit { worker, n }),
             Some(ToForeman::Finished(reports)) => {
