@@ -28,11 +28,16 @@ pub struct Foreman {
 
 /// Starts `foreman serve` on free loopback ports; returns once it has printed its addresses.
 pub fn start_foreman(data_dir: &Path, extra: &[&str]) -> Foreman {
+    start_foreman_at(data_dir, "127.0.0.1:0", extra)
+}
+
+/// Starts `foreman serve` with its QUIC endpoint at `quic`, so workers find a restarted foreman.
+pub fn start_foreman_at(data_dir: &Path, quic: &str, extra: &[&str]) -> Foreman {
     let mut child = Command::new(binary("foreman"))
         .args([
             "serve",
             "--quic",
-            "127.0.0.1:0",
+            quic,
             "--http",
             "127.0.0.1:0",
             "--data-dir",

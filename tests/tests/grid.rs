@@ -5,7 +5,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use wasmgrid_tests::processes::{start_foreman, start_worker, Foreman};
+use wasmgrid_tests::processes::{start_foreman, start_foreman_at, start_worker, Foreman};
 use wasmgrid_tests::{binary, example_args_path, guest_path, json_elements};
 
 fn submit(foreman: &Foreman, name: &str) -> Output {
@@ -346,4 +346,56 @@ fn a_silent_worker_goes_offline_and_its_tasks_run_elsewhere() {
         .unwrap_or(Value::Null);
     assert_eq!(frozen_row["online"], false, "{workers}");
     let _ = Command::new("kill").args(["-CONT", &pid]).status();
+}
+
+#[test]
+fn a_foreman_killed_mid_job_resumes_it_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let foreman = start_foreman(&data, &[]);
+    let quic = foreman.quic.clone();
+    let _worker = start_worker(&foreman, "steady", &dir.path().join("cache"));
+
+    let step = 30_000_000u64;
+    let ranges: Vec<(u64, u64)> = (0..8).map(|i| (i * step, (i + 1) * step)).collect();
+    let args = dir.path().join("args.json");
+    let json: Vec<String> = ranges
+        .iter()
+        .map(|(lo, hi)| format!("[{lo},{hi}]"))
+        .collect();
+    std::fs::write(&args, format!("[{}]", json.join(","))).unwrap();
+    let detached = Command::new(binary("foreman"))
+        .arg("submit")
+        .arg(guest_path("primes"))
+        .arg(&args)
+        .args(["--foreman", &foreman.http, "--detach"])
+        .output()
+        .unwrap();
+    let id = String::from_utf8_lossy(&detached.stdout).trim().to_owned();
+    std::thread::sleep(Duration::from_millis(500));
+    drop(foreman); // SIGKILL, mid-job
+
+    let restarted = start_foreman_at(&data, &quic, &[]);
+    let status = |args: &[&str]| -> Value {
+        let out = Command::new(binary("foreman"))
+            .args(args)
+            .args(["--foreman", &restarted.http])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let job = status(&["status", &id]);
+        if job["state"] == "completed" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the job did not resume: {job}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let expected: Vec<Value> = ranges
+        .iter()
+        .map(|&(lo, hi)| Value::from(primes::count_primes_in(lo, hi)))
+        .collect();
+    assert_eq!(status(&["results", &id])["results"], Value::Array(expected));
 }

@@ -22,6 +22,8 @@ pub const SERVER_NAME: &str = "wasmgrid-foreman";
 const PIPE_TARGET_US: f64 = 2_000.0;
 const MIN_PREFETCH_PER_SLOT: u32 = 2;
 const MAX_PREFETCH_PER_SLOT: u32 = 512;
+/// How long a silent foreman is given before the worker reconnects.
+const FOREMAN_SILENCE: Duration = Duration::from_secs(5);
 /// The wasmtime this worker embeds (pinned in the workspace manifest).
 const WASMTIME_VERSION: &str = "48.0.8";
 
@@ -46,17 +48,20 @@ pub async fn run(options: JoinOptions) -> anyhow::Result<()> {
         ..ExecutorOptions::default()
     })?);
     let pool = Arc::new(SlotPool::new(executor.clone(), options.slots as usize)?);
-    let mut backoff = Duration::from_millis(200);
+    const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+    let mut backoff = FIRST_BACKOFF;
     loop {
-        match session(&options, secret, fingerprint, &executor, &pool).await {
-            Ok(()) => backoff = Duration::from_millis(200),
-            Err(error) => {
-                let refused = error.downcast_ref::<Refused>().is_some();
-                tracing::warn!("{error:#}");
-                if refused {
-                    return Err(error);
-                }
+        let started = std::time::Instant::now();
+        let result = session(&options, secret, fingerprint, &executor, &pool).await;
+        if let Err(error) = result.as_ref() {
+            tracing::warn!("{error:#}");
+            if error.downcast_ref::<Refused>().is_some() {
+                return result;
             }
+        }
+        // A session that lasted was a success: a new outage starts with a short wait.
+        if result.is_ok() || started.elapsed() > Duration::from_secs(10) {
+            backoff = FIRST_BACKOFF;
         }
         let jitter = Duration::from_millis(u64::from(rand_jitter()) % 200);
         tokio::time::sleep(backoff + jitter).await;
@@ -83,9 +88,11 @@ async fn session(
     pool: &Arc<SlotPool>,
 ) -> anyhow::Result<()> {
     let endpoint = quinn::Endpoint::client(SocketAddr::new([0, 0, 0, 0].into(), 0))?;
-    let connection = endpoint
-        .connect_with(client_config(fingerprint)?, options.foreman, SERVER_NAME)?
+    let connecting =
+        endpoint.connect_with(client_config(fingerprint)?, options.foreman, SERVER_NAME)?;
+    let connection = tokio::time::timeout(FOREMAN_SILENCE, connecting)
         .await
+        .map_err(|_| anyhow::anyhow!("the foreman at {} did not answer", options.foreman))?
         .with_context(|| format!("cannot connect to the foreman at {}", options.foreman))?;
     let (mut send, mut recv) = connection.open_bi().await?;
     send.write_all(&Preamble::ours().encode()).await?;
@@ -353,7 +360,15 @@ pub fn client_config(fingerprint: &str) -> anyhow::Result<quinn::ClientConfig> {
         .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN_VERSIONED.to_vec(), ALPN_ANY_VERSION.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
-    Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    // Notice a foreman that vanished without closing (killed, unplugged)
+    // within seconds, so the reconnect loop can find its successor.
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(FOREMAN_SILENCE.try_into()?))
+        .keep_alive_interval(Some(FOREMAN_SILENCE / 5));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
 }
 
 /// Trusts exactly one certificate, by its sha256: no CA, no trust on first use.
