@@ -218,3 +218,29 @@ pub fn print_json(value: &Value) -> anyhow::Result<ExitCode> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(ExitCode::SUCCESS)
 }
+
+/// Prints the workers; with `wait`, once that many are online (exit 1 on timeout).
+pub fn workers(
+    client: &Client,
+    wait: Option<usize>,
+    timeout_secs: f64,
+) -> anyhow::Result<ExitCode> {
+    let deadline =
+        Instant::now() + std::time::Duration::from_secs_f64(timeout_secs.clamp(0.0, 86_400.0));
+    loop {
+        let workers = client.get("/api/workers")?;
+        let online = workers
+            .as_array()
+            .map_or(0, |all| all.iter().filter(|w| w["online"] == true).count());
+        match wait {
+            Some(wanted) if online < wanted => {
+                if Instant::now() >= deadline {
+                    eprintln!("{online} of {wanted} workers online after {timeout_secs} s");
+                    return Ok(ExitCode::FAILURE);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            _ => return print_json(&workers),
+        }
+    }
+}

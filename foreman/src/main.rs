@@ -89,10 +89,15 @@ enum Command {
         #[arg(long, default_value = DEFAULT_FOREMAN)]
         foreman: String,
     },
-    /// Lists workers.
+    /// Lists workers; with --wait N, first blocks until N are online (for scripts).
     Workers {
         #[arg(long, default_value = DEFAULT_FOREMAN)]
         foreman: String,
+        #[arg(long, value_name = "N")]
+        wait: Option<usize>,
+        /// Give up waiting after this long (exit code 1).
+        #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+        timeout: f64,
     },
 }
 
@@ -183,8 +188,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 .post(&format!("/api/jobs/{job}/cancel"), &serde_json::json!({}))?,
         ),
         Command::Jobs { foreman } => client::print_json(&Client::new(&foreman).get("/api/jobs")?),
-        Command::Workers { foreman } => {
-            client::print_json(&Client::new(&foreman).get("/api/workers")?)
-        }
+        Command::Workers {
+            foreman,
+            wait,
+            timeout,
+        } => client::workers(&Client::new(&foreman), wait, timeout),
     }
 }

@@ -126,6 +126,39 @@ fn a_job_submitted_before_any_worker_runs_when_one_joins_and_survives_a_restart(
 fn serve_with_local_workers_is_a_whole_grid() {
     let dir = tempfile::tempdir().unwrap();
     let foreman = start_foreman(&dir.path().join("data"), &["--local-workers", "2"]);
+    let waited = Command::new(binary("foreman"))
+        .args([
+            "workers",
+            "--wait",
+            "2",
+            "--timeout",
+            "60",
+            "--foreman",
+            &foreman.http,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        waited.status.success(),
+        "{}",
+        String::from_utf8_lossy(&waited.stderr)
+    );
+    let listed: Value = serde_json::from_slice(&waited.stdout).unwrap();
+    assert_eq!(listed.as_array().map(Vec::len), Some(2));
+    let too_many = Command::new(binary("foreman"))
+        .args([
+            "workers",
+            "--wait",
+            "3",
+            "--timeout",
+            "0.3",
+            "--foreman",
+            &foreman.http,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(too_many.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&too_many.stderr).contains("2 of 3 workers online"));
     check_against_native("pi", &submit(&foreman, "pi"), pi::task_entry);
 }
 
