@@ -382,9 +382,15 @@ async fn cancel(
 ) -> Result<Response, ApiError> {
     let cancelled = state.driver.cancel(id).await;
     let store = state.store.clone();
-    let row = tokio::task::spawn_blocking(move || store.job(id))
-        .await??
-        .ok_or_else(|| ApiError::job_not_found(id))?;
+    // The driver answers once the cancellation's records are queued: flush them before reading.
+    let row = tokio::task::spawn_blocking(move || {
+        if let Err(error) = store.flush() {
+            tracing::warn!("flushing before reading a cancelled job: {error}");
+        }
+        store.job(id)
+    })
+    .await??
+    .ok_or_else(|| ApiError::job_not_found(id))?;
     Ok(Json(serde_json::json!({ "cancelled": cancelled, "state": row.state })).into_response())
 }
 

@@ -68,11 +68,14 @@ impl Driver {
 
 async fn run(mut core: Core, store: Store, mut inputs: mpsc::UnboundedReceiver<Input>) {
     let mut outboxes: HashMap<WorkerId, mpsc::UnboundedSender<ToWorker>> = HashMap::new();
+    // Answers are sent once the round's records are queued at the store, so
+    // a caller that flushes the store then sees what it asked for.
+    let mut answers: Vec<(oneshot::Sender<bool>, bool)> = Vec::new();
     while let Some(first) = inputs.recv().await {
-        apply(&mut core, &mut outboxes, first);
+        apply(&mut core, &mut outboxes, &mut answers, first);
         for _ in 1..MAX_INPUTS_PER_ROUND {
             match inputs.try_recv() {
-                Ok(input) => apply(&mut core, &mut outboxes, input),
+                Ok(input) => apply(&mut core, &mut outboxes, &mut answers, input),
                 Err(_) => break,
             }
         }
@@ -93,12 +96,16 @@ async fn run(mut core: Core, store: Store, mut inputs: mpsc::UnboundedReceiver<I
         if !records.is_empty() {
             store.record_all(records);
         }
+        for (reply, answer) in answers.drain(..) {
+            let _ = reply.send(answer);
+        }
     }
 }
 
 fn apply(
     core: &mut Core,
     outboxes: &mut HashMap<WorkerId, mpsc::UnboundedSender<ToWorker>>,
+    answers: &mut Vec<(oneshot::Sender<bool>, bool)>,
     input: Input,
 ) {
     match input {
@@ -121,9 +128,7 @@ fn apply(
             outboxes.remove(&worker);
             core.worker_left(worker);
         }
-        Input::Cancel { job, reply } => {
-            let _ = reply.send(core.cancel_job(job));
-        }
+        Input::Cancel { job, reply } => answers.push((reply, core.cancel_job(job))),
     }
 }
 

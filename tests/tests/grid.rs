@@ -432,3 +432,66 @@ fn a_foreman_killed_mid_job_resumes_it_after_restart() {
         .collect();
     assert_eq!(status(&["results", &id])["results"], Value::Array(expected));
 }
+
+#[test]
+fn cancelling_a_job_stops_its_running_tasks_on_the_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let foreman = start_foreman(&dir.path().join("data"), &[]);
+    let _worker = start_worker(&foreman, "only", &dir.path().join("cache"));
+    let cli = |args: &[&str]| -> Output {
+        Command::new(binary("foreman"))
+            .args(args)
+            .args(["--foreman", &foreman.http])
+            .output()
+            .unwrap()
+    };
+    // Tasks that spin until their ten-minute limit: only cancellation can free the slot.
+    let args = dir.path().join("loops.json");
+    std::fs::write(&args, r#"[["loop", 0], ["loop", 0], ["loop", 0]]"#).unwrap();
+    let module = guest_path("misbehave");
+    let module = module.to_str().unwrap();
+    let args_path = args.to_str().unwrap();
+    let submitted = cli(&[
+        "submit",
+        module,
+        args_path,
+        "--fuel",
+        "18446744073709551615",
+        "--timeout",
+        "600",
+        "--detach",
+    ]);
+    let id = String::from_utf8_lossy(&submitted.stdout).trim().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let job: Value =
+            serde_json::from_slice(&cli(&["status", &id]).stdout).unwrap_or(Value::Null);
+        if job["running"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the loop never started: {job}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cancelled: Value = serde_json::from_slice(&cli(&["cancel", &id]).stdout).unwrap();
+    assert_eq!(cancelled["cancelled"], true, "{cancelled}");
+    assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
+    let again: Value = serde_json::from_slice(&cli(&["cancel", &id]).stdout).unwrap();
+    assert_eq!(
+        again["cancelled"], false,
+        "cancelling a finished job is a no-op: {again}"
+    );
+
+    // The worker's only slot is free again: a new job runs at once.
+    let started = Instant::now();
+    let out = cli(&[
+        "submit",
+        guest_path("add").to_str().unwrap(),
+        example_args_path("add").to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(started.elapsed() < Duration::from_secs(60));
+}

@@ -303,3 +303,43 @@ fn the_disk_cache_is_reused_and_a_corrupt_entry_is_rebuilt() {
         Ok("5".into())
     );
 }
+
+#[test]
+fn a_cancel_flag_stops_a_running_task_and_deadlines_still_hold() {
+    let executor = Arc::new(executor());
+    let (task, _) = executor.load(&guest_wasm("misbehave")).unwrap();
+    let flag = wasmgrid_worker::executor::CancelFlag::default();
+    let setter = flag.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        setter.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let spin = TaskLimits {
+        fuel: u64::MAX,
+        timeout_ms: 60_000,
+        ..limits()
+    };
+    let report = executor.run_cancellable(&task, Load::WARM, "[\"loop\", 0]", &spin, flag);
+    assert_eq!(failure(&report).0, FailureKind::Cancelled);
+
+    let short = TaskLimits {
+        timeout_ms: 200,
+        ..spin
+    };
+    let report = executor.run_cancellable(
+        &task,
+        Load::WARM,
+        "[\"loop\", 0]",
+        &short,
+        Default::default(),
+    );
+    assert_eq!(failure(&report).0, FailureKind::Timeout);
+    let report = executor.run_cancellable(
+        &task,
+        Load::WARM,
+        "[\"echo\", 5]",
+        &short,
+        Default::default(),
+    );
+    assert_eq!(report.outcome, Ok("\"5\"".to_owned()));
+}

@@ -9,11 +9,14 @@ use anyhow::{bail, Context};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use wasmgrid_protocol::wire::{
-    encode_frame, Assignment, FetchModule, Finished, FrameDecoder, ModuleReply, Preamble,
-    ToForeman, ToWorker, WorkerInfo, ALPN_ANY_VERSION, ALPN_VERSIONED, PROTOCOL_VERSION,
+    encode_frame, Assignment, AttemptId, FetchModule, Finished, FrameDecoder, ModuleReply,
+    Preamble, ToForeman, ToWorker, WorkerInfo, ALPN_ANY_VERSION, ALPN_VERSIONED, PROTOCOL_VERSION,
 };
 
-use crate::executor::{Executor, ExecutorOptions, ModuleId, SlotPool};
+use crate::executor::{CancelFlag, Executor, ExecutorOptions, ModuleId, SlotPool};
+
+/// Attempts queued or running here, with the flag that stops each.
+type Cancels = Arc<std::sync::Mutex<std::collections::HashMap<AttemptId, CancelFlag>>>;
 
 /// The name in the foreman's certificate.
 pub const SERVER_NAME: &str = "wasmgrid-foreman";
@@ -158,15 +161,30 @@ async fn session(
         anyhow::Ok(())
     });
 
+    let cancels = Cancels::default();
     let result = async {
         loop {
             match read_message(&mut recv, &mut decoder).await? {
                 None => return Ok(()),
                 Some(ToWorker::Run(assignments)) => {
-                    run_batch(&connection, executor, pool, assignments, &reports_tx).await?
+                    run_batch(
+                        &connection,
+                        executor,
+                        pool,
+                        assignments,
+                        &reports_tx,
+                        &cancels,
+                    )
+                    .await?
                 }
-                // Interrupting running tasks is not built yet: their reports are dropped by the foreman.
-                Some(ToWorker::Cancel(_)) => {}
+                Some(ToWorker::Cancel(attempts)) => {
+                    let cancels = cancels.lock().unwrap_or_else(|p| p.into_inner());
+                    for attempt in attempts {
+                        if let Some(flag) = cancels.get(&attempt) {
+                            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                }
                 Some(ToWorker::Welcome { .. }) => bail!("a second welcome"),
             }
         }
@@ -226,6 +244,7 @@ async fn run_batch(
     pool: &Arc<SlotPool>,
     assignments: Vec<Assignment>,
     reports: &mpsc::UnboundedSender<Finished>,
+    cancels: &Cancels,
 ) -> anyhow::Result<()> {
     for assignment in assignments {
         let id = ModuleId(assignment.module);
@@ -248,12 +267,24 @@ async fn run_batch(
         };
         let reports = reports.clone();
         let attempt = assignment.attempt;
-        pool.submit(
+        let flag = CancelFlag::default();
+        cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(attempt, flag.clone());
+        let cancels = cancels.clone();
+        let limits = assignment.limits;
+        pool.submit_cancellable(
             task,
             load,
             assignment.args,
-            assignment.limits,
+            limits,
+            Some(flag),
             move |report| {
+                cancels
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&attempt);
                 let _ = reports.send(Finished { attempt, report });
             },
         );

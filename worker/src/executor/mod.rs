@@ -20,7 +20,7 @@ use wasmgrid_protocol::{Failure, TaskLimits, TaskReport};
 
 pub use cache::{ModuleId, PreparedTask};
 pub use engine::{Metering, SLOT_THREAD_STACK};
-pub use run::Load;
+pub use run::{CancelFlag, Load};
 pub use slots::SlotPool;
 
 use cache::ModuleCache;
@@ -135,6 +135,18 @@ impl Executor {
         args: &str,
         limits: &TaskLimits,
     ) -> TaskReport {
-        run::run_task(&self.engine, task, load, args, limits)
+        run::run_task(&self.engine, task, load, args, limits, None)
+    }
+
+    /// Like [`Executor::run`], but stops with `Cancelled` once `cancel` is set.
+    pub fn run_cancellable(
+        &self,
+        task: &PreparedTask,
+        load: Load,
+        args: &str,
+        limits: &TaskLimits,
+        cancel: CancelFlag,
+    ) -> TaskReport {
+        run::run_task(&self.engine, task, load, args, limits, Some(cancel))
     }
 }

@@ -1,9 +1,11 @@
 //! One attempt at one task: a fresh store and instance, the call, and a
 //! report that names whatever went wrong.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use wasmtime::{Engine, Store, Trap, WasmBacktrace};
+use wasmtime::{Engine, Store, Trap, UpdateDeadline, WasmBacktrace};
 
 use wasmgrid_protocol::{CacheSource, Failure, FailureKind, TaskLimits, TaskReport, TaskTimings};
 
@@ -26,24 +28,49 @@ impl Load {
     };
 }
 
+/// Set from another thread to stop a task: it ends as `Cancelled` within an epoch tick.
+pub type CancelFlag = Arc<AtomicBool>;
+
+/// The error a cancelled task's instance is stopped with.
+#[derive(Debug, thiserror::Error)]
+#[error("the task was cancelled")]
+struct CancelledMarker;
+
 pub fn run_task(
     engine: &Engine,
     task: &PreparedTask,
     load: Load,
     args: &str,
     limits: &TaskLimits,
+    cancel: Option<CancelFlag>,
 ) -> TaskReport {
     let sandbox = Sandbox::new(limits.memory_bytes, limits.output_bytes as usize);
     let mut store = Store::new(engine, sandbox);
     store.limiter(|sandbox| &mut sandbox.memory);
     // Fails only on an engine without fuel metering, where there is nothing to set.
     let _ = store.set_fuel(limits.fuel);
-    store.set_epoch_deadline(EpochClock::ticks_for(Duration::from_millis(
-        limits.timeout_ms,
-    )));
-    store.epoch_deadline_trap();
-
+    let timeout = Duration::from_millis(limits.timeout_ms);
     let started = Instant::now();
+    match cancel {
+        // Checked at every epoch tick: the cancel flag, then the wall clock.
+        Some(cancel) => {
+            store.set_epoch_deadline(1);
+            store.epoch_deadline_callback(move |_| {
+                if cancel.load(Ordering::Relaxed) {
+                    Err(wasmtime::Error::new(CancelledMarker))
+                } else if started.elapsed() >= timeout {
+                    Ok(UpdateDeadline::Interrupt)
+                } else {
+                    Ok(UpdateDeadline::Continue(1))
+                }
+            });
+        }
+        None => {
+            store.set_epoch_deadline(EpochClock::ticks_for(timeout));
+            store.epoch_deadline_trap();
+        }
+    }
+
     let instance = task.pre.instantiate(&mut store);
     let instantiated = Instant::now();
     let result = instance.and_then(|instance| instance.call_run(&mut store, args));
@@ -80,6 +107,12 @@ fn micros(d: Duration) -> u64 {
 /// Names an abnormal stop. A refused memory growth wins over the trap it
 /// causes, because guests' allocators turn it into a plain `unreachable`.
 fn classify_trap(error: &wasmtime::Error, sandbox: &Sandbox, limits: &TaskLimits) -> Failure {
+    if error.downcast_ref::<CancelledMarker>().is_some() {
+        return Failure::new(
+            FailureKind::Cancelled,
+            "the job was cancelled while the task ran",
+        );
+    }
     if let Some(wanted) = sandbox.memory.refused {
         return Failure::new(
             FailureKind::MemoryLimit,

@@ -1,12 +1,13 @@
 //! A fixed number of slot threads that run tasks, so callers (async or not)
 //! never block on wasm themselves.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread;
 
-use wasmgrid_protocol::{TaskLimits, TaskReport};
+use wasmgrid_protocol::{Failure, FailureKind, TaskLimits, TaskReport};
 
-use super::{Executor, Load, PreparedTask, SLOT_THREAD_STACK};
+use super::{CancelFlag, Executor, Load, PreparedTask, SLOT_THREAD_STACK};
 
 type Reply = Box<dyn FnOnce(TaskReport) + Send>;
 
@@ -15,6 +16,7 @@ struct Job {
     load: Load,
     args: String,
     limits: TaskLimits,
+    cancel: Option<CancelFlag>,
     reply: Reply,
 }
 
@@ -37,7 +39,22 @@ impl SlotPool {
                     .stack_size(SLOT_THREAD_STACK)
                     .spawn(move || {
                         for job in receiver {
-                            let report = executor.run(&job.task, job.load, &job.args, &job.limits);
+                            let report = match job.cancel {
+                                Some(cancel) if cancel.load(Ordering::Relaxed) => {
+                                    crate::exec::failed_report(Failure::new(
+                                        FailureKind::Cancelled,
+                                        "the job was cancelled before the task started",
+                                    ))
+                                }
+                                Some(cancel) => executor.run_cancellable(
+                                    &job.task,
+                                    job.load,
+                                    &job.args,
+                                    &job.limits,
+                                    cancel,
+                                ),
+                                None => executor.run(&job.task, job.load, &job.args, &job.limits),
+                            };
                             (job.reply)(report);
                         }
                     })
@@ -62,11 +79,26 @@ impl SlotPool {
         limits: TaskLimits,
         reply: impl FnOnce(TaskReport) + Send + 'static,
     ) {
+        self.submit_cancellable(task, load, args, limits, None, reply);
+    }
+
+    /// Like [`SlotPool::submit`]; setting `cancel` skips the task if it has
+    /// not started and stops it within an epoch tick if it has.
+    pub fn submit_cancellable(
+        &self,
+        task: Arc<PreparedTask>,
+        load: Load,
+        args: String,
+        limits: TaskLimits,
+        cancel: Option<CancelFlag>,
+        reply: impl FnOnce(TaskReport) + Send + 'static,
+    ) {
         let job = Job {
             task,
             load,
             args,
             limits,
+            cancel,
             reply: Box::new(reply),
         };
         if let Some(jobs) = &self.jobs {
