@@ -328,24 +328,18 @@ fn a_silent_worker_goes_offline_and_its_tasks_run_elsewhere() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    // Eight tasks of ~0.1–0.3 s each: the first worker holds several when it freezes.
-    let step = 30_000_000u64;
-    let ranges: Vec<(u64, u64)> = (0..8).map(|i| (i * step, (i + 1) * step)).collect();
-    let args = dir.path().join("args.json");
-    let json: Vec<String> = ranges
-        .iter()
-        .map(|(lo, hi)| format!("[{lo},{hi}]"))
-        .collect();
-    std::fs::write(&args, format!("[{}]", json.join(","))).unwrap();
-    let detached = Command::new(binary("foreman"))
-        .arg("submit")
-        .arg(guest_path("primes"))
-        .arg(&args)
-        .args(["--foreman", &foreman.http, "--detach"])
-        .output()
-        .unwrap();
-    let id = String::from_utf8_lossy(&detached.stdout).trim().to_owned();
-    std::thread::sleep(Duration::from_millis(300));
+    // The first worker holds several of these tasks when it freezes.
+    let (id, expected) = submit_slow_primes(&foreman, dir.path());
+    // Freeze the worker as soon as it runs the job, while it holds several tasks.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while foreman_cli(&["status", &id])["running"]
+        .as_u64()
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the job never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let pid = frozen.0.id().to_string();
     assert!(Command::new("kill")
         .args(["-STOP", &pid])
@@ -363,12 +357,7 @@ fn a_silent_worker_goes_offline_and_its_tasks_run_elsewhere() {
         assert!(Instant::now() < deadline, "the job did not complete: {job}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let results = foreman_cli(&["results", &id]);
-    let expected: Vec<Value> = ranges
-        .iter()
-        .map(|&(lo, hi)| Value::from(primes::count_primes_in(lo, hi)))
-        .collect();
-    assert_eq!(results["results"], Value::Array(expected));
+    assert_eq!(foreman_cli(&["results", &id])["results"], expected);
     let workers = foreman_cli(&["workers"]);
     let frozen_row = workers
         .as_array()
@@ -389,22 +378,7 @@ fn a_foreman_killed_mid_job_resumes_it_after_restart() {
     let quic = foreman.quic.clone();
     let _worker = start_worker(&foreman, "steady", &dir.path().join("cache"));
 
-    let step = 30_000_000u64;
-    let ranges: Vec<(u64, u64)> = (0..8).map(|i| (i * step, (i + 1) * step)).collect();
-    let args = dir.path().join("args.json");
-    let json: Vec<String> = ranges
-        .iter()
-        .map(|(lo, hi)| format!("[{lo},{hi}]"))
-        .collect();
-    std::fs::write(&args, format!("[{}]", json.join(","))).unwrap();
-    let detached = Command::new(binary("foreman"))
-        .arg("submit")
-        .arg(guest_path("primes"))
-        .arg(&args)
-        .args(["--foreman", &foreman.http, "--detach"])
-        .output()
-        .unwrap();
-    let id = String::from_utf8_lossy(&detached.stdout).trim().to_owned();
+    let (id, expected) = submit_slow_primes(&foreman, dir.path());
     std::thread::sleep(Duration::from_millis(500));
     drop(foreman); // SIGKILL, mid-job
 
@@ -426,11 +400,7 @@ fn a_foreman_killed_mid_job_resumes_it_after_restart() {
         assert!(Instant::now() < deadline, "the job did not resume: {job}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let expected: Vec<Value> = ranges
-        .iter()
-        .map(|&(lo, hi)| Value::from(primes::count_primes_in(lo, hi)))
-        .collect();
-    assert_eq!(status(&["results", &id])["results"], Value::Array(expected));
+    assert_eq!(status(&["results", &id])["results"], expected);
 }
 
 #[test]
@@ -494,4 +464,36 @@ fn cancelling_a_job_stops_its_running_tasks_on_the_worker() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(started.elapsed() < Duration::from_secs(60));
+}
+
+/// Submits, detached, eight `primes` tasks of ~0.1–0.4 s each; returns the
+/// job id and the native answers.
+fn submit_slow_primes(foreman: &Foreman, dir: &std::path::Path) -> (String, Value) {
+    let step = 60_000_000u64;
+    let ranges: Vec<(u64, u64)> = (0..8).map(|i| (i * step, (i + 1) * step)).collect();
+    // Native answers first: computing them after submitting would let the job finish unobserved.
+    let expected = ranges
+        .iter()
+        .map(|&(lo, hi)| Value::from(primes::count_primes_in(lo, hi)))
+        .collect();
+    let args = dir.join("slow-primes.json");
+    let json: Vec<String> = ranges
+        .iter()
+        .map(|(lo, hi)| format!("[{lo},{hi}]"))
+        .collect();
+    std::fs::write(&args, format!("[{}]", json.join(","))).unwrap();
+    let detached = Command::new(binary("foreman"))
+        .arg("submit")
+        .arg(guest_path("primes"))
+        .arg(&args)
+        .args(["--foreman", &foreman.http, "--detach"])
+        .output()
+        .unwrap();
+    assert!(
+        detached.status.success(),
+        "{}",
+        String::from_utf8_lossy(&detached.stderr)
+    );
+    let id = String::from_utf8_lossy(&detached.stdout).trim().to_owned();
+    (id, Value::Array(expected))
 }
