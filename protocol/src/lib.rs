@@ -2,6 +2,8 @@
 //! an attempt to run it reports.
 
 mod report;
+#[cfg(feature = "quinn")]
+pub mod stream;
 pub mod wire;
 
 pub use report::{

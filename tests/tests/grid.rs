@@ -85,34 +85,15 @@ fn a_job_submitted_before_any_worker_runs_when_one_joins_and_survives_a_restart(
     );
     let id = String::from_utf8_lossy(&detached.stdout).trim().to_owned();
 
-    let status = |foreman: &Foreman| -> Value {
-        let out = Command::new(binary("foreman"))
-            .args(["status", &id, "--foreman", &foreman.http])
-            .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-    };
-    assert_eq!(status(&foreman)["state"], "queued");
+    assert_eq!(cli_json(&foreman.http, &["status", &id])["state"], "queued");
 
     let worker = start_worker(&foreman, "late", &dir.path().join("cache"));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while status(&foreman)["state"] != "completed" {
-        assert!(
-            Instant::now() < deadline,
-            "the job did not complete: {}",
-            status(&foreman)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_state(&foreman.http, &id, "completed", 60);
     drop(worker);
     drop(foreman);
 
     let restarted = start_foreman(&data, &[]);
-    let results = Command::new(binary("foreman"))
-        .args(["results", &id, "--foreman", &restarted.http])
-        .output()
-        .unwrap();
-    let body: Value = serde_json::from_slice(&results.stdout).unwrap();
+    let body = cli_json(&restarted.http, &["results", &id]);
     let total: u64 = body["results"]
         .as_array()
         .unwrap()
@@ -314,14 +295,7 @@ fn a_silent_worker_goes_offline_and_its_tasks_run_elsewhere() {
     let dir = tempfile::tempdir().unwrap();
     let foreman = start_foreman(&dir.path().join("data"), &["--heartbeat-timeout", "1"]);
     let frozen = start_worker(&foreman, "frozen", &dir.path().join("cache-frozen"));
-    let foreman_cli = |args: &[&str]| -> Value {
-        let out = Command::new(binary("foreman"))
-            .args(args)
-            .args(["--foreman", &foreman.http])
-            .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-    };
+    let foreman_cli = |args: &[&str]| cli_json(&foreman.http, args);
     let deadline = Instant::now() + Duration::from_secs(30);
     while foreman_cli(&["workers"]).as_array().map_or(0, Vec::len) < 1 {
         assert!(Instant::now() < deadline, "the first worker did not join");
@@ -348,15 +322,7 @@ fn a_silent_worker_goes_offline_and_its_tasks_run_elsewhere() {
         .success());
     let _healthy = start_worker(&foreman, "healthy", &dir.path().join("cache-healthy"));
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let job = foreman_cli(&["status", &id]);
-        if job["state"] == "completed" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the job did not complete: {job}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_state(&foreman.http, &id, "completed", 60);
     assert_eq!(foreman_cli(&["results", &id])["results"], expected);
     let workers = foreman_cli(&["workers"]);
     let frozen_row = workers
@@ -383,24 +349,11 @@ fn a_foreman_killed_mid_job_resumes_it_after_restart() {
     drop(foreman); // SIGKILL, mid-job
 
     let restarted = start_foreman_at(&data, &quic, &[]);
-    let status = |args: &[&str]| -> Value {
-        let out = Command::new(binary("foreman"))
-            .args(args)
-            .args(["--foreman", &restarted.http])
-            .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-    };
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let job = status(&["status", &id]);
-        if job["state"] == "completed" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the job did not resume: {job}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(status(&["results", &id])["results"], expected);
+    wait_for_state(&restarted.http, &id, "completed", 90);
+    assert_eq!(
+        cli_json(&restarted.http, &["results", &id])["results"],
+        expected
+    );
 }
 
 #[test]
@@ -496,4 +449,30 @@ fn submit_slow_primes(foreman: &Foreman, dir: &std::path::Path) -> (String, Valu
     );
     let id = String::from_utf8_lossy(&detached.stdout).trim().to_owned();
     (id, Value::Array(expected))
+}
+
+/// `foreman ARGS --foreman URL`, its stdout as JSON (`null` when it is not).
+fn cli_json(http: &str, args: &[&str]) -> Value {
+    let out = Command::new(binary("foreman"))
+        .args(args)
+        .args(["--foreman", http])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+/// Polls `foreman status` until the job reaches `state`; fails after `secs` seconds.
+fn wait_for_state(http: &str, id: &str, state: &str, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let job = cli_json(http, &["status", id]);
+        if job["state"] == state {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} did not become {state}: {job}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
+use wasmgrid_protocol::stream::read_message;
 use wasmgrid_protocol::wire::{
     encode_frame, Assignment, AttemptId, FetchModule, Finished, FrameDecoder, ModuleReply,
     Preamble, ToForeman, ToWorker, WorkerInfo, ALPN_ANY_VERSION, ALPN_VERSIONED, PROTOCOL_VERSION,
@@ -310,21 +311,6 @@ async fn fetch_module(connection: &quinn::Connection, hash: [u8; 32]) -> anyhow:
             Ok(wasm)
         }
         _ => bail!("the foreman does not have module {}", hex::encode(hash)),
-    }
-}
-
-async fn read_message(
-    recv: &mut quinn::RecvStream,
-    decoder: &mut FrameDecoder,
-) -> anyhow::Result<Option<ToWorker>> {
-    loop {
-        if let Some(message) = decoder.next_message()? {
-            return Ok(Some(message));
-        }
-        match recv.read_chunk(64 * 1024, true).await? {
-            Some(chunk) => decoder.push(&chunk.bytes),
-            None => return Ok(None),
-        }
     }
 }
 

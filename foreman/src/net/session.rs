@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use tokio::sync::mpsc;
+use wasmgrid_protocol::stream::read_message;
 use wasmgrid_protocol::wire::{
     encode_frame, FetchModule, FrameDecoder, ModuleReply, Preamble, ToForeman, ToWorker,
     PROTOCOL_VERSION,
@@ -138,22 +139,6 @@ async fn read_reports(
             }
             Some(ToForeman::Heartbeat) => {}
             Some(ToForeman::Hello { .. }) => bail!("a second hello"),
-        }
-    }
-}
-
-/// The next message on a stream; `None` when the peer finished it.
-async fn read_message(
-    recv: &mut quinn::RecvStream,
-    decoder: &mut FrameDecoder,
-) -> anyhow::Result<Option<ToForeman>> {
-    loop {
-        if let Some(message) = decoder.next_message()? {
-            return Ok(Some(message));
-        }
-        match recv.read_chunk(64 * 1024, true).await? {
-            Some(chunk) => decoder.push(&chunk.bytes),
-            None => return Ok(None),
         }
     }
 }
