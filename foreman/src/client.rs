@@ -2,7 +2,7 @@
 //! `results`, `jobs`, `workers`.
 
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -169,15 +169,7 @@ fn print_results(
 ) -> anyhow::Result<ExitCode> {
     let body = client.get(&format!("/api/jobs/{id}/results"))?;
     let results = serde_json::to_string(&body["results"])?;
-    match output {
-        Some(path) => std::fs::write(path, results + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))?,
-        None => {
-            let mut stdout = std::io::stdout().lock();
-            stdout.write_all(results.as_bytes())?;
-            stdout.write_all(b"\n")?;
-        }
-    }
+    wasmgrid_worker::cli_io::write_results(results, output.map(PathBuf::as_path))?;
     let failures = body["failures"].as_array().cloned().unwrap_or_default();
     let total = job["total"].as_u64().unwrap_or(0);
     eprintln!(

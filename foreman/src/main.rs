@@ -104,13 +104,7 @@ enum Command {
 const DEFAULT_FOREMAN: &str = "http://127.0.0.1:8000";
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    wasmgrid_worker::cli_io::init_logging("info");
     match run(Cli::parse().command) {
         Ok(code) => code,
         Err(error) => {

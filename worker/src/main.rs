@@ -1,6 +1,6 @@
 //! `worker`: runs wasmgrid tasks. `worker exec` runs a whole job on this machine.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -112,13 +112,7 @@ impl LimitArgs {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    wasmgrid_worker::cli_io::init_logging("info");
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Exec(args)) => exec(args),
@@ -206,17 +200,7 @@ fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     let run = run_job(executor, &wasm, &task_args, limits, slots, progress)
         .map_err(|failure| anyhow::anyhow!("{}: {failure}", args.module.display()))?;
 
-    let results = run.results_json();
-    match &args.output {
-        Some(path) => std::fs::write(path, results + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))?,
-        None => {
-            let mut stdout = std::io::stdout().lock();
-            stdout.write_all(results.as_bytes())?;
-            stdout.write_all(b"\n")?;
-            stdout.flush()?;
-        }
-    }
+    wasmgrid_worker::cli_io::write_results(run.results_json(), args.output.as_deref())?;
     if let Some(path) = &args.reports {
         let json = serde_json::to_vec(&run.reports)?;
         std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))?;
