@@ -71,19 +71,11 @@ fn a_job_submitted_before_any_worker_runs_when_one_joins_and_survives_a_restart(
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let foreman = start_foreman(&data, &[]);
-    let detached = Command::new(binary("foreman"))
-        .arg("submit")
-        .arg(guest_path("primes"))
-        .arg(example_args_path("primes"))
-        .args(["--foreman", &foreman.http, "--detach"])
-        .output()
-        .unwrap();
-    assert!(
-        detached.status.success(),
-        "{}",
-        String::from_utf8_lossy(&detached.stderr)
+    let id = submit_detached(
+        &foreman,
+        &guest_path("primes"),
+        &example_args_path("primes"),
     );
-    let id = String::from_utf8_lossy(&detached.stdout).trim().to_owned();
 
     assert_eq!(cli_json(&foreman.http, &["status", &id])["state"], "queued");
 
@@ -435,19 +427,7 @@ fn submit_slow_primes(foreman: &Foreman, dir: &std::path::Path) -> (String, Valu
         .map(|(lo, hi)| format!("[{lo},{hi}]"))
         .collect();
     std::fs::write(&args, format!("[{}]", json.join(","))).unwrap();
-    let detached = Command::new(binary("foreman"))
-        .arg("submit")
-        .arg(guest_path("primes"))
-        .arg(&args)
-        .args(["--foreman", &foreman.http, "--detach"])
-        .output()
-        .unwrap();
-    assert!(
-        detached.status.success(),
-        "{}",
-        String::from_utf8_lossy(&detached.stderr)
-    );
-    let id = String::from_utf8_lossy(&detached.stdout).trim().to_owned();
+    let id = submit_detached(foreman, &guest_path("primes"), &args);
     (id, Value::Array(expected))
 }
 
@@ -475,4 +455,21 @@ fn wait_for_state(http: &str, id: &str, state: &str, secs: u64) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// `foreman submit --detach`: the job id.
+fn submit_detached(foreman: &Foreman, module: &std::path::Path, args: &std::path::Path) -> String {
+    let detached = Command::new(binary("foreman"))
+        .arg("submit")
+        .arg(module)
+        .arg(args)
+        .args(["--foreman", &foreman.http, "--detach"])
+        .output()
+        .unwrap();
+    assert!(
+        detached.status.success(),
+        "{}",
+        String::from_utf8_lossy(&detached.stderr)
+    );
+    String::from_utf8_lossy(&detached.stdout).trim().to_owned()
 }
