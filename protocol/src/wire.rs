@@ -11,12 +11,12 @@ use serde::{Deserialize, Serialize};
 use crate::{TaskLimits, TaskReport};
 
 /// Protocol version; bumped on any change to the messages below.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// TLS application protocols a worker offers: this exact version first, then
 /// the bare name, which lets a foreman of another version still answer with
 /// a message that says both versions.
-pub const ALPN_VERSIONED: &[u8] = b"wasmgrid/1";
+pub const ALPN_VERSIONED: &[u8] = b"wasmgrid/2";
 pub const ALPN_ANY_VERSION: &[u8] = b"wasmgrid";
 
 /// Largest frame either side accepts (a module upload is the biggest message).
@@ -72,6 +72,28 @@ pub struct WorkerInfo {
     pub slots: u32,
     pub wasmtime_version: String,
     pub engine_hash: String,
+    /// As the OS names it (`model name` in /proc/cpuinfo); empty when unknown.
+    pub cpu_model: String,
+    /// Fuel one slot burns per second on the built-in benchmark, measured at
+    /// start under the CPU cap: the performance scheduler's first guess of
+    /// this worker's speed, in the unit tasks report. 0 when not measured.
+    pub benchmark_fuel_per_sec: u64,
+    /// The volunteer's cap on each slot's CPU time, in percent (100: none).
+    pub cpu_limit_percent: u32,
+}
+
+/// How busy a worker's machine is, sent with every heartbeat.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Load {
+    /// CPU time used by the whole machine since the last heartbeat, in per
+    /// mille of all its cores.
+    pub cpu_permille: u32,
+    /// Memory in use on the machine (total minus available).
+    pub memory_used_bytes: u64,
+    /// Resident memory of the worker process.
+    pub worker_rss_bytes: u64,
+    /// Tasks running now.
+    pub running: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,8 +104,14 @@ pub enum ToForeman {
     Credit(u32),
     /// Reports of finished attempts; each also returns one credit.
     Finished(Vec<Finished>),
-    /// Still alive.
-    Heartbeat,
+    /// Still alive, and how busy.
+    Heartbeat(Load),
+    /// The worker is leaving: it grants no more credit, finishes what runs
+    /// (within its grace period) and hands back what has not started.
+    Draining,
+    /// Attempts handed back unstarted (while draining); each returns one
+    /// credit and the task is queued again without counting as an attempt.
+    Returned(Vec<AttemptId>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +129,10 @@ pub enum ToWorker {
     Run(Vec<Assignment>),
     /// Stop these attempts; their reports are no longer wanted.
     Cancel(Vec<AttemptId>),
+    /// Leave gracefully, as on SIGTERM: send `Draining`, return unstarted
+    /// attempts, let running ones finish for at most `grace_ms` (then cancel
+    /// them), report, and close.
+    Drain { grace_ms: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -196,7 +228,14 @@ mod tests {
     fn frames_round_trip_split_at_any_byte() {
         let messages = vec![
             ToForeman::Credit(7),
-            ToForeman::Heartbeat,
+            ToForeman::Heartbeat(Load {
+                cpu_permille: 250,
+                memory_used_bytes: 1 << 30,
+                worker_rss_bytes: 1 << 26,
+                running: 2,
+            }),
+            ToForeman::Draining,
+            ToForeman::Returned(vec![1, 2]),
             ToForeman::Hello {
                 token: "t".into(),
                 info: WorkerInfo {
@@ -209,6 +248,9 @@ mod tests {
                     slots: 2,
                     wasmtime_version: "48".into(),
                     engine_hash: "abc".into(),
+                    cpu_model: "cpu".into(),
+                    benchmark_fuel_per_sec: 1_000_000_000,
+                    cpu_limit_percent: 100,
                 },
             },
         ];

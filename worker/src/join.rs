@@ -151,7 +151,7 @@ async fn session(
                     }
                     ToForeman::Finished(batch)
                 }
-                _ = heartbeat.tick() => ToForeman::Heartbeat,
+                _ = heartbeat.tick() => ToForeman::Heartbeat(Default::default()),
             };
             let mut bytes = encode_frame(&message)?;
             if let Some(extra) = window.grow() {
@@ -187,6 +187,7 @@ async fn session(
                     }
                 }
                 Some(ToWorker::Welcome { .. }) => bail!("a second welcome"),
+                Some(ToWorker::Drain { .. }) => {}
             }
         }
     }
@@ -327,6 +328,9 @@ fn worker_info(options: &JoinOptions, engine_hash: &str) -> WorkerInfo {
         slots: options.slots,
         wasmtime_version: WASMTIME_VERSION.into(),
         engine_hash: engine_hash.into(),
+        cpu_model: String::new(),
+        benchmark_fuel_per_sec: 0,
+        cpu_limit_percent: 100,
     }
 }
 

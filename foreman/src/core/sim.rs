@@ -173,6 +173,7 @@ impl Ledger {
                     other => panic!("abandoned as {other}"),
                 }
             }
+            Record::WorkerCooledDown { .. } => {}
             Record::JobStateChanged { job, state } => {
                 if state.is_finished() {
                     assert_eq!(

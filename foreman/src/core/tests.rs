@@ -18,6 +18,8 @@ pub(super) fn spec(id: JobId, tasks: u32, max_retries: u32) -> JobSpec {
         max_retries,
         priority: 0,
         task_count: tasks,
+        scheduler: Default::default(),
+        not_before_ms: None,
     }
 }
 

@@ -137,7 +137,8 @@ async fn read_reports(
             Some(ToForeman::Finished(reports)) => {
                 ctx.driver.send(Input::Finished { worker, reports })
             }
-            Some(ToForeman::Heartbeat) => {}
+            Some(ToForeman::Heartbeat(_)) => {}
+            Some(ToForeman::Draining | ToForeman::Returned(_)) => {}
             Some(ToForeman::Hello { .. }) => bail!("a second hello"),
         }
     }

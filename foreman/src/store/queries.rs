@@ -84,6 +84,8 @@ pub(super) fn create_job(conn: &mut Connection, job: NewJob) -> Result<JobSpec, 
         max_retries: job.max_retries,
         priority: job.priority,
         task_count,
+        scheduler: job.scheduler.parse().unwrap_or_default(),
+        not_before_ms: None,
     })
 }
 
@@ -259,6 +261,8 @@ pub(super) fn unfinished_jobs(conn: &mut Connection) -> Result<Vec<UnfinishedJob
                     max_retries: job.max_retries,
                     priority: job.priority,
                     task_count: job.total,
+                    scheduler: job.scheduler.parse().unwrap_or_default(),
+                    not_before_ms: None,
                 },
                 state: job.state,
                 scheduler: job.scheduler,

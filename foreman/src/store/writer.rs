@@ -451,6 +451,7 @@ fn apply(
             };
             end_attempt(st, &end, None, Some(failure), now, deltas)?;
         }
+        Record::WorkerCooledDown { .. } => {}
         Record::JobStateChanged { job, state } => {
             let changed = st.job_state.execute(params![
                 to_sql(*job),
