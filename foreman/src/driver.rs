@@ -39,6 +39,12 @@ pub enum Input {
         job: JobId,
         reply: oneshot::Sender<bool>,
     },
+    /// Ask a connected worker to leave gracefully.
+    Drain {
+        worker: WorkerId,
+        grace_ms: u64,
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 /// Where everything that changes the grid's state is sent.
@@ -62,6 +68,18 @@ impl Driver {
     pub async fn cancel(&self, job: JobId) -> bool {
         let (reply, answer) = oneshot::channel();
         self.send(Input::Cancel { job, reply });
+        answer.await.unwrap_or(false)
+    }
+
+    /// Asks a worker to finish its running tasks within `grace_ms`, hand
+    /// back the rest and leave. False when no such worker is connected.
+    pub async fn drain(&self, worker: WorkerId, grace_ms: u64) -> bool {
+        let (reply, answer) = oneshot::channel();
+        self.send(Input::Drain {
+            worker,
+            grace_ms,
+            reply,
+        });
         answer.await.unwrap_or(false)
     }
 }
@@ -129,6 +147,15 @@ fn apply(
             core.worker_left(worker);
         }
         Input::Cancel { job, reply } => answers.push((reply, core.cancel_job(job))),
+        Input::Drain {
+            worker,
+            grace_ms,
+            reply,
+        } => {
+            let connected = outboxes.contains_key(&worker);
+            send_to(outboxes, worker, ToWorker::Drain { grace_ms });
+            answers.push((reply, connected));
+        }
     }
 }
 
