@@ -5,14 +5,17 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
-use wasmgrid_protocol::wire::{Finished, ToWorker};
+use wasmgrid_protocol::wire::{AttemptId, Finished, ToWorker};
 
-use crate::core::{Command, Core};
+use crate::core::{Command, Core, WorkerSpec};
 use crate::model::{JobId, JobSpec, WorkerId};
 use crate::store::Store;
 
 /// Most inputs applied before the core dispatches, so bursts are batched.
 const MAX_INPUTS_PER_ROUND: usize = 4096;
+/// How often the core is told the time when nothing else happens (delayed
+/// jobs, leases and cooldowns are checked then).
+const TICK: std::time::Duration = std::time::Duration::from_millis(250);
 
 pub enum Input {
     Submit {
@@ -21,8 +24,17 @@ pub enum Input {
     },
     WorkerJoined {
         worker: WorkerId,
-        slots: u32,
+        spec: WorkerSpec,
         outbox: mpsc::UnboundedSender<ToWorker>,
+    },
+    /// The worker is leaving and takes no more tasks.
+    Draining {
+        worker: WorkerId,
+    },
+    /// Attempts the worker hands back unstarted.
+    Returned {
+        worker: WorkerId,
+        attempts: Vec<AttemptId>,
     },
     Credit {
         worker: WorkerId,
@@ -89,8 +101,20 @@ async fn run(mut core: Core, store: Store, mut inputs: mpsc::UnboundedReceiver<I
     // Answers are sent once the round's records are queued at the store, so
     // a caller that flushes the store then sees what it asked for.
     let mut answers: Vec<(oneshot::Sender<bool>, bool)> = Vec::new();
-    while let Some(first) = inputs.recv().await {
-        apply(&mut core, &mut outboxes, &mut answers, first);
+    let mut clock = tokio::time::interval(TICK);
+    clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let first = tokio::select! {
+            input = inputs.recv() => match input {
+                Some(input) => Some(input),
+                None => break,
+            },
+            _ = clock.tick() => None,
+        };
+        core.tick(unix_ms());
+        if let Some(first) = first {
+            apply(&mut core, &mut outboxes, &mut answers, first);
+        }
         for _ in 1..MAX_INPUTS_PER_ROUND {
             match inputs.try_recv() {
                 Ok(input) => apply(&mut core, &mut outboxes, &mut answers, input),
@@ -130,12 +154,14 @@ fn apply(
         Input::Submit { spec, args } => core.submit_job(spec, args),
         Input::WorkerJoined {
             worker,
-            slots,
+            spec,
             outbox,
         } => {
             outboxes.insert(worker, outbox);
-            core.worker_joined(worker, slots);
+            core.worker_joined(worker, spec);
         }
+        Input::Draining { worker } => core.worker_draining(worker),
+        Input::Returned { worker, attempts } => core.attempts_returned(worker, &attempts),
         Input::Credit { worker, n } => core.grant_credit(worker, n),
         Input::Finished { worker, reports } => {
             for finished in reports {
@@ -167,4 +193,10 @@ fn send_to(
     if let Some(outbox) = outboxes.get(&worker) {
         let _ = outbox.send(message);
     }
+}
+
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

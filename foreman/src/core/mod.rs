@@ -29,24 +29,57 @@
 //! When a worker leaves, its attempts are abandoned but remembered: if one of
 //! them reports later (from the same worker id, after a rejoin) and its task
 //! is still unfinished, a success or deterministic failure is accepted once,
-//! and the task's attempt running elsewhere is cancelled. A late retryable
-//! failure changes nothing and is not recorded.
+//! and the task's attempt running elsewhere is cancelled.
+//! A late retryable failure changes nothing and is not recorded.
+//!
+//! # Scheduling
+//!
+//! Jobs are served in order of priority (jobs on the `priority` scheduler;
+//! all others count as 0), then submission; a job held back by `not_before`
+//! waits until [`Core::tick`] passes that time. Each job's own scheduler
+//! picks its workers (see `dispatch`). A task goes only to a worker whose
+//! memory it fits, and never beyond the worker's credit.
+//!
+//! # Time, leases and cooldown
+//!
+//! The core has no clock: [`Core::tick`] tells it the time (unix ms), and the
+//! driver calls it before anything else and then regularly. Every attempt has
+//! a lease (its timeout, times the rounds queued ahead of it on the worker,
+//! plus slack); an attempt unreported past its lease is abandoned as
+//! `Timeout`, cancelled on its worker and retried. A worker with too many
+//! infrastructure failures (`WorkerLost`, `Timeout`) within a window gets no
+//! tasks for a cooldown period.
+//!
+//! # Drain
+//!
+//! A draining worker gets no more tasks; attempts it hands back unstarted
+//! are queued again at the front without counting as attempts.
 
-mod sched;
+mod dispatch;
+mod health;
+mod outcome;
+mod pool;
+mod queue;
 #[cfg(test)]
 mod sim;
 #[cfg(test)]
 mod tests;
+mod workers;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use wasmgrid_protocol::wire::{Assignment, AttemptId};
-use wasmgrid_protocol::{Failure, FailureKind, TaskReport};
+use wasmgrid_protocol::{Failure, FailureKind};
 
 use crate::model::{JobId, JobSpec, JobState, Record, TaskIndex, TaskState, WorkerId};
-use sched::{Pool, TaskQueue};
+pub use health::HealthPolicy;
+use outcome::retry_state;
+use pool::Pool;
+pub use pool::WorkerSpec;
+use queue::{JobOrder, JobQueue};
 
 /// What the driver must do, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +147,9 @@ struct Job {
     progress: JobProgress,
     /// Attempts abandoned when their worker left, kept until the job is forgotten.
     lost: Vec<AttemptId>,
+    queue: JobQueue,
+    /// EWMA of the fuel a task of this job burns; 0 until a task reports.
+    fuel_per_task: f64,
 }
 
 /// Which task an attempt runs, and where.
@@ -129,10 +165,17 @@ struct Held {
 pub struct Core {
     next_attempt: AttemptId,
     jobs: HashMap<JobId, Job>,
-    queue: TaskQueue,
+    order: JobOrder,
     /// Queued tasks over all jobs.
     queued: usize,
     pool: Pool,
+    /// The time of the last tick, unix ms.
+    now_ms: u64,
+    policy: HealthPolicy,
+    /// Lease deadlines of live attempts; stale ones are skipped when they come due.
+    leases: BinaryHeap<Reverse<(u64, AttemptId)>>,
+    /// Recent infrastructure failures per worker (unix ms), kept across reconnects.
+    failures: HashMap<WorkerId, health::FailureHistory>,
     /// Attempts running now.
     live: HashMap<AttemptId, Held>,
     /// Attempts abandoned because their worker left; a late report is still taken once.
@@ -143,12 +186,20 @@ pub struct Core {
 impl Core {
     /// `next_attempt`: first AttemptId to use (after a restart, one past the largest stored).
     pub fn new(next_attempt: AttemptId) -> Self {
+        Self::with_policy(next_attempt, HealthPolicy::default())
+    }
+
+    pub fn with_policy(next_attempt: AttemptId, policy: HealthPolicy) -> Self {
         Core {
             next_attempt,
             jobs: HashMap::new(),
-            queue: TaskQueue::default(),
+            order: JobOrder::default(),
             queued: 0,
             pool: Pool::default(),
+            now_ms: 0,
+            policy,
+            leases: BinaryHeap::new(),
+            failures: HashMap::new(),
             live: HashMap::new(),
             lost: HashMap::new(),
             commands: VecDeque::new(),
@@ -212,7 +263,9 @@ impl Core {
         }
         let id = spec.id;
         self.queued += progress.queued as usize;
-        self.queue.push_job(id, total);
+        if progress.queued > 0 {
+            self.order.activate(&spec, self.now_ms);
+        }
         self.jobs.insert(
             id,
             Job {
@@ -221,6 +274,8 @@ impl Core {
                 tasks,
                 progress,
                 lost: Vec::new(),
+                queue: JobQueue::new(total),
+                fuel_per_task: 0.0,
             },
         );
         self.maybe_finish(id);
@@ -268,7 +323,8 @@ impl Core {
         p.running = 0;
         p.state = JobState::Cancelled;
         j.args = Vec::new();
-        self.queue.remove_job(job);
+        j.queue.clear();
+        self.order.remove(&j.spec);
         for (worker, attempts) in cancels {
             self.commands
                 .push_back(Command::Cancel { worker, attempts });
@@ -279,97 +335,6 @@ impl Core {
                 state: JobState::Cancelled,
             }));
         true
-    }
-
-    /// A worker connected. It gets no credit until [`Core::grant_credit`].
-    /// A worker id already connected is treated as having left first.
-    pub fn worker_joined(&mut self, worker: WorkerId, slots: u32) {
-        if self.pool.get(worker).is_some() {
-            self.worker_left(worker);
-        }
-        self.pool.join(worker, slots);
-    }
-
-    /// The worker can take `n` more tasks. Credit accumulates. Unknown workers are ignored.
-    pub fn grant_credit(&mut self, worker: WorkerId, n: u32) {
-        if n > 0 {
-            self.pool.grant(worker, n);
-        }
-    }
-
-    /// The worker went away: every attempt it held ends as `WorkerLost` and is
-    /// retried at the front of the queue (lowest attempt first) or fails once
-    /// its retries are used up. Its credit is gone.
-    pub fn worker_left(&mut self, worker: WorkerId) {
-        let Some(gone) = self.pool.leave(worker) else {
-            return;
-        };
-        let mut held: Vec<AttemptId> = gone.held.into_iter().collect();
-        held.sort_unstable();
-        let mut requeue = Vec::new();
-        for attempt in held {
-            let Some(h) = self.live.remove(&attempt) else {
-                continue;
-            };
-            self.lost.insert(attempt, h);
-            let Some(job) = self.jobs.get_mut(&h.job) else {
-                continue;
-            };
-            job.lost.push(attempt);
-            let Some(task) = job.tasks.get_mut(h.task as usize) else {
-                continue;
-            };
-            if task.current != Some(attempt) {
-                continue;
-            }
-            task.current = None;
-            let next = retry_state(task.attempts, job.spec.max_retries);
-            task.state = next;
-            job.progress.move_task(TaskState::Running, next);
-            self.commands
-                .push_back(Command::Record(Record::AttemptAbandoned {
-                    job: h.job,
-                    task: h.task,
-                    attempt,
-                    worker,
-                    failure: Failure::new(
-                        FailureKind::WorkerLost,
-                        format!("worker {worker} went away"),
-                    ),
-                    task_state: next,
-                }));
-            if next == TaskState::Queued {
-                requeue.push((h.job, h.task));
-                self.queued += 1;
-            } else {
-                self.maybe_finish(h.job);
-            }
-        }
-        for (job, task) in requeue.into_iter().rev() {
-            self.queue.push_front(job, task);
-        }
-    }
-
-    /// A report for an attempt. Also returns one credit to that worker (the
-    /// worker does not send Credit for it). Reports from a worker that does
-    /// not hold the attempt, for unknown attempts, and duplicates are dropped
-    /// silently (no records, no credit).
-    pub fn attempt_finished(&mut self, worker: WorkerId, attempt: AttemptId, report: TaskReport) {
-        if let Some(held) = self.live.get(&attempt).copied() {
-            if held.worker != worker {
-                return;
-            }
-            self.live.remove(&attempt);
-            self.pool.release(worker, attempt);
-            self.finish_live(held, attempt, report);
-        } else if let Some(held) = self.lost.get(&attempt).copied() {
-            if held.worker != worker {
-                return;
-            }
-            self.lost.remove(&attempt);
-            self.pool.give_back(worker);
-            self.finish_late(held, attempt, report);
-        }
     }
 
     /// Drains the commands produced so far, in order.
@@ -428,137 +393,5 @@ impl Core {
             }
         }
         true
-    }
-
-    /// The report of the attempt running the task now.
-    fn finish_live(&mut self, held: Held, attempt: AttemptId, report: TaskReport) {
-        let Some(job) = self.jobs.get_mut(&held.job) else {
-            return;
-        };
-        let max_retries = job.spec.max_retries;
-        let Some(task) = job.tasks.get_mut(held.task as usize) else {
-            return;
-        };
-        task.current = None;
-        let next = match &report.outcome {
-            Ok(_) => TaskState::Succeeded,
-            Err(f) if f.kind.is_deterministic() => TaskState::Failed,
-            Err(_) => retry_state(task.attempts, max_retries),
-        };
-        task.state = next;
-        job.progress.move_task(TaskState::Running, next);
-        self.commands
-            .push_back(Command::Record(Record::AttemptEnded {
-                job: held.job,
-                task: held.task,
-                attempt,
-                worker: held.worker,
-                report,
-                task_state: next,
-            }));
-        if next == TaskState::Queued {
-            self.queue.push_front(held.job, held.task);
-            self.queued += 1;
-        } else {
-            self.maybe_finish(held.job);
-        }
-    }
-
-    /// The late report of an attempt abandoned when its worker left. Only a
-    /// success or a deterministic failure counts; a late retryable failure is
-    /// consumed without a record (the attempt is already recorded as lost).
-    fn finish_late(&mut self, held: Held, attempt: AttemptId, report: TaskReport) {
-        let Some(job) = self.jobs.get_mut(&held.job) else {
-            return;
-        };
-        let Some(task) = job.tasks.get_mut(held.task as usize) else {
-            return;
-        };
-        let before = task.state;
-        let next = match &report.outcome {
-            Ok(_) => TaskState::Succeeded,
-            Err(f) if f.kind.is_deterministic() => TaskState::Failed,
-            Err(_) => return,
-        };
-        if before.is_finished() {
-            return;
-        }
-        task.state = next;
-        job.progress.move_task(before, next);
-        if before == TaskState::Queued {
-            // Its retry entry goes stale and is skipped.
-            self.queued = self.queued.saturating_sub(1);
-        }
-        // The attempt running elsewhere is cancelled. Its record comes first,
-        // so that a store which writes each record's outcome onto the task
-        // row ends with this report's result.
-        if let Some(current) = task.current.take() {
-            if let Some(other) = self.live.remove(&current) {
-                self.pool.release(other.worker, current);
-                self.commands
-                    .push_back(Command::Record(Record::AttemptAbandoned {
-                        job: held.job,
-                        task: held.task,
-                        attempt: current,
-                        worker: other.worker,
-                        failure: Failure::new(
-                            FailureKind::Cancelled,
-                            format!("attempt {attempt} finished the task first"),
-                        ),
-                        task_state: next,
-                    }));
-                self.commands.push_back(Command::Cancel {
-                    worker: other.worker,
-                    attempts: vec![current],
-                });
-            }
-        }
-        self.commands
-            .push_back(Command::Record(Record::AttemptEnded {
-                job: held.job,
-                task: held.task,
-                attempt,
-                worker: held.worker,
-                report,
-                task_state: next,
-            }));
-        self.maybe_finish(held.job);
-    }
-
-    /// Emits the job's final state once no task is queued or running.
-    fn maybe_finish(&mut self, job_id: JobId) {
-        let Some(job) = self.jobs.get_mut(&job_id) else {
-            return;
-        };
-        let p = &mut job.progress;
-        if p.state.is_finished() || p.queued > 0 || p.running > 0 {
-            return;
-        }
-        p.state = if p.failed > 0 {
-            JobState::Failed
-        } else if p.cancelled > 0 {
-            // Only reachable through restore_job of a job cancelled mid-way.
-            JobState::Cancelled
-        } else {
-            JobState::Completed
-        };
-        let state = p.state;
-        job.args = Vec::new();
-        self.queue.remove_job(job_id);
-        self.commands
-            .push_back(Command::Record(Record::JobStateChanged {
-                job: job_id,
-                state,
-            }));
-    }
-}
-
-/// A task whose attempt ended with a retryable failure: queued again while
-/// it has used at most `max_retries + 1` attempts, failed after that.
-fn retry_state(attempts: u32, max_retries: u32) -> TaskState {
-    if attempts <= max_retries {
-        TaskState::Queued
-    } else {
-        TaskState::Failed
     }
 }

@@ -9,7 +9,7 @@ use wasmgrid_protocol::wire::AttemptId;
 use wasmgrid_protocol::{FailureKind, TaskReport};
 
 use super::tests::{args, report, spec};
-use super::{Command, Core, JobProgress};
+use super::{Command, Core, JobProgress, WorkerSpec};
 use crate::model::{JobId, JobState, Record, TaskIndex, TaskState, WorkerId};
 
 /// Recounts everything by brute force and panics on any disagreement.
@@ -39,7 +39,10 @@ pub(super) fn assert_consistent(core: &Core) {
     }
     assert_eq!(queued, core.queued);
     for (a, h) in &core.live {
-        assert!(core.pool.get(h.worker).is_some_and(|w| w.held.contains(a)));
+        assert!(core
+            .pool
+            .get(h.worker)
+            .is_some_and(|w| w.held.contains_key(a)));
     }
 }
 
@@ -268,7 +271,8 @@ impl Sim {
         let w = &mut self.workers[id as usize];
         w.online = true;
         w.free = w.window - w.held.len() as u32;
-        self.core.worker_joined(id, w.window);
+        self.core
+            .worker_joined(id, WorkerSpec::with_slots(w.window));
         self.core.grant_credit(id, w.free);
     }
 
@@ -366,6 +370,8 @@ fn simulate(seed: u64) {
     while sim.ledger.job_final.len() < jobs.len() {
         steps += 1;
         assert!(steps < 100_000, "the grid got stuck");
+        // 100 ms a step: cooldowns end and overdue leases expire.
+        sim.core.tick(steps * 100);
         sim.core.dispatch();
         sim.pump();
         for _ in 0..40 {
@@ -449,7 +455,7 @@ fn throughput() {
     const TASKS: u32 = 100_000;
     let mut core = Core::new(1);
     for w in 0..500 {
-        core.worker_joined(w, 8);
+        core.worker_joined(w, WorkerSpec::with_slots(8));
         core.grant_credit(w, 8);
     }
     let start = std::time::Instant::now();

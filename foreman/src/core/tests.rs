@@ -7,7 +7,7 @@ use wasmgrid_protocol::{
 };
 
 use super::sim::assert_consistent;
-use super::{Command, Core};
+use super::{Command, Core, WorkerSpec};
 use crate::model::{JobId, JobSpec, JobState, Record, TaskIndex, TaskState, WorkerId};
 
 pub(super) fn spec(id: JobId, tasks: u32, max_retries: u32) -> JobSpec {
@@ -106,7 +106,7 @@ impl Harness {
     }
 
     fn worker(&mut self, id: WorkerId, credit: u32) {
-        self.core.worker_joined(id, credit);
+        self.core.worker_joined(id, WorkerSpec::with_slots(credit));
         self.core.grant_credit(id, credit);
     }
 }
@@ -350,7 +350,7 @@ fn worker_left_requeues_at_the_front_as_worker_lost() {
         ]
     );
     // A rejoined worker starts with no credit.
-    h.core.worker_joined(1, 4);
+    h.core.worker_joined(1, WorkerSpec::with_slots(4));
     assert!(h.dispatch().is_empty());
 }
 
@@ -565,7 +565,7 @@ fn rejoin_under_a_known_id_abandons_the_old_connection() {
     h.core.submit_job(spec(1, 1, 1), args(1));
     h.worker(1, 1);
     h.dispatch();
-    h.core.worker_joined(1, 1);
+    h.core.worker_joined(1, WorkerSpec::with_slots(1));
     let lost = Abandoned(0, 100, FailureKind::WorkerLost, S::Queued);
     assert_eq!(events(&h.drain()), [lost]);
     assert_eq!(h.core.worker_slots(1), Some(1));

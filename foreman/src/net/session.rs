@@ -13,6 +13,7 @@ use wasmgrid_protocol::wire::{
 };
 
 use super::{close, NetContext};
+use crate::core::WorkerSpec;
 use crate::driver::Input;
 use crate::store::WorkerRow;
 
@@ -88,7 +89,11 @@ async fn serve(connection: &quinn::Connection, ctx: Arc<NetContext>) -> anyhow::
     let (outbox, mut outbox_rx) = mpsc::unbounded_channel::<ToWorker>();
     ctx.driver.send(Input::WorkerJoined {
         worker,
-        slots: info.slots,
+        spec: WorkerSpec {
+            slots: info.slots,
+            memory_bytes: info.memory_bytes,
+            benchmark_fuel_per_sec: info.benchmark_fuel_per_sec,
+        },
         outbox,
     });
 
@@ -138,7 +143,13 @@ async fn read_reports(
                 ctx.driver.send(Input::Finished { worker, reports })
             }
             Some(ToForeman::Heartbeat(_)) => {}
-            Some(ToForeman::Draining | ToForeman::Returned(_)) => {}
+            Some(ToForeman::Draining) => {
+                tracing::info!(worker, "worker is draining");
+                ctx.driver.send(Input::Draining { worker });
+            }
+            Some(ToForeman::Returned(attempts)) => {
+                ctx.driver.send(Input::Returned { worker, attempts })
+            }
             Some(ToForeman::Hello { .. }) => bail!("a second hello"),
         }
     }

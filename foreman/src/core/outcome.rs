@@ -1,0 +1,188 @@
+//! What an attempt's outcome means for its task and job: success, a
+//! deterministic failure, a retry, or a late report taken once.
+
+use wasmgrid_protocol::wire::AttemptId;
+use wasmgrid_protocol::{Failure, FailureKind, TaskReport};
+
+use super::{Command, Core, Held};
+use crate::model::{JobId, JobState, Record, TaskState, WorkerId};
+
+impl Core {
+    /// A report for an attempt. Also returns one credit to that worker (the
+    /// worker does not send Credit for it). Reports from a worker that does
+    /// not hold the attempt, for unknown attempts, and duplicates are dropped
+    /// silently (no records, no credit).
+    pub fn attempt_finished(&mut self, worker: WorkerId, attempt: AttemptId, report: TaskReport) {
+        if let Some(held) = self.live.get(&attempt).copied() {
+            if held.worker != worker {
+                return;
+            }
+            self.live.remove(&attempt);
+            self.pool.release(worker, attempt);
+            self.learn(worker, held.job, &report);
+            if matches!(&report.outcome, Err(f) if f.kind == FailureKind::Timeout) {
+                self.infrastructure_failure(worker);
+            }
+            self.finish_live(held, attempt, report);
+        } else if let Some(held) = self.lost.get(&attempt).copied() {
+            if held.worker != worker {
+                return;
+            }
+            self.lost.remove(&attempt);
+            self.pool.grant(worker, 1);
+            self.finish_late(held, attempt, report);
+        }
+    }
+
+    /// Folds a successful report into the worker's speed and the job's fuel
+    /// per task, which the performance scheduler plans with.
+    fn learn(&mut self, worker: WorkerId, job: JobId, report: &TaskReport) {
+        let run_us = report.timings.run_us;
+        if report.outcome.is_err() || report.fuel_used == 0 || run_us == 0 {
+            return;
+        }
+        self.pool
+            .observe_speed(worker, report.fuel_used as f64 * 1e6 / run_us as f64);
+        if let Some(job) = self.jobs.get_mut(&job) {
+            let fuel = report.fuel_used as f64;
+            job.fuel_per_task = if job.fuel_per_task > 0.0 {
+                0.8 * job.fuel_per_task + 0.2 * fuel
+            } else {
+                fuel
+            };
+        }
+    }
+
+    /// The report of the attempt running the task now.
+    fn finish_live(&mut self, held: Held, attempt: AttemptId, report: TaskReport) {
+        let Some(job) = self.jobs.get_mut(&held.job) else {
+            return;
+        };
+        let max_retries = job.spec.max_retries;
+        let Some(task) = job.tasks.get_mut(held.task as usize) else {
+            return;
+        };
+        task.current = None;
+        let next = match &report.outcome {
+            Ok(_) => TaskState::Succeeded,
+            Err(f) if f.kind.is_deterministic() => TaskState::Failed,
+            Err(_) => retry_state(task.attempts, max_retries),
+        };
+        task.state = next;
+        job.progress.move_task(TaskState::Running, next);
+        self.commands
+            .push_back(Command::Record(Record::AttemptEnded {
+                job: held.job,
+                task: held.task,
+                attempt,
+                worker: held.worker,
+                report,
+                task_state: next,
+            }));
+        if next == TaskState::Queued {
+            self.queued += 1;
+            self.requeue_front(held.job, held.task);
+        } else {
+            self.maybe_finish(held.job);
+        }
+    }
+
+    /// The late report of an attempt abandoned when its worker left. Only a
+    /// success or a deterministic failure counts; a late retryable failure is
+    /// consumed without a record (the attempt is already recorded as lost).
+    fn finish_late(&mut self, held: Held, attempt: AttemptId, report: TaskReport) {
+        let Some(job) = self.jobs.get_mut(&held.job) else {
+            return;
+        };
+        let Some(task) = job.tasks.get_mut(held.task as usize) else {
+            return;
+        };
+        let before = task.state;
+        let next = match &report.outcome {
+            Ok(_) => TaskState::Succeeded,
+            Err(f) if f.kind.is_deterministic() => TaskState::Failed,
+            Err(_) => return,
+        };
+        if before.is_finished() {
+            return;
+        }
+        task.state = next;
+        job.progress.move_task(before, next);
+        if before == TaskState::Queued {
+            // Its retry entry goes stale and is skipped.
+            self.queued = self.queued.saturating_sub(1);
+        }
+        // The attempt running elsewhere is cancelled. Its record comes first,
+        // so that a store which writes each record's outcome onto the task
+        // row ends with this report's result.
+        if let Some(current) = task.current.take() {
+            if let Some(other) = self.live.remove(&current) {
+                self.pool.release(other.worker, current);
+                self.commands
+                    .push_back(Command::Record(Record::AttemptAbandoned {
+                        job: held.job,
+                        task: held.task,
+                        attempt: current,
+                        worker: other.worker,
+                        failure: Failure::new(
+                            FailureKind::Cancelled,
+                            format!("attempt {attempt} finished the task first"),
+                        ),
+                        task_state: next,
+                    }));
+                self.commands.push_back(Command::Cancel {
+                    worker: other.worker,
+                    attempts: vec![current],
+                });
+            }
+        }
+        self.commands
+            .push_back(Command::Record(Record::AttemptEnded {
+                job: held.job,
+                task: held.task,
+                attempt,
+                worker: held.worker,
+                report,
+                task_state: next,
+            }));
+        self.maybe_finish(held.job);
+    }
+
+    /// Emits the job's final state once no task is queued or running.
+    pub(super) fn maybe_finish(&mut self, job_id: JobId) {
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return;
+        };
+        let p = &mut job.progress;
+        if p.state.is_finished() || p.queued > 0 || p.running > 0 {
+            return;
+        }
+        p.state = if p.failed > 0 {
+            JobState::Failed
+        } else if p.cancelled > 0 {
+            // Only reachable through restore_job of a job cancelled mid-way.
+            JobState::Cancelled
+        } else {
+            JobState::Completed
+        };
+        let state = p.state;
+        job.args = Vec::new();
+        job.queue.clear();
+        self.order.remove(&job.spec);
+        self.commands
+            .push_back(Command::Record(Record::JobStateChanged {
+                job: job_id,
+                state,
+            }));
+    }
+}
+
+/// A task whose attempt ended with a retryable failure: queued again while
+/// it has used at most `max_retries + 1` attempts, failed after that.
+pub(super) fn retry_state(attempts: u32, max_retries: u32) -> TaskState {
+    if attempts <= max_retries {
+        TaskState::Queued
+    } else {
+        TaskState::Failed
+    }
+}

@@ -1,0 +1,134 @@
+//! Workers coming and going: joins, credit, leaving, draining and handing
+//! attempts back.
+
+use wasmgrid_protocol::wire::AttemptId;
+use wasmgrid_protocol::{Failure, FailureKind};
+
+use super::pool::WorkerSpec;
+use super::{retry_state, Command, Core};
+use crate::model::{Record, TaskState, WorkerId};
+
+impl Core {
+    /// A worker connected. It gets no credit until [`Core::grant_credit`].
+    /// A worker id already connected is treated as having left first.
+    /// A worker still in its cooldown stays cooling after a reconnect.
+    pub fn worker_joined(&mut self, worker: WorkerId, spec: WorkerSpec) {
+        if self.pool.get(worker).is_some() {
+            self.worker_left(worker);
+        }
+        self.pool.join(worker, spec);
+        if let Some(until) = self.cooling_until(worker) {
+            self.pool.set_cooling(worker, Some(until));
+        }
+    }
+
+    /// The worker can take `n` more tasks. Credit accumulates. Unknown workers are ignored.
+    pub fn grant_credit(&mut self, worker: WorkerId, n: u32) {
+        if n > 0 {
+            self.pool.grant(worker, n);
+        }
+    }
+
+    /// The worker went away: every attempt it held ends as `WorkerLost` and is
+    /// retried at the front of the queue (lowest attempt first) or fails once
+    /// its retries are used up. Its credit is gone.
+    pub fn worker_left(&mut self, worker: WorkerId) {
+        let Some(gone) = self.pool.leave(worker) else {
+            return;
+        };
+        let mut held: Vec<AttemptId> = gone.held.into_keys().collect();
+        held.sort_unstable();
+        let mut requeue = Vec::new();
+        for attempt in held {
+            let Some(h) = self.live.remove(&attempt) else {
+                continue;
+            };
+            self.lost.insert(attempt, h);
+            let Some(job) = self.jobs.get_mut(&h.job) else {
+                continue;
+            };
+            job.lost.push(attempt);
+            let Some(task) = job.tasks.get_mut(h.task as usize) else {
+                continue;
+            };
+            if task.current != Some(attempt) {
+                continue;
+            }
+            task.current = None;
+            let next = retry_state(task.attempts, job.spec.max_retries);
+            task.state = next;
+            job.progress.move_task(TaskState::Running, next);
+            self.commands
+                .push_back(Command::Record(Record::AttemptAbandoned {
+                    job: h.job,
+                    task: h.task,
+                    attempt,
+                    worker,
+                    failure: Failure::new(
+                        FailureKind::WorkerLost,
+                        format!("worker {worker} went away"),
+                    ),
+                    task_state: next,
+                }));
+            if next == TaskState::Queued {
+                requeue.push((h.job, h.task));
+                self.queued += 1;
+            } else {
+                self.maybe_finish(h.job);
+            }
+        }
+        if !requeue.is_empty() {
+            self.infrastructure_failure(worker);
+        }
+        for (job, task) in requeue.into_iter().rev() {
+            self.requeue_front(job, task);
+        }
+    }
+
+    /// The worker is leaving: it takes no more tasks; what it holds stays
+    /// its until reported or handed back.
+    pub fn worker_draining(&mut self, worker: WorkerId) {
+        self.pool.set_draining(worker);
+    }
+
+    /// The worker hands these attempts back unstarted: each task is queued
+    /// again at the front, the attempt not counted. Attempts it does not
+    /// hold are ignored.
+    pub fn attempts_returned(&mut self, worker: WorkerId, attempts: &[AttemptId]) {
+        for &attempt in attempts {
+            let Some(held) = self.live.get(&attempt).copied() else {
+                continue;
+            };
+            if held.worker != worker {
+                continue;
+            }
+            self.live.remove(&attempt);
+            self.pool.release(worker, attempt);
+            let Some(job) = self.jobs.get_mut(&held.job) else {
+                continue;
+            };
+            let Some(task) = job.tasks.get_mut(held.task as usize) else {
+                continue;
+            };
+            task.current = None;
+            task.attempts = task.attempts.saturating_sub(1);
+            task.state = TaskState::Queued;
+            job.progress
+                .move_task(TaskState::Running, TaskState::Queued);
+            self.queued += 1;
+            self.commands
+                .push_back(Command::Record(Record::AttemptAbandoned {
+                    job: held.job,
+                    task: held.task,
+                    attempt,
+                    worker,
+                    failure: Failure::new(
+                        FailureKind::Cancelled,
+                        format!("handed back unstarted by draining worker {worker}"),
+                    ),
+                    task_state: TaskState::Queued,
+                }));
+            self.requeue_front(held.job, held.task);
+        }
+    }
+}
