@@ -61,6 +61,8 @@ mod outcome;
 mod pool;
 mod queue;
 #[cfg(test)]
+mod schedule_tests;
+#[cfg(test)]
 mod sim;
 #[cfg(test)]
 mod tests;

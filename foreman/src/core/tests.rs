@@ -40,25 +40,25 @@ pub(super) fn report(outcome: Result<&str, FailureKind>) -> TaskReport {
     }
 }
 
-fn ok() -> TaskReport {
+pub(super) fn ok() -> TaskReport {
     report(Ok("null"))
 }
 
-fn err(kind: FailureKind) -> TaskReport {
+pub(super) fn err(kind: FailureKind) -> TaskReport {
     report(Err(kind))
 }
 
 /// One `Send`: the worker and (attempt, job, task) per assignment.
-type Batch = (WorkerId, Vec<(AttemptId, JobId, TaskIndex)>);
+pub(super) type Batch = (WorkerId, Vec<(AttemptId, JobId, TaskIndex)>);
 
 /// A core plus what it said: which task each attempt runs.
-struct Harness {
-    core: Core,
-    task_of: HashMap<AttemptId, (JobId, TaskIndex)>,
+pub(super) struct Harness {
+    pub(super) core: Core,
+    pub(super) task_of: HashMap<AttemptId, (JobId, TaskIndex)>,
 }
 
 impl Harness {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Harness {
             core: Core::new(100),
             task_of: HashMap::new(),
@@ -66,7 +66,7 @@ impl Harness {
     }
 
     /// Drains the commands, learning attempt → task from `AttemptStarted`.
-    fn drain(&mut self) -> Vec<Command> {
+    pub(super) fn drain(&mut self) -> Vec<Command> {
         let mut out = Vec::new();
         while let Some(c) = self.core.poll_command() {
             if let Command::Record(Record::AttemptStarted {
@@ -82,7 +82,7 @@ impl Harness {
     }
 
     /// Dispatches; returns (worker, [(attempt, job, task)]) per Send.
-    fn dispatch(&mut self) -> Vec<Batch> {
+    pub(super) fn dispatch(&mut self) -> Vec<Batch> {
         self.core.dispatch();
         let commands = self.drain();
         sends(&commands)
@@ -100,18 +100,23 @@ impl Harness {
             .collect()
     }
 
-    fn finish(&mut self, worker: WorkerId, attempt: AttemptId, r: TaskReport) -> Vec<Command> {
+    pub(super) fn finish(
+        &mut self,
+        worker: WorkerId,
+        attempt: AttemptId,
+        r: TaskReport,
+    ) -> Vec<Command> {
         self.core.attempt_finished(worker, attempt, r);
         self.drain()
     }
 
-    fn worker(&mut self, id: WorkerId, credit: u32) {
+    pub(super) fn worker(&mut self, id: WorkerId, credit: u32) {
         self.core.worker_joined(id, WorkerSpec::with_slots(credit));
         self.core.grant_credit(id, credit);
     }
 }
 
-fn sends(commands: &[Command]) -> Vec<(WorkerId, Vec<AttemptId>)> {
+pub(super) fn sends(commands: &[Command]) -> Vec<(WorkerId, Vec<AttemptId>)> {
     commands
         .iter()
         .filter_map(|c| match c {
@@ -137,7 +142,7 @@ fn job_states(commands: &[Command]) -> Vec<(JobId, JobState)> {
 /// An attempt's end, compactly: `Ended(task, attempt, task_state)` or
 /// `Abandoned(task, attempt, kind, task_state)`.
 #[derive(Debug, PartialEq)]
-enum Ev {
+pub(super) enum Ev {
     Ended(TaskIndex, AttemptId, TaskState),
     Abandoned(TaskIndex, AttemptId, FailureKind, TaskState),
 }
@@ -145,7 +150,7 @@ enum Ev {
 use Ev::{Abandoned, Ended};
 use TaskState as S;
 
-fn events(commands: &[Command]) -> Vec<Ev> {
+pub(super) fn events(commands: &[Command]) -> Vec<Ev> {
     commands
         .iter()
         .filter_map(|c| match c {
@@ -167,7 +172,7 @@ fn events(commands: &[Command]) -> Vec<Ev> {
         .collect()
 }
 
-fn tasks_of(sent: &[Batch]) -> Vec<(JobId, TaskIndex)> {
+pub(super) fn tasks_of(sent: &[Batch]) -> Vec<(JobId, TaskIndex)> {
     sent.iter()
         .flat_map(|(_, v)| v.iter().map(|&(_, j, t)| (j, t)))
         .collect()

@@ -95,6 +95,7 @@ impl Core {
     /// again at the front, the attempt not counted. Attempts it does not
     /// hold are ignored.
     pub fn attempts_returned(&mut self, worker: WorkerId, attempts: &[AttemptId]) {
+        let mut requeue = Vec::new();
         for &attempt in attempts {
             let Some(held) = self.live.get(&attempt).copied() else {
                 continue;
@@ -128,7 +129,11 @@ impl Core {
                     ),
                     task_state: TaskState::Queued,
                 }));
-            self.requeue_front(held.job, held.task);
+            requeue.push((held.job, held.task));
+        }
+        // In the order handed back, ahead of everything else.
+        for (job, task) in requeue.into_iter().rev() {
+            self.requeue_front(job, task);
         }
     }
 }
