@@ -10,7 +10,7 @@ use wasmgrid_protocol::{FailureKind, TaskReport};
 
 use super::tests::{args, report, spec};
 use super::{Command, Core, JobProgress, WorkerSpec};
-use crate::model::{JobId, JobState, Record, TaskIndex, TaskState, WorkerId};
+use crate::model::{JobId, JobState, Record, Scheduler, TaskIndex, TaskState, WorkerId};
 
 /// Recounts everything by brute force and panics on any disagreement.
 pub(super) fn assert_consistent(core: &Core) {
@@ -74,6 +74,9 @@ struct FakeWorker {
     /// Credit it has granted (explicitly or by reporting) and not seen used.
     free: u32,
     held: Vec<AttemptId>,
+    /// Per mille chance that it acts when its turn comes: slow workers act
+    /// rarely, a stalled one (0) never, until its pace changes.
+    pace: u64,
 }
 
 /// What the records say, checked as they arrive.
@@ -173,6 +176,12 @@ impl Ledger {
                             self.finish(key, TaskState::Cancelled);
                         }
                     },
+                    // A lease ran out.
+                    FailureKind::Timeout => {
+                        if task_state.is_finished() {
+                            self.finish(key, *task_state);
+                        }
+                    }
                     other => panic!("abandoned as {other}"),
                 }
             }
@@ -314,9 +323,15 @@ impl Sim {
             self.disconnect(id, crash);
             return;
         }
-        if w.held.is_empty() {
+        if self.rng.chance(3) {
+            // Slows down, stalls or recovers.
+            self.workers[id as usize].pace = [0, 50, 300, 1000][self.rng.below(4) as usize];
+        }
+        let w = &self.workers[id as usize];
+        if w.held.is_empty() || !self.rng.chance(w.pace) {
             return;
         }
+        let pace = w.pace;
         let i = self.rng.below(w.held.len() as u64) as usize;
         let attempt = self.workers[id as usize].held.swap_remove(i);
         self.workers[id as usize].free += 1;
@@ -328,28 +343,58 @@ impl Sim {
             45..=46 if job == 3 => Err(FailureKind::OutOfFuel),
             _ => Ok("{}"),
         };
-        self.in_flight.push((id, attempt, report(outcome)));
+        let mut r = report(outcome);
+        r.fuel_used = 1_000_000;
+        r.timings.run_us = 1_000_000_000 / pace.max(1);
+        self.in_flight.push((id, attempt, r));
     }
 }
 
 #[test]
 fn simulated_grid_finishes_every_task_exactly_once() {
-    for seed in [0x9E37_79B9_7F4A_7C15, 42, 0xDEAD_BEEF] {
-        simulate(seed);
+    let fifo = [Scheduler::Fifo; 3];
+    let mixed = [
+        Scheduler::Performance,
+        Scheduler::RoundRobin,
+        Scheduler::LeastLoaded,
+    ];
+    for (seed, schedulers) in [
+        (0x9E37_79B9_7F4A_7C15, fifo),
+        (42, mixed),
+        (0xDEAD_BEEF, mixed),
+    ] {
+        simulate(seed, 200, [9_000, 6_000, 5_000], schedulers);
     }
 }
 
-/// 200 workers, 20,000 tasks over 3 jobs (the second cancelled half-way).
-fn simulate(seed: u64) {
-    const WORKERS: u64 = 200;
-    let jobs: [(JobId, u32, u32); 3] = [(1, 9_000, 6), (2, 6_000, 3), (3, 5_000, 1)];
+/// The scale: 1,000 workers, 100,000 tasks.
+#[test]
+fn a_thousand_workers_finish_a_hundred_thousand_tasks_exactly_once() {
+    simulate(
+        7,
+        1_000,
+        [50_000, 30_000, 20_000],
+        [
+            Scheduler::Priority,
+            Scheduler::Performance,
+            Scheduler::LeastLoaded,
+        ],
+    );
+}
+
+/// Workers with random windows and paces that crash, drop off, stall, slow
+/// down and time out; three jobs (the second cancelled part-way, the third
+/// with deterministic failures).
+fn simulate(seed: u64, worker_count: u64, sizes: [u32; 3], schedulers: [Scheduler; 3]) {
+    let jobs: [(JobId, u32, u32); 3] = [(1, sizes[0], 6), (2, sizes[1], 3), (3, sizes[2], 1)];
     let mut rng = Rng(seed);
-    let workers = (0..WORKERS)
+    let workers = (0..worker_count)
         .map(|_| FakeWorker {
             window: 1 + rng.below(8) as u32,
             online: false,
             free: 0,
             held: Vec::new(),
+            pace: [50, 300, 1000][rng.below(3) as usize],
         })
         .collect();
     let mut sim = Sim {
@@ -360,11 +405,16 @@ fn simulate(seed: u64) {
         in_flight: Vec::new(),
         delivered: Vec::new(),
     };
-    for id in 0..WORKERS {
+    for id in 0..worker_count {
         sim.rejoin(id);
     }
-    for (id, tasks, retries) in jobs {
-        sim.core.submit_job(spec(id, tasks, retries), args(tasks));
+    for ((id, tasks, retries), scheduler) in jobs.into_iter().zip(schedulers) {
+        let mut spec = spec(id, tasks, retries);
+        spec.scheduler = scheduler;
+        spec.priority = id as i32;
+        // Short, so that stalled workers' leases run out within the run.
+        spec.limits.timeout_ms = 2_000;
+        sim.core.submit_job(spec, args(tasks));
     }
     let (mut steps, mut cancelled) = (0, false);
     while sim.ledger.job_final.len() < jobs.len() {
@@ -374,11 +424,11 @@ fn simulate(seed: u64) {
         sim.core.tick(steps * 100);
         sim.core.dispatch();
         sim.pump();
-        for _ in 0..40 {
+        for _ in 0..worker_count / 5 {
             sim.event();
         }
         sim.pump();
-        for _ in 0..sim.rng.below(60) {
+        for _ in 0..sim.rng.below(worker_count * 3 / 10) {
             if sim.in_flight.is_empty() {
                 break;
             }
@@ -394,13 +444,13 @@ fn simulate(seed: u64) {
             && sim
                 .core
                 .job_progress(2)
-                .is_some_and(|p| p.succeeded >= 3_000)
+                .is_some_and(|p| p.succeeded >= sizes[1] / 2)
         {
             assert!(sim.core.cancel_job(2));
             cancelled = true;
         }
         sim.pump();
-        if steps % 50 == 0 {
+        if steps % (worker_count / 4) == 0 {
             assert_consistent(&sim.core);
         }
         sim.check_credit();
