@@ -129,7 +129,7 @@ pub struct JobOptions {
     pub timeout_secs: f64,
     pub retries: u32,
     pub priority: i32,
-    pub scheduler: String,
+    pub scheduler: crate::model::Scheduler,
 }
 
 impl Default for JobOptions {
@@ -140,7 +140,7 @@ impl Default for JobOptions {
             timeout_secs: TaskLimits::DEFAULT_TIMEOUT_SECS as f64,
             retries: 3,
             priority: 0,
-            scheduler: "fifo".into(),
+            scheduler: Default::default(),
         }
     }
 }
@@ -207,6 +207,7 @@ async fn submit(
         max_retries: options.retries,
         priority: options.priority,
         scheduler: options.scheduler,
+        not_before_ms: None,
         args,
     };
     let store = state.store.clone();

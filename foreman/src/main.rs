@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use wasmgrid_foreman::api::JobOptions;
 use wasmgrid_foreman::client::{self, Client, SubmitOptions};
+use wasmgrid_foreman::model::Scheduler;
 use wasmgrid_foreman::serve::{serve, ServeOptions};
 use wasmgrid_protocol::TaskLimits;
 
@@ -58,8 +59,9 @@ enum Command {
         retries: u32,
         #[arg(long, default_value_t = 0)]
         priority: i32,
-        #[arg(long, default_value = "fifo")]
-        scheduler: String,
+        /// fifo, round-robin, least-loaded, performance or priority.
+        #[arg(long, value_name = "NAME", default_value = "fifo", value_parser = clap::value_parser!(Scheduler))]
+        scheduler: Scheduler,
         #[arg(long, short)]
         output: Option<PathBuf>,
         /// Print the job id and return at once.
