@@ -239,3 +239,72 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedulers_and_times_are_checked_when_parsed() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).map(|cli| cli.command);
+        match parse(&["foreman", "serve"]) {
+            Ok(Command::Serve { scheduler, .. }) => assert_eq!(scheduler, Scheduler::Fifo),
+            _ => panic!("serve without --scheduler"),
+        }
+        match parse(&["foreman", "serve", "--scheduler", "least-loaded"]) {
+            Ok(Command::Serve { scheduler, .. }) => assert_eq!(scheduler, Scheduler::LeastLoaded),
+            _ => panic!("serve --scheduler least-loaded"),
+        }
+        match parse(&["foreman", "submit", "m.wasm", "a.json"]) {
+            Ok(Command::Submit {
+                scheduler,
+                not_before,
+                ..
+            }) => assert_eq!((scheduler, not_before), (None, None)),
+            _ => panic!("plain submit"),
+        }
+        match parse(&[
+            "foreman",
+            "submit",
+            "m.wasm",
+            "a.json",
+            "--scheduler",
+            "priority",
+            "--not-before",
+            "2026-11-22T20:30:00Z",
+        ]) {
+            Ok(Command::Submit {
+                scheduler,
+                not_before,
+                ..
+            }) => assert_eq!(
+                (scheduler, not_before),
+                (Some(Scheduler::Priority), Some(1_795_379_400_000))
+            ),
+            _ => panic!("submit with options"),
+        }
+        for args in [
+            &["foreman", "serve", "--scheduler", "fastest"][..],
+            &["foreman", "submit", "m", "a", "--scheduler", "fastest"],
+            &["foreman", "submit", "m", "a", "--not-before", "soon"],
+        ] {
+            let error = parse(args).err().expect("refused").to_string();
+            assert!(
+                error.contains("unknown scheduler") || error.contains("is not a time"),
+                "{error}"
+            );
+        }
+        assert!(matches!(
+            parse(&["foreman", "drain", "3", "--grace", "2.5"]),
+            Ok(Command::Drain { worker: 3, grace: Some(g), .. }) if g == 2.5
+        ));
+        assert!(matches!(
+            parse(&["foreman", "failures", "3"]),
+            Ok(Command::Failures {
+                worker: 3,
+                limit: 100,
+                ..
+            })
+        ));
+    }
+}
