@@ -1,7 +1,9 @@
 //! The foreman's durable state in one SQLite file.
 //!
 //! All writes go through one writer thread that owns the only writing
-//! connection: [`Store::record`] queues a change and returns at once, and the
+//! connection: [`Store::record`] (and the frequent worker facts,
+//! [`Store::worker_heartbeat`], [`Store::set_worker_draining`]) queues a
+//! change and returns at once, and the
 //! writer commits queued changes in batches (one transaction per ~5 ms or
 //! ~2,000 records), so the core never waits for the disk. Operations that
 //! must be durable when they return (`create_job`, `put_module`) run on the

@@ -144,7 +144,10 @@ pub(super) fn set_worker_online(
     online: bool,
 ) -> Result<(), StoreError> {
     let changed = conn.execute(
-        "UPDATE workers SET online = ?2, last_seen_ms = ?3 WHERE id = ?1",
+        // Nothing runs on a worker that is gone, whatever its last heartbeat said.
+        "UPDATE workers SET online = ?2, last_seen_ms = ?3,
+             running = CASE WHEN ?2 THEN running ELSE 0 END
+         WHERE id = ?1",
         params![to_sql(id), online, now_ms()],
     )?;
     if changed == 0 {

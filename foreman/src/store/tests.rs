@@ -761,6 +761,13 @@ fn workers_show_their_cpu_load_cooldown_and_draining() {
         (Load::default(), 80)
     );
     assert_eq!(row.cooldowns, 2);
+
+    store.worker_heartbeat(w, load, seen);
+    store.flush().unwrap();
+    store.set_worker_online(w, false).unwrap();
+    let row = store.worker(w).unwrap().unwrap();
+    assert_eq!((row.online, row.load.running), (false, 0));
+    assert_eq!(row.load.cpu_permille, 730);
 }
 
 #[test]
