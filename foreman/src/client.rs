@@ -1,11 +1,11 @@
 //! The command-line client of the REST API: `foreman submit`, `status`,
-//! `results`, `jobs`, `workers`.
+//! `results`, `jobs`, `workers`, `drain`, `failures`.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use base64::Engine as _;
@@ -206,6 +206,36 @@ fn print_results(
     })
 }
 
+/// `--not-before`: an RFC 3339 UTC time, or `+` and a duration from now
+/// (`+90s`, `+5m`, `+1h30m`); unix milliseconds.
+pub fn parse_not_before(text: &str) -> Result<u64, String> {
+    not_before_at(text, SystemTime::now())
+}
+
+fn not_before_at(text: &str, now: SystemTime) -> Result<u64, String> {
+    let text = text.trim();
+    let time = match text.strip_prefix('+') {
+        Some(relative) => {
+            let delay = humantime::parse_duration(relative.trim()).map_err(|e| {
+                format!("{text:?} is not a duration from now such as +90s, +5m or +1h30m: {e}")
+            })?;
+            now.checked_add(delay)
+                .ok_or_else(|| format!("{text:?} is too far in the future"))?
+        }
+        None => humantime::parse_rfc3339_weak(text).map_err(|e| {
+            format!(
+                "{text:?} is not a time such as 2026-11-22T20:30:00Z (RFC 3339, UTC) \
+                 or +90s / +5m / +1h30m from now: {e}"
+            )
+        })?,
+    };
+    let ms = time
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| format!("{text:?} is before 1970"))?
+        .as_millis();
+    u64::try_from(ms).map_err(|_| format!("{text:?} is too far in the future"))
+}
+
 pub fn print_json(value: &Value) -> anyhow::Result<ExitCode> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(ExitCode::SUCCESS)
@@ -234,5 +264,44 @@ pub fn workers(
             }
             _ => return print_json(&workers),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn not_before_takes_rfc3339_or_a_delay_from_now() {
+        let now = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        let at = |text: &str| not_before_at(text, now);
+        assert_eq!(at("2026-11-22T20:30:00Z"), Ok(1_795_379_400_000));
+        assert_eq!(at("2026-11-22T20:30:00.250Z"), Ok(1_795_379_400_250));
+        assert_eq!(at(" 2026-11-22 20:30:00 "), Ok(1_795_379_400_000));
+        assert_eq!(at("1970-01-01T00:00:00Z"), Ok(0));
+        assert_eq!(at("+90s"), Ok(1_700_000_090_123));
+        assert_eq!(at("+5m"), Ok(1_700_000_300_123));
+        assert_eq!(at("+1h30m"), Ok(1_700_005_400_123));
+        assert_eq!(at("+ 2h 1s"), Ok(1_700_007_201_123));
+        assert_eq!(at("+0s"), Ok(1_700_000_000_123));
+        for bad in [
+            "",
+            "+",
+            "+soon",
+            "+-5m",
+            "90s",
+            "tomorrow",
+            "2026-13-01T00:00:00Z",
+            "2026-11-22T20:30:00+02:00",
+        ] {
+            let error = at(bad).expect_err(bad);
+            assert!(
+                error.contains(&format!("{:?}", bad.trim())),
+                "{bad}: {error}"
+            );
+        }
+        assert!(at("+5x").unwrap_err().contains("+90s"));
+        assert!(at("tomorrow").unwrap_err().contains("2026-11-22T20:30:00Z"));
     }
 }

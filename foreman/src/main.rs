@@ -1,5 +1,5 @@
 //! `foreman`: runs the grid's coordinator (`serve`) and talks to it (`submit`,
-//! `status`, `results`, `cancel`, `jobs`, `workers`).
+//! `status`, `results`, `cancel`, `jobs`, `workers`, `drain`, `failures`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use wasmgrid_foreman::api::JobOptions;
 use wasmgrid_foreman::client::{self, Client, SubmitOptions};
+use wasmgrid_foreman::model::Scheduler;
 use wasmgrid_foreman::serve::{serve, ServeOptions};
 use wasmgrid_protocol::TaskLimits;
 
@@ -41,6 +42,9 @@ enum Command {
         /// A worker silent this long is offline and its tasks are requeued.
         #[arg(long, value_name = "SECS", default_value_t = 15.0)]
         heartbeat_timeout: f64,
+        /// For jobs that name none: fifo, round-robin, least-loaded, performance or priority.
+        #[arg(long, value_name = "NAME", default_value = "fifo", value_parser = clap::value_parser!(Scheduler))]
+        scheduler: Scheduler,
     },
     /// Submits a job and waits for its results (printed as a JSON array in argument order).
     Submit {
@@ -58,8 +62,13 @@ enum Command {
         retries: u32,
         #[arg(long, default_value_t = 0)]
         priority: i32,
-        #[arg(long, default_value = "fifo")]
-        scheduler: String,
+        /// fifo, round-robin, least-loaded, performance or priority (default: the foreman's).
+        #[arg(long, value_name = "NAME", value_parser = clap::value_parser!(Scheduler))]
+        scheduler: Option<Scheduler>,
+        /// Keep the job queued until then: an RFC 3339 UTC time
+        /// (2026-11-22T20:30:00Z) or from now (+90s, +5m, +1h30m).
+        #[arg(long, value_name = "TIME", value_parser = client::parse_not_before)]
+        not_before: Option<u64>,
         #[arg(long, short)]
         output: Option<PathBuf>,
         /// Print the job id and return at once.
@@ -99,6 +108,23 @@ enum Command {
         #[arg(long, value_name = "SECS", default_value_t = 60.0)]
         timeout: f64,
     },
+    /// Asks a connected worker to finish its running tasks, hand back the rest and leave.
+    Drain {
+        worker: u64,
+        /// How long its running tasks may take before they are cancelled (default 30).
+        #[arg(long, value_name = "SECS")]
+        grace: Option<f64>,
+        #[arg(long, default_value = DEFAULT_FOREMAN)]
+        foreman: String,
+    },
+    /// A worker's failed attempts, newest first.
+    Failures {
+        worker: u64,
+        #[arg(long, value_name = "N", default_value_t = 100)]
+        limit: u64,
+        #[arg(long, default_value = DEFAULT_FOREMAN)]
+        foreman: String,
+    },
 }
 
 const DEFAULT_FOREMAN: &str = "http://127.0.0.1:8000";
@@ -123,6 +149,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             local_workers,
             max_upload_mib,
             heartbeat_timeout,
+            scheduler,
         } => {
             anyhow::ensure!(
                 heartbeat_timeout.is_finite() && heartbeat_timeout >= 0.05,
@@ -136,6 +163,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 local_workers,
                 max_upload_bytes: max_upload_mib.saturating_mul(1 << 20),
                 heartbeat_timeout: std::time::Duration::from_secs_f64(heartbeat_timeout),
+                default_scheduler: scheduler,
             }))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -149,6 +177,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             retries,
             priority,
             scheduler,
+            not_before,
             output,
             detach,
         } => {
@@ -159,6 +188,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 retries,
                 priority,
                 scheduler,
+                not_before_ms: not_before,
             };
             client::submit(
                 &Client::new(&foreman),
@@ -187,5 +217,94 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             wait,
             timeout,
         } => client::workers(&Client::new(&foreman), wait, timeout),
+        Command::Drain {
+            worker,
+            grace,
+            foreman,
+        } => {
+            let body = match grace {
+                Some(secs) => serde_json::json!({ "grace_secs": secs }),
+                None => serde_json::json!({}),
+            };
+            client::print_json(
+                &Client::new(&foreman).post(&format!("/api/workers/{worker}/drain"), &body)?,
+            )
+        }
+        Command::Failures {
+            worker,
+            limit,
+            foreman,
+        } => client::print_json(
+            &Client::new(&foreman).get(&format!("/api/workers/{worker}/failures?limit={limit}"))?,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedulers_and_times_are_checked_when_parsed() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).map(|cli| cli.command);
+        match parse(&["foreman", "serve"]) {
+            Ok(Command::Serve { scheduler, .. }) => assert_eq!(scheduler, Scheduler::Fifo),
+            _ => panic!("serve without --scheduler"),
+        }
+        match parse(&["foreman", "serve", "--scheduler", "least-loaded"]) {
+            Ok(Command::Serve { scheduler, .. }) => assert_eq!(scheduler, Scheduler::LeastLoaded),
+            _ => panic!("serve --scheduler least-loaded"),
+        }
+        match parse(&["foreman", "submit", "m.wasm", "a.json"]) {
+            Ok(Command::Submit {
+                scheduler,
+                not_before,
+                ..
+            }) => assert_eq!((scheduler, not_before), (None, None)),
+            _ => panic!("plain submit"),
+        }
+        match parse(&[
+            "foreman",
+            "submit",
+            "m.wasm",
+            "a.json",
+            "--scheduler",
+            "priority",
+            "--not-before",
+            "2026-11-22T20:30:00Z",
+        ]) {
+            Ok(Command::Submit {
+                scheduler,
+                not_before,
+                ..
+            }) => assert_eq!(
+                (scheduler, not_before),
+                (Some(Scheduler::Priority), Some(1_795_379_400_000))
+            ),
+            _ => panic!("submit with options"),
+        }
+        for args in [
+            &["foreman", "serve", "--scheduler", "fastest"][..],
+            &["foreman", "submit", "m", "a", "--scheduler", "fastest"],
+            &["foreman", "submit", "m", "a", "--not-before", "soon"],
+        ] {
+            let error = parse(args).err().expect("refused").to_string();
+            assert!(
+                error.contains("unknown scheduler") || error.contains("is not a time"),
+                "{error}"
+            );
+        }
+        assert!(matches!(
+            parse(&["foreman", "drain", "3", "--grace", "2.5"]),
+            Ok(Command::Drain { worker: 3, grace: Some(g), .. }) if g == 2.5
+        ));
+        assert!(matches!(
+            parse(&["foreman", "failures", "3"]),
+            Ok(Command::Failures {
+                worker: 3,
+                limit: 100,
+                ..
+            })
+        ));
     }
 }

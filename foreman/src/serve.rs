@@ -12,6 +12,7 @@ use crate::api::{self, ApiState};
 use crate::core::Core;
 use crate::driver::Driver;
 use crate::identity;
+use crate::model::Scheduler;
 use crate::net::{self, NetContext};
 use crate::store::Store;
 use wasmgrid_worker::executor::Executor;
@@ -23,6 +24,8 @@ pub struct ServeOptions {
     pub local_workers: u32,
     pub max_upload_bytes: usize,
     pub heartbeat_timeout: Duration,
+    /// For jobs that name no scheduler.
+    pub default_scheduler: Scheduler,
 }
 
 pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
@@ -71,6 +74,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         validator,
         max_upload_bytes: options.max_upload_bytes,
         validated: Default::default(),
+        default_scheduler: options.default_scheduler,
     }));
     let listener = tokio::net::TcpListener::bind(options.http)
         .await

@@ -1,7 +1,9 @@
 //! The foreman's durable state in one SQLite file.
 //!
 //! All writes go through one writer thread that owns the only writing
-//! connection: [`Store::record`] queues a change and returns at once, and the
+//! connection: [`Store::record`] (and the frequent worker facts,
+//! [`Store::worker_heartbeat`], [`Store::set_worker_draining`]) queues a
+//! change and returns at once, and the
 //! writer commits queued changes in batches (one transaction per ~5 ms or
 //! ~2,000 records), so the core never waits for the disk. Operations that
 //! must be durable when they return (`create_job`, `put_module`) run on the
@@ -24,12 +26,12 @@ use std::thread::JoinHandle;
 
 use rusqlite::Connection;
 use serde::Serialize;
-use wasmgrid_protocol::wire::{ModuleHash, WorkerInfo};
-use wasmgrid_protocol::{Failure, TaskLimits};
+use wasmgrid_protocol::wire::{AttemptId, Load, ModuleHash, WorkerInfo};
+use wasmgrid_protocol::{Failure, FailureKind, TaskLimits};
 
-use crate::model::{JobId, JobSpec, JobState, Record, TaskIndex, TaskState, WorkerId};
+use crate::model::{JobId, JobSpec, JobState, Record, Scheduler, TaskIndex, TaskState, WorkerId};
 
-use writer::Command;
+use writer::{Change, Command};
 
 /// Largest page [`Store::jobs`] returns.
 pub const MAX_PAGE: u64 = 1000;
@@ -73,7 +75,9 @@ pub struct NewJob {
     pub limits: TaskLimits,
     pub max_retries: u32,
     pub priority: i32,
-    pub scheduler: String,
+    pub scheduler: Scheduler,
+    /// The job stays queued until this time (unix milliseconds).
+    pub not_before_ms: Option<u64>,
     /// One JSON text per task, in task order.
     pub args: Vec<String>,
 }
@@ -87,7 +91,9 @@ pub struct JobRow {
     pub module: String,
     pub state: JobState,
     pub priority: i32,
-    pub scheduler: String,
+    pub scheduler: Scheduler,
+    /// The job stays queued until this time (unix milliseconds).
+    pub not_before_ms: Option<u64>,
     pub limits: TaskLimits,
     pub max_retries: u32,
     pub total: u32,
@@ -121,7 +127,6 @@ pub struct UnfinishedJob {
     pub spec: JobSpec,
     /// `Queued` or `Running`.
     pub state: JobState,
-    pub scheduler: String,
     /// One JSON text per task, in task order.
     pub args: Vec<String>,
     /// Per task, in task order: its state and the attempts started so far.
@@ -129,21 +134,33 @@ pub struct UnfinishedJob {
     pub tasks: Vec<(TaskState, u32)>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+/// Failures within this window count as a worker's `recent_failures`.
+pub const RECENT_FAILURES_WINDOW_MS: u64 = 10 * 60 * 1000;
+
+/// Largest page [`Store::worker_failures`] returns.
+pub const MAX_FAILURES_PAGE: u64 = 1000;
+
+/// A worker as the API shows it: what it said at join, flattened, then what
+/// the foreman knows of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct WorkerRow {
     /// 0 for a worker not yet registered.
     pub id: WorkerId,
-    pub name: String,
-    pub hostname: String,
-    pub os: String,
-    pub arch: String,
-    pub cores: u32,
-    pub memory_bytes: u64,
-    pub slots: u32,
-    pub wasmtime_version: String,
-    pub engine_hash: String,
+    #[serde(flatten)]
+    pub info: WorkerInfo,
     pub online: bool,
+    /// Asked to leave (`POST /api/workers/{id}/drain`); cleared when it joins again.
+    pub draining: bool,
     pub last_seen_ms: u64,
+    /// As of the last heartbeat (all 0 before the first).
+    #[serde(flatten)]
+    pub load: Load,
+    /// Gets no tasks until then (unix milliseconds), after too many failures.
+    pub cooldown_until_ms: Option<u64>,
+    /// Cool-downs so far.
+    pub cooldowns: u64,
+    /// Failures in the last [`RECENT_FAILURES_WINDOW_MS`].
+    pub recent_failures: u32,
     /// Attempts this worker ended with a result.
     pub tasks_succeeded: u64,
     /// Attempts this worker ended with a failure or lost (cancellations excluded).
@@ -155,21 +172,29 @@ impl WorkerRow {
     pub fn joining(info: &WorkerInfo) -> WorkerRow {
         WorkerRow {
             id: 0,
-            name: info.name.clone(),
-            hostname: info.hostname.clone(),
-            os: info.os.clone(),
-            arch: info.arch.clone(),
-            cores: info.cores,
-            memory_bytes: info.memory_bytes,
-            slots: info.slots,
-            wasmtime_version: info.wasmtime_version.clone(),
-            engine_hash: info.engine_hash.clone(),
+            info: info.clone(),
             online: true,
+            draining: false,
             last_seen_ms: 0,
+            load: Load::default(),
+            cooldown_until_ms: None,
+            cooldowns: 0,
+            recent_failures: 0,
             tasks_succeeded: 0,
             tasks_failed: 0,
         }
     }
+}
+
+/// One failed attempt on a worker (cancellations are not failures).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WorkerFailureRow {
+    pub attempt: AttemptId,
+    pub job: JobId,
+    pub task: TaskIndex,
+    pub kind: FailureKind,
+    pub message: String,
+    pub at_ms: u64,
 }
 
 /// A handle on the store; clones share one writer thread and reader pool.
@@ -259,14 +284,14 @@ impl Store {
 
     /// Queues a change for the writer thread and returns at once.
     pub fn record(&self, record: Record) {
-        self.send(Command::Records(vec![record]));
+        self.send(Command::Changes(vec![Change::Record(record)]));
     }
 
     /// Queues changes, in order, for the writer thread and returns at once.
     pub fn record_all(&self, records: impl IntoIterator<Item = Record>) {
-        let records: Vec<Record> = records.into_iter().collect();
-        if !records.is_empty() {
-            self.send(Command::Records(records));
+        let changes: Vec<Change> = records.into_iter().map(Change::Record).collect();
+        if !changes.is_empty() {
+            self.send(Command::Changes(changes));
         }
     }
 
@@ -310,8 +335,9 @@ impl Store {
     }
 
     /// Registers a worker, or refreshes the one with the same name and
-    /// hostname; returns its stable id. `id`, `last_seen_ms` and the task
-    /// counters of `w` are ignored (the store keeps those).
+    /// hostname; returns its stable id. Only `info` and `online` of `w` are
+    /// used (the store keeps the rest); a worker joining again is no longer
+    /// draining and its last load is forgotten.
     pub fn upsert_worker(&self, w: &WorkerRow) -> Result<WorkerId, StoreError> {
         let w = w.clone();
         self.call(false, move |conn| queries::upsert_worker(conn, &w))
@@ -323,9 +349,42 @@ impl Store {
         })
     }
 
+    /// Queues a worker's heartbeat (its load, and that it was seen at
+    /// `now_ms`) for the next batch and returns at once.
+    pub fn worker_heartbeat(&self, worker: WorkerId, load: Load, now_ms: u64) {
+        self.send(Command::Changes(vec![Change::Heartbeat {
+            worker,
+            load,
+            now_ms,
+        }]));
+    }
+
+    /// Queues marking a worker as draining (or not) and returns at once.
+    pub fn set_worker_draining(&self, worker: WorkerId, draining: bool) {
+        self.send(Command::Changes(vec![Change::Draining {
+            worker,
+            draining,
+        }]));
+    }
+
     /// Every worker ever registered, by id.
     pub fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
-        self.read(queries::workers)
+        self.read(|conn| queries::workers(conn, None))
+    }
+
+    pub fn worker(&self, id: WorkerId) -> Result<Option<WorkerRow>, StoreError> {
+        self.read(|conn| queries::workers(conn, Some(id)))
+            .map(|rows| rows.into_iter().next())
+    }
+
+    /// The worker's failed attempts, newest first; `limit` is capped at
+    /// [`MAX_FAILURES_PAGE`]. `UnknownWorker` if it was never registered.
+    pub fn worker_failures(
+        &self,
+        worker: WorkerId,
+        limit: u64,
+    ) -> Result<Vec<WorkerFailureRow>, StoreError> {
+        self.read(|conn| queries::worker_failures(conn, worker, limit.min(MAX_FAILURES_PAGE)))
     }
 
     fn send(&self, command: Command) {

@@ -7,16 +7,26 @@ use rusqlite::types::ValueRef;
 use std::time::Instant;
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
-use wasmgrid_protocol::wire::ModuleHash;
+use wasmgrid_protocol::wire::{Load, ModuleHash, WorkerInfo};
 use wasmgrid_protocol::{Failure, TaskLimits};
 
 use super::schema::{self, from_sql, now_ms, to_sql, u32_from_sql};
-use super::{JobRow, NewJob, StoreError, TaskOutcomeRow, UnfinishedJob, WorkerRow};
+use super::{
+    JobRow, NewJob, StoreError, TaskOutcomeRow, UnfinishedJob, WorkerFailureRow, WorkerRow,
+    RECENT_FAILURES_WINDOW_MS,
+};
 use crate::model::{JobId, JobSpec, JobState, WorkerId};
 
 const JOB_COLUMNS: &str = "id, module, state, priority, scheduler, fuel, memory_bytes, timeout_ms,
     output_bytes, max_retries, total, queued, running, succeeded, failed, cancelled, fuel_used,
-    created_at_ms, started_at_ms, finished_at_ms";
+    created_at_ms, started_at_ms, finished_at_ms, not_before_ms";
+
+/// `?1`: failures at or after this time count as recent.
+const WORKER_COLUMNS: &str = "id, name, hostname, os, arch, cores, memory_bytes, slots,
+    wasmtime_version, engine_hash, cpu_model, benchmark_fuel_per_sec, cpu_limit_percent,
+    online, draining, last_seen_ms, cpu_permille, memory_used_bytes, worker_rss_bytes, running,
+    cooldown_until_ms, cooldowns, tasks_succeeded, tasks_failed,
+    (SELECT count(*) FROM worker_failures f WHERE f.worker_id = workers.id AND f.at_ms >= ?1)";
 
 pub(super) fn put_module(
     conn: &mut Connection,
@@ -52,12 +62,12 @@ pub(super) fn create_job(conn: &mut Connection, job: NewJob) -> Result<JobSpec, 
     let limits = &job.limits;
     tx.execute(
         "INSERT INTO jobs (module, state, priority, scheduler, fuel, memory_bytes, timeout_ms,
-             output_bytes, max_retries, total, queued, created_at_ms)
-         VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10)",
+             output_bytes, max_retries, total, queued, created_at_ms, not_before_ms)
+         VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10, ?11)",
         params![
             &job.module[..],
             job.priority,
-            job.scheduler,
+            job.scheduler.as_str(),
             to_sql(limits.fuel),
             to_sql(limits.memory_bytes),
             to_sql(limits.timeout_ms),
@@ -65,6 +75,7 @@ pub(super) fn create_job(conn: &mut Connection, job: NewJob) -> Result<JobSpec, 
             job.max_retries,
             task_count,
             now_ms(),
+            job.not_before_ms.map(to_sql),
         ],
     )?;
     let id = schema::from_sql(tx.last_insert_rowid());
@@ -84,32 +95,41 @@ pub(super) fn create_job(conn: &mut Connection, job: NewJob) -> Result<JobSpec, 
         max_retries: job.max_retries,
         priority: job.priority,
         task_count,
-        scheduler: job.scheduler.parse().unwrap_or_default(),
-        not_before_ms: None,
+        scheduler: job.scheduler,
+        not_before_ms: job.not_before_ms,
     })
 }
 
 pub(super) fn upsert_worker(conn: &mut Connection, w: &WorkerRow) -> Result<WorkerId, StoreError> {
+    let i = &w.info;
+    // A worker that joins again starts afresh: not draining, its old load gone.
     let id: i64 = conn.query_row(
         "INSERT INTO workers (name, hostname, os, arch, cores, memory_bytes, slots,
-             wasmtime_version, engine_hash, online, first_seen_ms, last_seen_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11)
+             wasmtime_version, engine_hash, cpu_model, benchmark_fuel_per_sec, cpu_limit_percent,
+             online, first_seen_ms, last_seen_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14)
          ON CONFLICT (name, hostname) DO UPDATE SET os = excluded.os, arch = excluded.arch,
              cores = excluded.cores, memory_bytes = excluded.memory_bytes,
              slots = excluded.slots, wasmtime_version = excluded.wasmtime_version,
-             engine_hash = excluded.engine_hash, online = excluded.online,
-             last_seen_ms = excluded.last_seen_ms
+             engine_hash = excluded.engine_hash, cpu_model = excluded.cpu_model,
+             benchmark_fuel_per_sec = excluded.benchmark_fuel_per_sec,
+             cpu_limit_percent = excluded.cpu_limit_percent, online = excluded.online,
+             last_seen_ms = excluded.last_seen_ms, draining = 0, running = 0,
+             cpu_permille = 0, memory_used_bytes = 0, worker_rss_bytes = 0
          RETURNING id",
         params![
-            w.name,
-            w.hostname,
-            w.os,
-            w.arch,
-            w.cores,
-            to_sql(w.memory_bytes),
-            w.slots,
-            w.wasmtime_version,
-            w.engine_hash,
+            i.name,
+            i.hostname,
+            i.os,
+            i.arch,
+            i.cores,
+            to_sql(i.memory_bytes),
+            i.slots,
+            i.wasmtime_version,
+            i.engine_hash,
+            i.cpu_model,
+            to_sql(i.benchmark_fuel_per_sec),
+            i.cpu_limit_percent,
             w.online,
             now_ms(),
         ],
@@ -124,7 +144,10 @@ pub(super) fn set_worker_online(
     online: bool,
 ) -> Result<(), StoreError> {
     let changed = conn.execute(
-        "UPDATE workers SET online = ?2, last_seen_ms = ?3 WHERE id = ?1",
+        // Nothing runs on a worker that is gone, whatever its last heartbeat said.
+        "UPDATE workers SET online = ?2, last_seen_ms = ?3,
+             running = CASE WHEN ?2 THEN running ELSE 0 END
+         WHERE id = ?1",
         params![to_sql(id), online, now_ms()],
     )?;
     if changed == 0 {
@@ -261,11 +284,10 @@ pub(super) fn unfinished_jobs(conn: &mut Connection) -> Result<Vec<UnfinishedJob
                     max_retries: job.max_retries,
                     priority: job.priority,
                     task_count: job.total,
-                    scheduler: job.scheduler.parse().unwrap_or_default(),
-                    not_before_ms: None,
+                    scheduler: job.scheduler,
+                    not_before_ms: job.not_before_ms,
                 },
                 state: job.state,
-                scheduler: job.scheduler,
                 args,
                 tasks,
             });
@@ -282,32 +304,87 @@ pub(super) fn next_attempt_id(conn: &mut Connection) -> Result<u64, StoreError> 
     Ok(from_sql(max).wrapping_add(1))
 }
 
-pub(super) fn workers(conn: &mut Connection) -> Result<Vec<WorkerRow>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, name, hostname, os, arch, cores, memory_bytes, slots, wasmtime_version,
-             engine_hash, online, last_seen_ms, tasks_succeeded, tasks_failed
-         FROM workers ORDER BY id",
-    )?;
-    let mut rows = stmt.query([])?;
+/// Every worker by id, or only `only`.
+pub(super) fn workers(
+    conn: &mut Connection,
+    only: Option<WorkerId>,
+) -> Result<Vec<WorkerRow>, StoreError> {
+    let recent_since = now_ms().saturating_sub(to_sql(RECENT_FAILURES_WINDOW_MS));
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {WORKER_COLUMNS} FROM workers WHERE ?2 IS NULL OR id = ?2 ORDER BY id"
+    ))?;
+    let mut rows = stmt.query(params![recent_since, only.map(to_sql)])?;
     let mut out = Vec::new();
     while let Some(row) = rows.next()? {
         out.push(WorkerRow {
             id: from_sql(row.get(0)?),
-            name: row.get(1)?,
-            hostname: row.get(2)?,
-            os: row.get(3)?,
-            arch: row.get(4)?,
-            cores: u32_from_sql(row.get(5)?)?,
-            memory_bytes: from_sql(row.get(6)?),
-            slots: u32_from_sql(row.get(7)?)?,
-            wasmtime_version: row.get(8)?,
-            engine_hash: row.get(9)?,
-            online: row.get(10)?,
-            last_seen_ms: from_sql(row.get(11)?),
-            tasks_succeeded: from_sql(row.get(12)?),
-            tasks_failed: from_sql(row.get(13)?),
+            info: WorkerInfo {
+                name: row.get(1)?,
+                hostname: row.get(2)?,
+                os: row.get(3)?,
+                arch: row.get(4)?,
+                cores: u32_from_sql(row.get(5)?)?,
+                memory_bytes: from_sql(row.get(6)?),
+                slots: u32_from_sql(row.get(7)?)?,
+                wasmtime_version: row.get(8)?,
+                engine_hash: row.get(9)?,
+                cpu_model: row.get(10)?,
+                benchmark_fuel_per_sec: from_sql(row.get(11)?),
+                cpu_limit_percent: u32_from_sql(row.get(12)?)?,
+            },
+            online: row.get(13)?,
+            draining: row.get(14)?,
+            last_seen_ms: from_sql(row.get(15)?),
+            load: Load {
+                cpu_permille: u32_from_sql(row.get(16)?)?,
+                memory_used_bytes: from_sql(row.get(17)?),
+                worker_rss_bytes: from_sql(row.get(18)?),
+                running: u32_from_sql(row.get(19)?)?,
+            },
+            cooldown_until_ms: row.get::<_, Option<i64>>(20)?.map(from_sql),
+            cooldowns: from_sql(row.get(21)?),
+            tasks_succeeded: from_sql(row.get(22)?),
+            tasks_failed: from_sql(row.get(23)?),
+            recent_failures: u32_from_sql(row.get(24)?)?,
         });
     }
+    Ok(out)
+}
+
+/// Newest first; ties (one batch) by attempt, newest first too.
+pub(super) fn worker_failures(
+    conn: &mut Connection,
+    worker: WorkerId,
+    limit: u64,
+) -> Result<Vec<WorkerFailureRow>, StoreError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let tx = conn.transaction()?;
+    let known = tx
+        .prepare_cached("SELECT 1 FROM workers WHERE id = ?1")?
+        .query_row([to_sql(worker)], |_| Ok(()))
+        .optional()?;
+    if known.is_none() {
+        return Err(StoreError::UnknownWorker(worker));
+    }
+    let mut out = Vec::new();
+    {
+        let mut stmt = tx.prepare_cached(
+            "SELECT attempt, job_id, idx, kind, message, at_ms FROM worker_failures
+             WHERE worker_id = ?1 ORDER BY at_ms DESC, attempt DESC LIMIT ?2",
+        )?;
+        let mut rows = stmt.query(params![to_sql(worker), limit])?;
+        while let Some(row) = rows.next()? {
+            out.push(WorkerFailureRow {
+                attempt: from_sql(row.get(0)?),
+                job: from_sql(row.get(1)?),
+                task: u32_from_sql(row.get(2)?)?,
+                kind: schema::failure_kind(required_text(row, 3)?)?,
+                message: row.get(4)?,
+                at_ms: from_sql(row.get(5)?),
+            });
+        }
+    }
+    tx.finish()?;
     Ok(out)
 }
 
@@ -319,7 +396,8 @@ fn job_row(row: &Row<'_>) -> Result<JobRow, StoreError> {
         module: hex::encode(module),
         state: schema::job_state(required_text(row, 2)?)?,
         priority: row.get(3)?,
-        scheduler: row.get(4)?,
+        scheduler: schema::scheduler(required_text(row, 4)?)?,
+        not_before_ms: row.get::<_, Option<i64>>(20)?.map(from_sql),
         limits: TaskLimits {
             fuel: from_sql(row.get(5)?),
             memory_bytes: from_sql(row.get(6)?),

@@ -8,14 +8,14 @@ use rusqlite::{Connection, OpenFlags};
 use wasmgrid_protocol::{CacheSource, FailureKind};
 
 use super::StoreError;
-use crate::model::{JobState, TaskState};
+use crate::model::{JobState, Scheduler, TaskState};
 
 /// How long a connection waits for a lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `MIGRATIONS[n]` takes the schema from version `n` to `n + 1`
 /// (`PRAGMA user_version`). Append only; never edit a shipped migration.
-const MIGRATIONS: &[&str] = &[V1];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// The schema version this code reads and writes.
 pub(super) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -134,6 +134,28 @@ CREATE TABLE worker_failures (
 CREATE INDEX worker_failures_by_worker ON worker_failures (worker_id, at_ms);
 ";
 
+/// Protocol 2: a job's earliest start; what a worker says of its CPU at
+/// join and of its load in heartbeats; draining and cool-down. Cancellations
+/// are no worker's failure, so they leave the failure history.
+/// - `running` and the load columns are the last heartbeat's (0 before one).
+/// - `cooldown_until_ms` is the latest cool-down's end; `cooldowns` counts them.
+const V2: &str = "
+ALTER TABLE jobs ADD COLUMN not_before_ms INTEGER;
+
+ALTER TABLE workers ADD COLUMN cpu_model TEXT NOT NULL DEFAULT '';
+ALTER TABLE workers ADD COLUMN benchmark_fuel_per_sec INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE workers ADD COLUMN cpu_limit_percent INTEGER NOT NULL DEFAULT 100;
+ALTER TABLE workers ADD COLUMN cpu_permille INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE workers ADD COLUMN memory_used_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE workers ADD COLUMN worker_rss_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE workers ADD COLUMN running INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE workers ADD COLUMN draining INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE workers ADD COLUMN cooldown_until_ms INTEGER;
+ALTER TABLE workers ADD COLUMN cooldowns INTEGER NOT NULL DEFAULT 0;
+
+DELETE FROM worker_failures WHERE kind = 'Cancelled';
+";
+
 /// Opens the writing connection: WAL, settings, schema up to date, workers
 /// marked offline.
 pub(super) fn open_writer(path: &Path) -> Result<Connection, StoreError> {
@@ -151,7 +173,12 @@ pub(super) fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     conn.pragma_update(None, "cache_size", -65_536)?;
     conn.set_prepared_statement_cache_capacity(32);
     migrate(&mut conn)?;
-    conn.execute("UPDATE workers SET online = 0 WHERE online != 0", [])?;
+    // Nothing runs on a worker that is not connected; a drain ends with the connection.
+    conn.execute(
+        "UPDATE workers SET online = 0, running = 0, draining = 0
+         WHERE online != 0 OR running != 0 OR draining != 0",
+        [],
+    )?;
     Ok(conn)
 }
 
@@ -208,6 +235,11 @@ pub(super) fn from_sql(v: i64) -> u64 {
 /// A count or index read back as u32; anything else means a damaged file.
 pub(super) fn u32_from_sql(v: i64) -> Result<u32, StoreError> {
     u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("{v} is not a u32")))
+}
+
+pub(super) fn scheduler(s: &str) -> Result<Scheduler, StoreError> {
+    s.parse()
+        .map_err(|_| StoreError::Corrupt(format!("scheduler {s:?}")))
 }
 
 pub(super) fn task_state(s: &str) -> Result<TaskState, StoreError> {

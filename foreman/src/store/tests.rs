@@ -5,7 +5,8 @@ use wasmgrid_protocol::{
 };
 
 use super::*;
-use crate::model::{JobState, Record, TaskState};
+use crate::model::{JobState, Record, Scheduler, TaskState};
+use wasmgrid_protocol::wire::{Load, WorkerInfo};
 
 const MODULE: ModuleHash = [7; 32];
 
@@ -21,7 +22,8 @@ fn new_job(args: Vec<String>) -> NewJob {
         limits: TaskLimits::default(),
         max_retries: 2,
         priority: 0,
-        scheduler: "fifo".into(),
+        scheduler: Scheduler::Fifo,
+        not_before_ms: None,
         args,
     }
 }
@@ -84,8 +86,8 @@ fn counters(row: &JobRow) -> [u32; 5] {
     ]
 }
 
-fn worker(name: &str, host: &str) -> WorkerRow {
-    WorkerRow {
+fn info(name: &str, host: &str) -> WorkerInfo {
+    WorkerInfo {
         name: name.into(),
         hostname: host.into(),
         os: "linux".into(),
@@ -95,9 +97,14 @@ fn worker(name: &str, host: &str) -> WorkerRow {
         slots: 8,
         wasmtime_version: "48.0.8".into(),
         engine_hash: "abc".into(),
-        online: true,
-        ..WorkerRow::default()
+        cpu_model: "Test CPU".into(),
+        benchmark_fuel_per_sec: 2_000_000_000,
+        cpu_limit_percent: 50,
     }
+}
+
+fn worker(name: &str, host: &str) -> WorkerRow {
+    WorkerRow::joining(&info(name, host))
 }
 
 #[test]
@@ -173,11 +180,16 @@ fn create_job_then_results_in_argument_order() {
     let row = store.job(spec.id).unwrap().unwrap();
     assert_eq!(row.module, hex::encode(MODULE));
     assert_eq!(row.limits, TaskLimits::default());
-    assert_eq!((row.max_retries, row.scheduler.as_str()), (2, "fifo"));
+    assert_eq!(
+        (row.max_retries, row.scheduler, row.not_before_ms),
+        (2, Scheduler::Fifo, None)
+    );
     assert!(row.created_at_ms > 0);
     let json = serde_json::to_value(&row).unwrap();
     assert_eq!(json["module"], hex::encode(MODULE));
     assert_eq!(json["state"], "queued");
+    assert_eq!(json["scheduler"], "fifo");
+    assert_eq!(json["not_before_ms"], serde_json::Value::Null);
 }
 
 #[test]
@@ -281,7 +293,7 @@ fn retries_failures_and_cancellation_keep_counters_right() {
     assert_eq!(results[3].state, TaskState::Cancelled);
 
     // Worker counters: 1 success; Timeout, Trap and WorkerLost failed; the
-    // cancellation is not held against it. Every failure is in worker_failures.
+    // cancellation is not held against it, nor kept in its failure history.
     let workers = store.workers().unwrap();
     assert_eq!(
         (workers[0].tasks_succeeded, workers[0].tasks_failed),
@@ -296,7 +308,7 @@ fn retries_failures_and_cancellation_keep_counters_right() {
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!(failures, 4);
+    assert_eq!(failures, 3);
     let (out, ended_at): (Option<String>, Option<i64>) = conn
         .query_row(
             "SELECT stdout, ended_at_ms FROM attempts WHERE id = 2",
@@ -318,7 +330,8 @@ fn unfinished_jobs_survive_a_crash() {
     let done = store.create_job(new_job(args(1))).unwrap().id;
     let mut busy_job = new_job(args(3));
     busy_job.priority = 5;
-    busy_job.scheduler = "priority".into();
+    busy_job.scheduler = Scheduler::Priority;
+    busy_job.not_before_ms = Some(1_900_000_000_000);
     let busy = store.create_job(busy_job).unwrap();
     let idle = store.create_job(new_job(args(2))).unwrap().id;
     store.record_all([
@@ -346,8 +359,12 @@ fn unfinished_jobs_survive_a_crash() {
     let b = &unfinished[0];
     assert_eq!(b.spec, busy);
     assert_eq!(
-        (b.state, b.scheduler.as_str()),
-        (JobState::Running, "priority")
+        (b.state, b.spec.scheduler, b.spec.not_before_ms),
+        (
+            JobState::Running,
+            Scheduler::Priority,
+            Some(1_900_000_000_000)
+        )
     );
     assert_eq!(b.args, args(3));
     assert_eq!(
@@ -447,7 +464,7 @@ fn workers_keep_their_id_by_name_and_hostname() {
     let b = store.upsert_worker(&worker("w", "pc2")).unwrap();
     assert_ne!(a, b);
     let mut again = worker("w", "pc1");
-    again.slots = 2;
+    again.info.slots = 2;
     assert_eq!(store.upsert_worker(&again).unwrap(), a);
     store.set_worker_online(b, false).unwrap();
     assert!(matches!(
@@ -456,7 +473,7 @@ fn workers_keep_their_id_by_name_and_hostname() {
     ));
     let all = store.workers().unwrap();
     assert_eq!(all.len(), 2);
-    assert_eq!((all[0].id, all[0].slots, all[0].online), (a, 2, true));
+    assert_eq!((all[0].id, all[0].info.slots, all[0].online), (a, 2, true));
     assert_eq!((all[1].id, all[1].online), (b, false));
     assert!(all[0].last_seen_ms > 0);
 }
@@ -586,4 +603,247 @@ fn a_finished_task_keeps_its_outcome_when_a_duplicate_attempt_ends_later() {
     assert_eq!(results[0].result.as_deref(), Some("42"));
     let row = store.job(spec.id).unwrap().unwrap();
     assert_eq!((row.succeeded, row.cancelled), (1, 0));
+}
+
+#[test]
+fn a_version_1_database_is_migrated_and_keeps_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("foreman.db");
+    {
+        let mut conn = rusqlite::Connection::open(&path).unwrap();
+        let tx = conn.transaction().unwrap();
+        tx.execute_batch(schema::MIGRATIONS[0]).unwrap();
+        tx.pragma_update(None, "user_version", 1).unwrap();
+        tx.execute_batch(
+            "INSERT INTO modules VALUES (x'0707070707070707070707070707070707070707070707070707070707070707', x'00', 1, 1);
+             INSERT INTO jobs (module, state, priority, scheduler, fuel, memory_bytes, timeout_ms,
+                 output_bytes, max_retries, total, queued, created_at_ms)
+             VALUES (x'0707070707070707070707070707070707070707070707070707070707070707',
+                 'queued', 3, 'round-robin', 10, 20, 30, 40, 1, 1, 1, 5);
+             INSERT INTO tasks (job_id, idx, args) VALUES (1, 0, '[0]');
+             INSERT INTO workers (name, hostname, os, arch, cores, memory_bytes, slots,
+                 wasmtime_version, engine_hash, online, first_seen_ms, last_seen_ms)
+             VALUES ('w', 'pc', 'linux', 'x86_64', 4, 8, 4, '48', 'e', 1, 1, 2);
+             INSERT INTO worker_failures VALUES (1, 1, 1, 0, 'Trap', 'boom', 7);
+             INSERT INTO worker_failures VALUES (2, 1, 1, 0, 'Cancelled', 'job cancelled', 8);",
+        )
+        .unwrap();
+        tx.commit().unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    let job = store.job(1).unwrap().unwrap();
+    assert_eq!(
+        (job.scheduler, job.not_before_ms, job.priority),
+        (Scheduler::RoundRobin, None, 3)
+    );
+    assert_eq!(
+        store.unfinished_jobs().unwrap()[0].spec.scheduler,
+        Scheduler::RoundRobin
+    );
+    let w = store.worker(1).unwrap().unwrap();
+    assert_eq!(
+        (
+            w.info.name.as_str(),
+            w.info.cpu_model.as_str(),
+            w.info.cpu_limit_percent
+        ),
+        ("w", "", 100)
+    );
+    assert!(!w.online && !w.draining);
+    assert_eq!((w.cooldown_until_ms, w.load), (None, Load::default()));
+    // Cancellations were never the worker's failures.
+    let failures = store.worker_failures(1, 10).unwrap();
+    assert_eq!(failures.len(), 1);
+    assert_eq!(failures[0].kind, FailureKind::Trap);
+    drop(store);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, schema::SCHEMA_VERSION);
+}
+
+#[test]
+fn create_job_keeps_scheduler_and_not_before() {
+    let (_dir, store) = open_temp();
+    store.put_module(&MODULE, b"wasm").unwrap();
+    let mut job = new_job(args(2));
+    job.scheduler = Scheduler::LeastLoaded;
+    job.not_before_ms = Some(u64::MAX);
+    let spec = store.create_job(job).unwrap();
+    assert_eq!(
+        (spec.scheduler, spec.not_before_ms),
+        (Scheduler::LeastLoaded, Some(u64::MAX))
+    );
+    let row = store.job(spec.id).unwrap().unwrap();
+    assert_eq!(
+        (row.scheduler, row.not_before_ms),
+        (Scheduler::LeastLoaded, Some(u64::MAX))
+    );
+    let json = serde_json::to_value(&row).unwrap();
+    assert_eq!(json["scheduler"], "least-loaded");
+    assert_eq!(json["not_before_ms"], u64::MAX);
+    assert_eq!(store.unfinished_jobs().unwrap()[0].spec, spec);
+}
+
+#[test]
+fn workers_show_their_cpu_load_cooldown_and_draining() {
+    let (_dir, store) = open_temp();
+    let w = store.upsert_worker(&worker("w", "pc")).unwrap();
+    let other = store.upsert_worker(&worker("w", "pc2")).unwrap();
+    let load = Load {
+        cpu_permille: 730,
+        memory_used_bytes: 3 << 30,
+        worker_rss_bytes: 200 << 20,
+        running: 5,
+    };
+    let seen = 4_000_000_000_000;
+    store.worker_heartbeat(w, load, seen);
+    // An unknown worker's facts change nothing and reject nothing.
+    store.worker_heartbeat(99, load, seen);
+    store.set_worker_draining(99, true);
+    store.record(Record::WorkerCooledDown {
+        worker: 99,
+        until_ms: 1,
+        recent_failures: 1,
+    });
+    store.set_worker_draining(w, true);
+    store.record_all([
+        Record::WorkerCooledDown {
+            worker: w,
+            until_ms: 1_000,
+            recent_failures: 4,
+        },
+        Record::WorkerCooledDown {
+            worker: w,
+            until_ms: 2_000,
+            recent_failures: 5,
+        },
+    ]);
+    store.flush().unwrap();
+
+    let row = store.worker(w).unwrap().unwrap();
+    assert_eq!(row.info, info("w", "pc"));
+    assert_eq!((row.load, row.last_seen_ms), (load, seen));
+    assert_eq!((row.cooldown_until_ms, row.cooldowns), (Some(2_000), 2));
+    assert!(row.draining && row.online);
+    let json = serde_json::to_value(&row).unwrap();
+    // Flat: what the worker said, its load and the foreman's view side by side.
+    for (key, value) in [
+        ("name", serde_json::json!("w")),
+        ("cpu_model", "Test CPU".into()),
+        ("benchmark_fuel_per_sec", 2_000_000_000u64.into()),
+        ("cpu_limit_percent", 50.into()),
+        ("cpu_permille", 730.into()),
+        ("running", 5.into()),
+        ("draining", true.into()),
+        ("cooldown_until_ms", 2_000.into()),
+        ("recent_failures", 0.into()),
+    ] {
+        assert_eq!(json[key], value, "{key} in {json}");
+    }
+    let plain = store.worker(other).unwrap().unwrap();
+    assert_eq!(
+        (plain.load, plain.cooldown_until_ms),
+        (Load::default(), None)
+    );
+    assert!(!plain.draining);
+    assert_eq!(store.worker(99).unwrap(), None);
+
+    // Joining again: no longer draining, the old load forgotten, the new CPU facts kept.
+    let mut again = info("w", "pc");
+    again.cpu_limit_percent = 80;
+    assert_eq!(store.upsert_worker(&WorkerRow::joining(&again)).unwrap(), w);
+    let row = store.worker(w).unwrap().unwrap();
+    assert!(!row.draining);
+    assert_eq!(
+        (row.load, row.info.cpu_limit_percent),
+        (Load::default(), 80)
+    );
+    assert_eq!(row.cooldowns, 2);
+
+    store.worker_heartbeat(w, load, seen);
+    store.flush().unwrap();
+    store.set_worker_online(w, false).unwrap();
+    let row = store.worker(w).unwrap().unwrap();
+    assert_eq!((row.online, row.load.running), (false, 0));
+    assert_eq!(row.load.cpu_permille, 730);
+}
+
+#[test]
+fn worker_failures_newest_first_without_cancellations() {
+    let (_dir, store) = open_temp();
+    store.put_module(&MODULE, b"wasm").unwrap();
+    let w = store.upsert_worker(&worker("w", "pc")).unwrap();
+    let other = store.upsert_worker(&worker("v", "pc")).unwrap();
+    let job = store.create_job(new_job(args(4))).unwrap().id;
+    let trap = |m: &str| Err(Failure::new(FailureKind::Trap, m));
+    // Separate batches, so each failure has its own time.
+    for (attempt, task, outcome) in [(1, 0, trap("first")), (2, 1, trap("second"))] {
+        store.record_all([
+            started(job, task, attempt, w),
+            ended(job, task, attempt, outcome, TaskState::Failed),
+        ]);
+        store.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    store.record_all([
+        started(job, 2, 3, w),
+        Record::AttemptAbandoned {
+            job,
+            task: 2,
+            attempt: 3,
+            worker: w,
+            failure: Failure::new(FailureKind::WorkerLost, "gone"),
+            task_state: TaskState::Queued,
+        },
+        started(job, 3, 4, w),
+        Record::AttemptAbandoned {
+            job,
+            task: 3,
+            attempt: 4,
+            worker: w,
+            failure: Failure::new(FailureKind::Cancelled, "job cancelled"),
+            task_state: TaskState::Cancelled,
+        },
+        started(job, 2, 5, other),
+        Record::AttemptEnded {
+            job,
+            task: 2,
+            attempt: 5,
+            worker: other,
+            report: report(trap("elsewhere"), 1),
+            task_state: TaskState::Failed,
+        },
+    ]);
+    store.flush().unwrap();
+
+    let failures = store.worker_failures(w, 100).unwrap();
+    let seen: Vec<(u64, TaskIndex, FailureKind)> = failures
+        .iter()
+        .map(|f| (f.attempt, f.task, f.kind))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (3, 2, FailureKind::WorkerLost),
+            (2, 1, FailureKind::Trap),
+            (1, 0, FailureKind::Trap)
+        ]
+    );
+    assert!(failures.windows(2).all(|p| p[0].at_ms >= p[1].at_ms));
+    assert_eq!(
+        (failures[1].job, failures[1].message.as_str()),
+        (job, "second")
+    );
+    assert_eq!(store.worker_failures(w, 1).unwrap().len(), 1);
+    assert!(store.worker_failures(w, 0).unwrap().is_empty());
+    assert_eq!(store.worker_failures(other, 100).unwrap().len(), 1);
+    assert!(matches!(
+        store.worker_failures(99, 10),
+        Err(StoreError::UnknownWorker(99))
+    ));
+    // All three are within the last ten minutes.
+    let row = store.worker(w).unwrap().unwrap();
+    assert_eq!((row.recent_failures, row.tasks_failed), (3, 3));
 }

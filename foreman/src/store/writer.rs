@@ -8,6 +8,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rusqlite::{params, CachedStatement, Connection};
+use wasmgrid_protocol::wire::Load;
 use wasmgrid_protocol::{Failure, FailureKind, TaskReport};
 
 use super::schema::{self, now_ms, to_sql};
@@ -22,8 +23,24 @@ const RETRY_DELAY: Duration = Duration::from_millis(200);
 
 pub(super) type ExecFn = Box<dyn FnOnce(&mut Connection) + Send>;
 
+/// A queued change: the core's records, and the worker facts that arrive as
+/// often (heartbeats) and so must not cost a round trip each.
+#[derive(Debug)]
+pub(super) enum Change {
+    Record(Record),
+    Heartbeat {
+        worker: WorkerId,
+        load: Load,
+        now_ms: u64,
+    },
+    Draining {
+        worker: WorkerId,
+        draining: bool,
+    },
+}
+
 pub(super) enum Command {
-    Records(Vec<Record>),
+    Changes(Vec<Change>),
     Flush(SyncSender<Result<(), StoreError>>),
     /// Runs on the writer's connection; `durable` commits with synchronous=FULL.
     Exec {
@@ -55,8 +72,8 @@ pub(super) fn spawn(
 struct Writer {
     conn: Connection,
     commands: Receiver<Command>,
-    /// Records received and not yet committed, in order.
-    pending: Vec<Record>,
+    /// Changes received and not yet committed, in order.
+    pending: Vec<Change>,
     /// Records dropped since the last flush, and why the first one was.
     rejected: u64,
     first_rejection: Option<String>,
@@ -73,7 +90,7 @@ impl Writer {
             let mut closed = false;
             if self.pending.is_empty() {
                 match self.commands.recv() {
-                    Ok(Command::Records(records)) => self.pending = records,
+                    Ok(Command::Changes(changes)) => self.pending = changes,
                     Ok(other) => next = Some(other),
                     Err(_) => break,
                 }
@@ -83,7 +100,7 @@ impl Writer {
             if next.is_none() {
                 while self.pending.len() < BATCH_MAX {
                     match self.commands.try_recv() {
-                        Ok(Command::Records(records)) => self.pending.extend(records),
+                        Ok(Command::Changes(changes)) => self.pending.extend(changes),
                         Ok(other) => {
                             next = Some(other);
                             break;
@@ -102,7 +119,7 @@ impl Writer {
                     let _ = reply.send(self.flush_answer());
                 }
                 Some(Command::Exec { durable, run }) => self.exec(durable, run),
-                Some(Command::Records(_)) | None => {}
+                Some(Command::Changes(_)) | None => {}
             }
             if closed {
                 break;
@@ -126,7 +143,7 @@ impl Writer {
             match self.commit_batch(n) {
                 Ok(()) => {
                     for record in self.pending.drain(..n) {
-                        if let Record::JobStateChanged { job, state } = record {
+                        if let Change::Record(Record::JobStateChanged { job, state }) = record {
                             let _ = self.job_events.send((job, state));
                         }
                     }
@@ -259,6 +276,9 @@ struct Statements<'c> {
     cancel_queued: CachedStatement<'c>,
     job_counters: CachedStatement<'c>,
     worker_counters: CachedStatement<'c>,
+    worker_cooldown: CachedStatement<'c>,
+    worker_load: CachedStatement<'c>,
+    worker_draining: CachedStatement<'c>,
 }
 
 impl<'c> Statements<'c> {
@@ -318,6 +338,15 @@ impl<'c> Statements<'c> {
                      tasks_failed = tasks_failed + ?3, last_seen_ms = max(last_seen_ms, ?4)
                  WHERE id = ?1",
             )?,
+            worker_cooldown: conn.prepare_cached(
+                "UPDATE workers SET cooldown_until_ms = ?2, cooldowns = cooldowns + 1 WHERE id = ?1",
+            )?,
+            worker_load: conn.prepare_cached(
+                "UPDATE workers SET cpu_permille = ?2, memory_used_bytes = ?3,
+                     worker_rss_bytes = ?4, running = ?5, last_seen_ms = max(last_seen_ms, ?6)
+                 WHERE id = ?1",
+            )?,
+            worker_draining: conn.prepare_cached("UPDATE workers SET draining = ?2 WHERE id = ?1")?,
         })
     }
 }
@@ -384,8 +413,39 @@ impl Deltas {
     }
 }
 
-/// Applies one record. Deltas are added only once all its statements succeeded.
+/// Applies one change. Deltas are added only once all its statements succeeded.
 fn apply(
+    st: &mut Statements<'_>,
+    change: &Change,
+    now: i64,
+    deltas: &mut Deltas,
+) -> Result<(), StoreError> {
+    match change {
+        Change::Record(record) => apply_record(st, record, now, deltas),
+        Change::Heartbeat {
+            worker,
+            load,
+            now_ms,
+        } => {
+            st.worker_load.execute(params![
+                to_sql(*worker),
+                load.cpu_permille,
+                to_sql(load.memory_used_bytes),
+                to_sql(load.worker_rss_bytes),
+                load.running,
+                to_sql(*now_ms),
+            ])?;
+            Ok(())
+        }
+        Change::Draining { worker, draining } => {
+            st.worker_draining
+                .execute(params![to_sql(*worker), draining])?;
+            Ok(())
+        }
+    }
+}
+
+fn apply_record(
     st: &mut Statements<'_>,
     record: &Record,
     now: i64,
@@ -451,7 +511,14 @@ fn apply(
             };
             end_attempt(st, &end, None, Some(failure), now, deltas)?;
         }
-        Record::WorkerCooledDown { .. } => {}
+        // Worker references carry no foreign key (see the schema): an
+        // unknown worker changes nothing rather than failing the batch.
+        Record::WorkerCooledDown {
+            worker, until_ms, ..
+        } => {
+            st.worker_cooldown
+                .execute(params![to_sql(*worker), to_sql(*until_ms)])?;
+        }
         Record::JobStateChanged { job, state } => {
             let changed = st.job_state.execute(params![
                 to_sql(*job),
@@ -531,7 +598,8 @@ fn end_attempt(
         report.and_then(|r| text(&r.stderr.text)),
         report.map(|r| r.stderr.truncated),
     ])?;
-    if let Some(f) = failure {
+    // A cancellation is the job's doing, not the worker's.
+    if let Some(f) = failure.filter(|f| f.kind != FailureKind::Cancelled) {
         st.worker_failure.execute(params![
             to_sql(end.attempt),
             to_sql(end.worker),

@@ -1,115 +1,25 @@
-//! The REST API: submit jobs, follow them, fetch their results.
+//! Jobs: submit, list, follow, fetch results, cancel.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use base64::Engine as _;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use wasmgrid_protocol::{FailureKind, TaskLimits};
 use wasmgrid_worker::exec::split_args;
-use wasmgrid_worker::executor::{Executor, ModuleId};
+use wasmgrid_worker::executor::ModuleId;
 
-use crate::driver::{Driver, Input};
-use crate::model::{JobId, JobState, TaskState};
-use crate::store::{NewJob, Store, StoreError};
-
-/// Largest upload (module and args together) unless configured otherwise.
-pub const DEFAULT_MAX_UPLOAD_BYTES: usize = 256 << 20;
-
-pub struct ApiState {
-    pub store: Store,
-    pub driver: Driver,
-    /// Validates modules against the task world before a job is accepted.
-    pub validator: Arc<Executor>,
-    pub max_upload_bytes: usize,
-    /// Modules stored and validated since start: a job naming one by hash skips both.
-    pub validated: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
-}
-
-impl ApiState {
-    fn is_validated(&self, hash: &[u8; 32]) -> bool {
-        self.validated
-            .lock()
-            .map(|set| set.contains(hash))
-            .unwrap_or(false)
-    }
-}
-
-pub fn router(state: Arc<ApiState>) -> Router {
-    let max_upload = state.max_upload_bytes;
-    Router::new()
-        .route("/api/jobs", post(submit).get(list_jobs))
-        .route("/api/jobs/{id}", get(job))
-        .route("/api/jobs/{id}/results", get(results))
-        .route("/api/jobs/{id}/wait", get(wait))
-        .route("/api/jobs/{id}/events", get(events))
-        .route("/api/jobs/{id}/cancel", post(cancel))
-        .route("/api/workers", get(workers))
-        .route("/api/limits", get(limits))
-        .layer(DefaultBodyLimit::max(max_upload))
-        .with_state(state)
-}
-
-/// `{ "error": { "code", "message" } }` with a status.
-pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-
-    fn job_not_found(id: JobId) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no job with id {id}"),
-        )
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });
-        (self.status, Json(body)).into_response()
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(error: StoreError) -> Self {
-        tracing::error!("store: {error}");
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "store",
-            error.to_string(),
-        )
-    }
-}
-
-impl From<tokio::task::JoinError> for ApiError {
-    fn from(error: tokio::task::JoinError) -> Self {
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            error.to_string(),
-        )
-    }
-}
+use super::{ApiError, ApiState};
+use crate::driver::Input;
+use crate::model::{JobId, JobState, Scheduler, TaskState};
+use crate::store::NewJob;
 
 #[derive(Deserialize)]
 pub struct SubmitRequest {
@@ -117,8 +27,9 @@ pub struct SubmitRequest {
     pub module_base64: Option<String>,
     pub module_sha256: Option<String>,
     pub args: Box<RawValue>,
+    /// [`JobOptions`]; read apart from the rest so a bad option is named as one.
     #[serde(default)]
-    pub options: JobOptions,
+    pub options: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -129,7 +40,22 @@ pub struct JobOptions {
     pub timeout_secs: f64,
     pub retries: u32,
     pub priority: i32,
-    pub scheduler: String,
+    /// The foreman's default (`foreman serve --scheduler`) when absent.
+    #[serde(
+        deserialize_with = "scheduler_by_name",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub scheduler: Option<Scheduler>,
+    /// Keep the job queued until this time (unix milliseconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_before_ms: Option<u64>,
+}
+
+/// Parses with `Scheduler`'s `FromStr`, whose error lists the valid names.
+fn scheduler_by_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Scheduler>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|name| name.parse().map_err(serde::de::Error::custom))
+        .transpose()
 }
 
 impl Default for JobOptions {
@@ -140,7 +66,8 @@ impl Default for JobOptions {
             timeout_secs: TaskLimits::DEFAULT_TIMEOUT_SECS as f64,
             retries: 3,
             priority: 0,
-            scheduler: "fifo".into(),
+            scheduler: None,
+            not_before_ms: None,
         }
     }
 }
@@ -151,7 +78,7 @@ pub struct Submitted {
     pub tasks: u32,
 }
 
-async fn submit(
+pub(super) async fn submit(
     State(state): State<Arc<ApiState>>,
     request: Result<Json<SubmitRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Submitted>), ApiError> {
@@ -171,7 +98,11 @@ async fn submit(
     })?;
     let bad =
         |code: &'static str, message: String| ApiError::new(StatusCode::BAD_REQUEST, code, message);
-    let options = request.options;
+    let options: JobOptions = match request.options {
+        None => JobOptions::default(),
+        Some(value) => serde_json::from_value(value)
+            .map_err(|e| bad("bad_options", format!("options: {e}")))?,
+    };
     if !(options.timeout_secs.is_finite() && options.timeout_secs > 0.0) {
         return Err(bad(
             "bad_options",
@@ -206,7 +137,8 @@ async fn submit(
         },
         max_retries: options.retries,
         priority: options.priority,
-        scheduler: options.scheduler,
+        scheduler: options.scheduler.unwrap_or(state.default_scheduler),
+        not_before_ms: options.not_before_ms,
         args,
     };
     let store = state.store.clone();
@@ -282,13 +214,13 @@ fn parse_hash(text: &str) -> Option<[u8; 32]> {
 }
 
 #[derive(Deserialize)]
-struct ListQuery {
+pub(super) struct ListQuery {
     skip: Option<u64>,
     limit: Option<u64>,
     status: Option<String>,
 }
 
-async fn list_jobs(
+pub(super) async fn list_jobs(
     State(state): State<Arc<ApiState>>,
     Query(query): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
@@ -322,7 +254,7 @@ fn parse_job_state(text: &str) -> Option<JobState> {
     .find(|s| s.as_str() == text)
 }
 
-async fn job(
+pub(super) async fn job(
     State(state): State<Arc<ApiState>>,
     Path(id): Path<JobId>,
 ) -> Result<Response, ApiError> {
@@ -339,7 +271,7 @@ struct TaskFailure {
     message: String,
 }
 
-async fn results(
+pub(super) async fn results(
     State(state): State<Arc<ApiState>>,
     Path(id): Path<JobId>,
 ) -> Result<Response, ApiError> {
@@ -376,7 +308,7 @@ async fn results(
         .into_response())
 }
 
-async fn cancel(
+pub(super) async fn cancel(
     State(state): State<Arc<ApiState>>,
     Path(id): Path<JobId>,
 ) -> Result<Response, ApiError> {
@@ -394,14 +326,8 @@ async fn cancel(
     Ok(Json(serde_json::json!({ "cancelled": cancelled, "state": row.state })).into_response())
 }
 
-async fn workers(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
-    let store = state.store.clone();
-    let rows = tokio::task::spawn_blocking(move || store.workers()).await??;
-    Ok(Json(rows).into_response())
-}
-
 #[derive(Deserialize)]
-struct WaitQuery {
+pub(super) struct WaitQuery {
     timeout_ms: Option<u64>,
 }
 
@@ -417,7 +343,7 @@ async fn job_row(state: &ApiState, id: JobId) -> Result<crate::store::JobRow, Ap
 
 /// The job once it has finished, or as it is when `timeout_ms` runs out
 /// (default 30 s): lets a client learn of completion without polling.
-async fn wait(
+pub(super) async fn wait(
     State(state): State<Arc<ApiState>>,
     Path(id): Path<JobId>,
     Query(query): Query<WaitQuery>,
@@ -450,7 +376,7 @@ async fn wait(
 
 /// Server-sent events: the job's row every 250 ms while it changes, ending
 /// with its final state.
-async fn events(
+pub(super) async fn events(
     State(state): State<Arc<ApiState>>,
     Path(id): Path<JobId>,
 ) -> Result<Sse<impl futures_util::Stream<Item = Result<Event, std::convert::Infallible>>>, ApiError>
@@ -479,111 +405,4 @@ async fn events(
         },
     );
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
-}
-
-/// What the foreman accepts, so a client can refuse an oversized upload
-/// before sending it (a server that stops reading mid-upload can only reset
-/// the connection, and the client would never see the 413).
-async fn limits(State(state): State<Arc<ApiState>>) -> Response {
-    Json(serde_json::json!({
-        "max_upload_bytes": state.max_upload_bytes,
-        "max_upload_mib": state.max_upload_bytes >> 20,
-    }))
-    .into_response()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use axum::body::Body;
-    use axum::http::Request;
-    use tower::ServiceExt;
-
-    async fn app(max_upload_bytes: usize) -> (tempfile::TempDir, Router) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("foreman.db")).unwrap();
-        let driver = Driver::spawn(crate::core::Core::new(1), store.clone());
-        let state = ApiState {
-            store,
-            driver,
-            validator: Arc::new(Executor::new(None).unwrap()),
-            max_upload_bytes,
-            validated: Default::default(),
-        };
-        (dir, router(Arc::new(state)))
-    }
-
-    async fn call(app: Router, request: Request<Body>) -> (StatusCode, serde_json::Value) {
-        let response = app.oneshot(request).await.unwrap();
-        let status = response.status();
-        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
-            .await
-            .unwrap();
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
-        )
-    }
-
-    #[tokio::test]
-    async fn an_oversized_upload_is_413_naming_the_limit() {
-        let (_dir, app) = app(1 << 20).await;
-        let body = format!("{{\"args\": [\"{}\"]}}", "x".repeat(2 << 20));
-        let request = Request::post("/api/jobs")
-            .header("content-type", "application/json")
-            .body(Body::from(body))
-            .unwrap();
-        let (status, json) = call(app, request).await;
-        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
-        assert_eq!(json["error"]["code"], "too_large");
-        assert!(
-            json["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("limit of 1 MiB"),
-            "{json}"
-        );
-    }
-
-    #[tokio::test]
-    async fn unknown_jobs_and_bad_parameters_are_named() {
-        let (_dir, app) = app(1 << 20).await;
-        let (status, json) = call(
-            app.clone(),
-            Request::get("/api/jobs/77").body(Body::empty()).unwrap(),
-        )
-        .await;
-        assert_eq!(
-            (status, json["error"]["message"].as_str()),
-            (StatusCode::NOT_FOUND, Some("no job with id 77"))
-        );
-        let (status, json) = call(
-            app.clone(),
-            Request::get("/api/jobs?status=done")
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await;
-        assert_eq!(status, StatusCode::BAD_REQUEST);
-        assert!(
-            json["error"]["message"]
-                .as_str()
-                .unwrap()
-                .starts_with("status:"),
-            "{json}"
-        );
-        let request = Request::post("/api/jobs")
-            .header("content-type", "application/json")
-            .body(Body::from(r#"{"module_base64": "AAAA", "args": {"a": 1}}"#))
-            .unwrap();
-        let (status, json) = call(app, request).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST);
-        assert!(
-            json["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("must be a JSON array"),
-            "{json}"
-        );
-    }
 }
