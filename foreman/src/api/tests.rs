@@ -298,7 +298,7 @@ async fn drain_reaches_a_connected_worker_and_names_the_others() {
     let (outbox, mut to_worker) = tokio::sync::mpsc::unbounded_channel();
     state.driver.send(crate::driver::Input::WorkerJoined {
         worker: connected,
-        slots: 2,
+        spec: crate::core::WorkerSpec::with_slots(2),
         outbox,
     });
     let app = router(state);

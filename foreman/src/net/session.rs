@@ -142,7 +142,10 @@ async fn read_reports(
             Some(ToForeman::Finished(reports)) => {
                 ctx.driver.send(Input::Finished { worker, reports })
             }
-            Some(ToForeman::Heartbeat(_)) => {}
+            Some(ToForeman::Heartbeat(load)) => {
+                ctx.store
+                    .worker_heartbeat(worker, load, crate::driver::unix_ms())
+            }
             Some(ToForeman::Draining) => {
                 tracing::info!(worker, "worker is draining");
                 ctx.driver.send(Input::Draining { worker });
