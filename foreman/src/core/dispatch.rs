@@ -12,7 +12,7 @@
 //!   one, so a job's last tasks wait for a fast worker instead of going to a
 //!   slow one.
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use wasmgrid_protocol::wire::Assignment;
 
@@ -20,9 +20,10 @@ use super::pool::Worker;
 use super::{Command, Core, Held};
 use crate::model::{JobId, JobState, Record, Scheduler, TaskIndex, TaskState, WorkerId};
 
-/// Exact "would others finish it sooner" checks per job per dispatch; each
-/// costs a pass over the workers, and only a job's tail needs them.
-const MAX_TAIL_CHECKS: usize = 64;
+/// The fastest workers the tail check weighs a candidate against. Slower
+/// ones add little, and leaving them out only makes the check say "give"
+/// more often (never starving a task), while keeping it O(1) in grid size.
+const TAIL_RIVALS: usize = 64;
 
 /// Assignments per worker, in the order workers were first served.
 #[derive(Default)]
@@ -153,8 +154,8 @@ impl Core {
     fn deal_by_performance(&mut self, job: JobId, out: &mut Batches) {
         let limit = self.memory_limit(job);
         let fuel_per_task = self.jobs.get(&job).map_or(0.0, |j| j.fuel_per_task);
-        let mut refused: HashSet<WorkerId> = HashSet::new();
-        let mut plan = (fuel_per_task > 0.0).then(|| TailPlan::new(self, fuel_per_task, limit));
+        let mut refused: HashSet<WorkerId> = HashSet::default();
+        let plan = (fuel_per_task > 0.0).then(|| TailPlan::new(self, fuel_per_task, limit));
         while let Some(queued) = self.queued_job(job).map(|j| j.progress.queued) {
             let pool = &self.pool;
             let Some(worker) = pool
@@ -163,11 +164,16 @@ impl Core {
             else {
                 break;
             };
-            if let Some(plan) = plan.as_mut() {
-                if !plan.worth_giving(self, worker, queued) {
-                    refused.insert(worker);
-                    continue;
+            if plan
+                .as_ref()
+                .is_some_and(|plan| !plan.worth_giving(self, worker, queued))
+            {
+                refused.insert(worker);
+                if refused.len() > TAIL_RIVALS {
+                    // A long line of refusals: the rest waits for the next dispatch.
+                    break;
                 }
+                continue;
             }
             if !self.give_one(job, worker, out) {
                 break;
@@ -255,12 +261,12 @@ impl Core {
 /// What the performance scheduler knows about the grid during one dispatch.
 struct TailPlan {
     fuel_per_task: f64,
-    limit: u64,
     /// For workers not measured yet: the mean learned speed (1 if none is).
     default_speed: f64,
     /// Tasks per second all eligible workers finish together.
     throughput: f64,
-    exact_checks: usize,
+    /// The fastest eligible workers that have credit or work.
+    rivals: Vec<WorkerId>,
 }
 
 impl TailPlan {
@@ -273,17 +279,26 @@ impl TailPlan {
         let default_speed = if n == 0 { 1.0 } else { sum / f64::from(n) };
         let mut plan = TailPlan {
             fuel_per_task,
-            limit,
             default_speed,
             throughput: 0.0,
-            exact_checks: 0,
+            rivals: Vec::new(),
         };
-        plan.throughput = core
-            .pool
-            .iter()
-            .filter(|(_, w)| w.eligible() && w.fits(limit))
-            .map(|(_, w)| f64::from(w.slots) / plan.task_secs(w))
-            .sum();
+        let mut rivals: Vec<(f64, WorkerId)> = Vec::new();
+        for (id, w) in core.pool.iter() {
+            if !(w.eligible() && w.fits(limit)) {
+                continue;
+            }
+            let task_secs = plan.task_secs(w);
+            plan.throughput += f64::from(w.slots) / task_secs;
+            if w.free > 0 || !w.held.is_empty() {
+                rivals.push((task_secs, id));
+            }
+        }
+        if rivals.len() > TAIL_RIVALS {
+            rivals.select_nth_unstable_by(TAIL_RIVALS, |a, b| a.0.total_cmp(&b.0));
+            rivals.truncate(TAIL_RIVALS);
+        }
+        plan.rivals = rivals.into_iter().map(|(_, id)| id).collect();
         plan
     }
 
@@ -298,9 +313,10 @@ impl TailPlan {
     }
 
     /// Whether `worker` should take one more of the job's `queued` tasks:
-    /// true unless the other workers would finish all of them before it
-    /// finishes this one.
-    fn worth_giving(&mut self, core: &Core, worker: WorkerId, queued: u32) -> bool {
+    /// true unless its fastest rivals would finish all of them strictly
+    /// before it finishes this one. Only workers with credit or work are
+    /// rivals (one that holds nothing and granted nothing may never ask).
+    fn worth_giving(&self, core: &Core, worker: WorkerId, queued: u32) -> bool {
         let Some(me) = core.pool.get(worker) else {
             return false;
         };
@@ -310,16 +326,16 @@ impl TailPlan {
         if f64::from(queued) > finish_secs * self.throughput {
             return true;
         }
-        if self.exact_checks >= MAX_TAIL_CHECKS {
-            return false;
-        }
-        self.exact_checks += 1;
-        let others_finish: f64 = core
-            .pool
+        let others_finish: f64 = self
+            .rivals
             .iter()
-            .filter(|&(id, w)| id != worker && w.eligible() && w.fits(self.limit))
-            .map(|(_, w)| {
-                let own_rounds = (finish_secs / self.task_secs(w)).floor();
+            .filter(|&&id| id != worker)
+            .filter_map(|&id| core.pool.get(id))
+            .map(|w| {
+                // Rounds it completes strictly before `finish_secs`: ties go to the candidate.
+                // (Less a hair, so that equal speeds tie despite rounding.)
+                let ratio = finish_secs / self.task_secs(w) * (1.0 - 1e-9);
+                let own_rounds = (ratio.ceil() - 1.0).max(0.0);
                 (own_rounds * f64::from(w.slots) - w.held.len() as f64).max(0.0)
             })
             .sum();

@@ -69,7 +69,9 @@ mod tests;
 mod workers;
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -194,16 +196,16 @@ impl Core {
     pub fn with_policy(next_attempt: AttemptId, policy: HealthPolicy) -> Self {
         Core {
             next_attempt,
-            jobs: HashMap::new(),
+            jobs: HashMap::default(),
             order: JobOrder::default(),
             queued: 0,
             pool: Pool::default(),
             now_ms: 0,
             policy,
             leases: BinaryHeap::new(),
-            failures: HashMap::new(),
-            live: HashMap::new(),
-            lost: HashMap::new(),
+            failures: HashMap::default(),
+            live: HashMap::default(),
+            lost: HashMap::default(),
             commands: VecDeque::new(),
         }
     }

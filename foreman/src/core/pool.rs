@@ -5,7 +5,9 @@
 //! are skipped when they reach the front, never searched for.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
+
+use rustc_hash::FxHashMap as HashMap;
 
 use wasmgrid_protocol::wire::AttemptId;
 
@@ -127,7 +129,7 @@ impl Pool {
                 slots: spec.slots.max(1),
                 memory_bytes: spec.memory_bytes,
                 free: 0,
-                held: HashMap::new(),
+                held: HashMap::default(),
                 reserved_bytes: 0,
                 speed: spec.benchmark_fuel_per_sec as f64,
                 draining: false,
@@ -212,13 +214,24 @@ impl Pool {
         };
         let wanted = w.ready().then(|| w.keys());
         if wanted != w.indexed {
-            if let Some((load, speed)) = w.indexed {
-                self.by_load.remove(&(load, id));
-                self.by_speed.remove(&(Reverse(speed), id));
+            let (old_load, old_speed) = w.indexed.unzip();
+            let (new_load, new_speed) = wanted.unzip();
+            // Only what changed: a task taken or returned moves just the load key.
+            if old_load != new_load {
+                if let Some(load) = old_load {
+                    self.by_load.remove(&(load, id));
+                }
+                if let Some(load) = new_load {
+                    self.by_load.insert((load, id));
+                }
             }
-            if let Some((load, speed)) = wanted {
-                self.by_load.insert((load, id));
-                self.by_speed.insert((Reverse(speed), id));
+            if old_speed != new_speed {
+                if let Some(speed) = old_speed {
+                    self.by_speed.remove(&(Reverse(speed), id));
+                }
+                if let Some(speed) = new_speed {
+                    self.by_speed.insert((Reverse(speed), id));
+                }
             }
             w.indexed = wanted;
         }

@@ -327,3 +327,20 @@ fn a_draining_worker_gets_nothing_and_its_returned_tasks_run_elsewhere() {
         "max_retries 0: the one real attempt was the only one"
     );
 }
+
+#[test]
+fn performance_gives_a_short_queue_to_equally_fast_idle_workers() {
+    let mut h = Harness::new();
+    for w in 1..=3 {
+        join(&mut h, w, 2, 2, 0, 1_000_000_000);
+    }
+    h.core
+        .submit_job(job(1, 7, Scheduler::Performance), args(7));
+    h.dispatch();
+    h.finish(1, attempt_of(&h, 1, 0), timed(1_000_000, 1_000));
+    h.finish(1, attempt_of(&h, 1, 1), timed(1_000_000, 1_000));
+    h.finish(2, attempt_of(&h, 1, 2), timed(1_000_000, 1_000));
+    // One task left, three workers that would finish it at the same time:
+    // it goes out rather than waiting for a better one that does not exist.
+    assert_eq!(tasks_of(&h.dispatch()), [(1, 6)]);
+}

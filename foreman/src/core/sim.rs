@@ -292,8 +292,9 @@ impl Sim {
     fn check_credit(&self) {
         let mut on_wire: HashMap<WorkerId, u32> = HashMap::new();
         for (w, a, _) in &self.in_flight {
-            let held =
-                |m: &HashMap<AttemptId, super::Held>| m.get(a).is_some_and(|h| h.worker == *w);
+            let held = |m: &rustc_hash::FxHashMap<AttemptId, super::Held>| {
+                m.get(a).is_some_and(|h| h.worker == *w)
+            };
             if held(&self.core.live) || held(&self.core.lost) {
                 *on_wire.entry(*w).or_default() += 1;
             }
