@@ -324,11 +324,11 @@ fn worker_info(options: &JoinOptions, engine_hash: &str) -> WorkerInfo {
         os: std::env::consts::OS.into(),
         arch: std::env::consts::ARCH.into(),
         cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
-        memory_bytes: total_memory(),
+        memory_bytes: crate::sysinfo::total_memory(),
         slots: options.slots,
         wasmtime_version: WASMTIME_VERSION.into(),
         engine_hash: engine_hash.into(),
-        cpu_model: String::new(),
+        cpu_model: crate::sysinfo::cpu_model(),
         benchmark_fuel_per_sec: 0,
         cpu_limit_percent: 100,
     }
@@ -354,17 +354,6 @@ mod tests {
         assert_eq!(tiny.grow(), Some(2 * (1 + MAX_PREFETCH_PER_SLOT) - 6));
         assert_eq!(tiny.grow(), None);
     }
-}
-
-fn total_memory() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| {
-            let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kib * 1024)
-        })
-        .unwrap_or(0)
 }
 
 /// QUIC client settings that trust only the certificate with this sha256 (hex).

@@ -5,3 +5,4 @@ pub mod cli_io;
 pub mod exec;
 pub mod executor;
 pub mod join;
+pub mod sysinfo;
