@@ -38,6 +38,8 @@ pub struct JoinOptions {
     pub slots: u32,
     pub name: String,
     pub cache_dir: Option<std::path::PathBuf>,
+    /// Cap on each slot's CPU time, in percent (100: none).
+    pub cpu_limit_percent: u32,
 }
 
 /// Serves the foreman until it goes away for good; reconnects with backoff.
@@ -49,14 +51,29 @@ pub async fn run(options: JoinOptions) -> anyhow::Result<()> {
     let executor = Arc::new(Executor::with_options(ExecutorOptions {
         cache_dir: options.cache_dir.clone(),
         concurrency: options.slots,
+        cpu_limit_percent: options.cpu_limit_percent,
         ..ExecutorOptions::default()
     })?);
     let pool = Arc::new(SlotPool::new(executor.clone(), options.slots as usize)?);
+    let benchmark = {
+        let executor = executor.clone();
+        tokio::task::spawn_blocking(move || crate::benchmark::fuel_per_sec(&executor)).await?
+    };
+    let benchmark_fuel_per_sec = benchmark.unwrap_or_else(|error| {
+        tracing::warn!("the benchmark failed: {error:#}");
+        0
+    });
+    tracing::info!(
+        fuel_per_sec = benchmark_fuel_per_sec,
+        cpu_limit_percent = executor.cpu_limit_percent(),
+        "benchmarked one slot"
+    );
+    let info = worker_info(&options, &executor, benchmark_fuel_per_sec);
     const FIRST_BACKOFF: Duration = Duration::from_millis(200);
     let mut backoff = FIRST_BACKOFF;
     loop {
         let started = std::time::Instant::now();
-        let result = session(&options, secret, fingerprint, &executor, &pool).await;
+        let result = session(&options, &info, secret, fingerprint, &executor, &pool).await;
         if let Err(error) = result.as_ref() {
             tracing::warn!("{error:#}");
             if error.downcast_ref::<Refused>().is_some() {
@@ -86,6 +103,7 @@ struct Refused(String);
 
 async fn session(
     options: &JoinOptions,
+    info: &WorkerInfo,
     secret: &str,
     fingerprint: &str,
     executor: &Arc<Executor>,
@@ -116,7 +134,7 @@ async fn session(
     }
     send.write_all(&encode_frame(&ToForeman::Hello {
         token: secret.to_owned(),
-        info: worker_info(options, executor.engine_hash()),
+        info: info.clone(),
     })?)
     .await?;
     let mut decoder = FrameDecoder::new();
@@ -315,7 +333,11 @@ async fn fetch_module(connection: &quinn::Connection, hash: [u8; 32]) -> anyhow:
     }
 }
 
-fn worker_info(options: &JoinOptions, engine_hash: &str) -> WorkerInfo {
+fn worker_info(
+    options: &JoinOptions,
+    executor: &Executor,
+    benchmark_fuel_per_sec: u64,
+) -> WorkerInfo {
     WorkerInfo {
         name: options.name.clone(),
         hostname: std::fs::read_to_string("/etc/hostname")
@@ -327,10 +349,10 @@ fn worker_info(options: &JoinOptions, engine_hash: &str) -> WorkerInfo {
         memory_bytes: crate::sysinfo::total_memory(),
         slots: options.slots,
         wasmtime_version: WASMTIME_VERSION.into(),
-        engine_hash: engine_hash.into(),
+        engine_hash: executor.engine_hash().into(),
         cpu_model: crate::sysinfo::cpu_model(),
-        benchmark_fuel_per_sec: 0,
-        cpu_limit_percent: 100,
+        benchmark_fuel_per_sec,
+        cpu_limit_percent: executor.cpu_limit_percent(),
     }
 }
 

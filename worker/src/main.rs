@@ -43,6 +43,12 @@ struct JoinArgs {
     /// Where compiled modules are cached.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+    /// Cap on each slot's CPU time, in percent (1-100), BOINC style: a slot
+    /// sleeps between short stretches of running. Wall-clock task timeouts
+    /// still count real time, sleeps included.
+    #[arg(long, value_name = "PERCENT", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    cpu_limit: u32,
     /// Exit when the process that started this worker exits (set by `foreman serve --local-workers`).
     #[arg(long, hide = true)]
     exit_with_parent: bool,
@@ -72,6 +78,12 @@ struct ExecArgs {
     /// Do not read or write the on-disk module cache.
     #[arg(long, conflicts_with = "cache_dir")]
     no_cache: bool,
+    /// Cap on each slot's CPU time, in percent (1-100), BOINC style: a slot
+    /// sleeps between short stretches of running. Wall-clock task timeouts
+    /// still count real time, sleeps included.
+    #[arg(long, value_name = "PERCENT", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    cpu_limit: u32,
     /// Write the results here instead of stdout.
     #[arg(long, short)]
     output: Option<PathBuf>,
@@ -154,6 +166,7 @@ fn join(args: JoinArgs) -> anyhow::Result<ExitCode> {
             slots,
             name,
             cache_dir,
+            cpu_limit_percent: args.cpu_limit,
         },
     ))?;
     Ok(ExitCode::SUCCESS)
@@ -194,6 +207,7 @@ fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     let executor = Arc::new(Executor::with_options(ExecutorOptions {
         cache_dir,
         concurrency: u32::try_from(slots).context("--slots is too large")?,
+        cpu_limit_percent: args.cpu_limit,
         ..ExecutorOptions::default()
     })?);
     let progress = std::io::stderr().is_terminal();
