@@ -8,6 +8,8 @@ mod output;
 mod run;
 mod sandbox;
 mod slots;
+#[cfg(test)]
+mod test_support;
 pub(crate) mod throttle;
 
 use std::path::PathBuf;
@@ -22,7 +24,7 @@ use wasmgrid_protocol::{Failure, TaskLimits, TaskReport};
 pub use cache::{ModuleId, PreparedTask};
 pub use engine::{Metering, EPOCH_TICK, SLOT_THREAD_STACK};
 pub use run::{CancelFlag, Load};
-pub use slots::SlotPool;
+pub use slots::{SlotPool, TaskState};
 
 use cache::ModuleCache;
 use engine::EpochClock;
