@@ -49,6 +49,10 @@ struct JoinArgs {
     #[arg(long, value_name = "PERCENT", default_value_t = 100,
           value_parser = clap::value_parser!(u32).range(1..=100))]
     cpu_limit: u32,
+    /// On SIGTERM, how long running tasks get to finish (unstarted ones are
+    /// handed back at once); then they are cancelled. A second SIGTERM leaves at once.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    drain_grace: f64,
     /// Exit when the process that started this worker exits (set by `foreman serve --local-workers`).
     #[arg(long, hide = true)]
     exit_with_parent: bool,
@@ -155,6 +159,12 @@ fn join(args: JoinArgs) -> anyhow::Result<ExitCode> {
     let cache_dir = args
         .cache_dir
         .or_else(|| dirs::cache_dir().map(|d| d.join("wasmgrid").join("modules")));
+    anyhow::ensure!(
+        args.drain_grace.is_finite() && args.drain_grace >= 0.0,
+        "--drain-grace must be a number of seconds, 0 or more"
+    );
+    let drain_grace = std::time::Duration::try_from_secs_f64(args.drain_grace)
+        .context("--drain-grace is too large")?;
     if args.exit_with_parent {
         exit_when_orphaned();
     }
@@ -167,6 +177,7 @@ fn join(args: JoinArgs) -> anyhow::Result<ExitCode> {
             name,
             cache_dir,
             cpu_limit_percent: args.cpu_limit,
+            drain_grace,
         },
     ))?;
     Ok(ExitCode::SUCCESS)

@@ -9,7 +9,7 @@ mod run;
 mod sandbox;
 mod slots;
 #[cfg(test)]
-mod test_support;
+pub(crate) mod test_support;
 pub(crate) mod throttle;
 
 use std::path::PathBuf;

@@ -40,6 +40,11 @@ impl TaskState {
         self.0.load(Ordering::Acquire) == STARTED
     }
 
+    /// Whether both are the state of the same submission.
+    pub fn same_as(&self, other: &TaskState) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// For the slot: claims the task to run; `false` when it was taken back.
     fn try_start(&self) -> bool {
         self.0
