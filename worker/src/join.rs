@@ -95,7 +95,7 @@ pub async fn run(options: JoinOptions) -> anyhow::Result<()> {
                 tracing::info!("drained: leaving the foreman");
                 return Ok(());
             }
-            Ok(Ended::Terminated) => return left_at_once("on a second SIGTERM"),
+            Ok(Ended::Terminated) => return left_at_once("again while draining"),
             Ok(Ended::Lost) => {}
             Err(error) => {
                 tracing::warn!("{error:#}");
