@@ -1,5 +1,6 @@
 //! Joining a foreman: QUIC with the foreman's certificate pinned by its
-//! fingerprint, the version handshake, then tasks in and reports out.
+//! fingerprint, the version handshake, then tasks in and reports out, until
+//! the foreman goes away for good or the worker drains and leaves.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,27 +8,24 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
 use wasmgrid_protocol::stream::read_message;
 use wasmgrid_protocol::wire::{
-    encode_frame, Assignment, AttemptId, FetchModule, Finished, FrameDecoder, ModuleReply,
-    Preamble, ToForeman, ToWorker, WorkerInfo, ALPN_ANY_VERSION, ALPN_VERSIONED, PROTOCOL_VERSION,
+    encode_frame, Assignment, FetchModule, Finished, FrameDecoder, ModuleReply, Preamble,
+    ToForeman, ToWorker, WorkerInfo, ALPN_ANY_VERSION, ALPN_VERSIONED, PROTOCOL_VERSION,
 };
 
-use crate::executor::{CancelFlag, Executor, ExecutorOptions, ModuleId, SlotPool};
-
-/// Attempts queued or running here, with the flag that stops each.
-type Cancels = Arc<std::sync::Mutex<std::collections::HashMap<AttemptId, CancelFlag>>>;
+use crate::attempts::Attempts;
+use crate::credit::CreditWindow;
+use crate::drain::{Drain, Expired, Terminate};
+use crate::executor::{Executor, ExecutorOptions, ModuleId, SlotPool};
+use crate::outgoing::{self, Outgoing};
 
 /// The name in the foreman's certificate.
 pub const SERVER_NAME: &str = "wasmgrid-foreman";
-/// Queued work to hold per slot, measured in time: enough that tiny tasks are
-/// not bound by round trips, little enough that long ones are not hoarded.
-const PIPE_TARGET_US: f64 = 2_000.0;
-const MIN_PREFETCH_PER_SLOT: u32 = 2;
-const MAX_PREFETCH_PER_SLOT: u32 = 512;
 /// How long a silent foreman is given before the worker reconnects.
 const FOREMAN_SILENCE: Duration = Duration::from_secs(5);
+/// How long a closed connection may take to tell the foreman.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// The wasmtime this worker embeds (pinned in the workspace manifest).
 const WASMTIME_VERSION: &str = "48.0.8";
 
@@ -38,29 +36,72 @@ pub struct JoinOptions {
     pub slots: u32,
     pub name: String,
     pub cache_dir: Option<std::path::PathBuf>,
+    /// Cap on each slot's CPU time, in percent (100: none).
+    pub cpu_limit_percent: u32,
+    /// On SIGTERM, how long running tasks get to finish before they are cancelled.
+    pub drain_grace: Duration,
 }
 
-/// Serves the foreman until it goes away for good; reconnects with backoff.
+/// Serves the foreman until it goes away for good (reconnecting with
+/// backoff), or until this worker drains and leaves (`Ok`).
+///
+/// SIGTERM drains (a second one, or one while not connected, leaves at once);
+/// so does a `Drain` from the foreman.
 pub async fn run(options: JoinOptions) -> anyhow::Result<()> {
     let (secret, fingerprint) = options
         .token
         .split_once(':')
         .context("the token must look like SECRET:FINGERPRINT (as printed by `foreman serve`)")?;
+    let mut terminate = Terminate::install();
     let executor = Arc::new(Executor::with_options(ExecutorOptions {
         cache_dir: options.cache_dir.clone(),
         concurrency: options.slots,
+        cpu_limit_percent: options.cpu_limit_percent,
         ..ExecutorOptions::default()
     })?);
     let pool = Arc::new(SlotPool::new(executor.clone(), options.slots as usize)?);
+    let benchmark = {
+        let executor = executor.clone();
+        tokio::task::spawn_blocking(move || crate::benchmark::fuel_per_sec(&executor))
+    };
+    let benchmark = tokio::select! {
+        benchmark = benchmark => benchmark?,
+        _ = terminate.recv() => return left_at_once("before joining"),
+    };
+    let benchmark_fuel_per_sec = benchmark.unwrap_or_else(|error| {
+        tracing::warn!("the benchmark failed: {error:#}");
+        0
+    });
+    tracing::info!(
+        fuel_per_sec = benchmark_fuel_per_sec,
+        cpu_limit_percent = executor.cpu_limit_percent(),
+        "benchmarked one slot"
+    );
+    let info = worker_info(&options, &executor, benchmark_fuel_per_sec);
     const FIRST_BACKOFF: Duration = Duration::from_millis(200);
     let mut backoff = FIRST_BACKOFF;
     loop {
         let started = std::time::Instant::now();
-        let result = session(&options, secret, fingerprint, &executor, &pool).await;
-        if let Err(error) = result.as_ref() {
-            tracing::warn!("{error:#}");
-            if error.downcast_ref::<Refused>().is_some() {
-                return result;
+        let joined = tokio::select! {
+            joined = join(&options, &info, secret, fingerprint) => joined,
+            _ = terminate.recv() => return left_at_once("while joining"),
+        };
+        let result = match joined {
+            Ok(joined) => serve(joined, &options, &executor, &pool, &mut terminate).await,
+            Err(error) => Err(error),
+        };
+        match &result {
+            Ok(Ended::Drained) => {
+                tracing::info!("drained: leaving the foreman");
+                return Ok(());
+            }
+            Ok(Ended::Terminated) => return left_at_once("again while draining"),
+            Ok(Ended::Lost) => {}
+            Err(error) => {
+                tracing::warn!("{error:#}");
+                if error.downcast_ref::<Refused>().is_some() {
+                    return result.map(|_| ());
+                }
             }
         }
         // A session that lasted was a success: a new outage starts with a short wait.
@@ -68,9 +109,17 @@ pub async fn run(options: JoinOptions) -> anyhow::Result<()> {
             backoff = FIRST_BACKOFF;
         }
         let jitter = Duration::from_millis(u64::from(rand_jitter()) % 200);
-        tokio::time::sleep(backoff + jitter).await;
+        tokio::select! {
+            _ = tokio::time::sleep(backoff + jitter) => {}
+            _ = terminate.recv() => return left_at_once("while not connected"),
+        }
         backoff = (backoff * 2).min(Duration::from_secs(30));
     }
+}
+
+fn left_at_once(when: &str) -> anyhow::Result<()> {
+    tracing::info!("SIGTERM {when}: leaving at once");
+    Ok(())
 }
 
 fn rand_jitter() -> u32 {
@@ -84,13 +133,33 @@ fn rand_jitter() -> u32 {
 #[error("the foreman refused this worker: {0}")]
 struct Refused(String);
 
-async fn session(
+/// How a session that did not fail ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// The foreman closed the stream: reconnect.
+    Lost,
+    /// Drained and closed cleanly: leave.
+    Drained,
+    /// A second SIGTERM while draining: leave now.
+    Terminated,
+}
+
+/// A connection past the handshake and the foreman's welcome.
+struct Joined {
+    endpoint: quinn::Endpoint,
+    connection: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+    heartbeat: Duration,
+}
+
+async fn join(
     options: &JoinOptions,
+    info: &WorkerInfo,
     secret: &str,
     fingerprint: &str,
-    executor: &Arc<Executor>,
-    pool: &Arc<SlotPool>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Joined> {
     let endpoint = quinn::Endpoint::client(SocketAddr::new([0, 0, 0, 0].into(), 0))?;
     let connecting =
         endpoint.connect_with(client_config(fingerprint)?, options.foreman, SERVER_NAME)?;
@@ -116,7 +185,7 @@ async fn session(
     }
     send.write_all(&encode_frame(&ToForeman::Hello {
         token: secret.to_owned(),
-        info: worker_info(options, executor.engine_hash()),
+        info: info.clone(),
     })?)
     .await?;
     let mut decoder = FrameDecoder::new();
@@ -129,105 +198,123 @@ async fn session(
         Err(error) => return Err(refusal(&connection).unwrap_or(error)),
     };
     tracing::info!(worker_id, foreman = %options.foreman, "joined");
-    let mut window = CreditWindow::new(options.slots);
-    send.write_all(&encode_frame(&ToForeman::Credit(window.granted))?)
+    Ok(Joined {
+        endpoint,
+        connection,
+        send,
+        recv,
+        decoder,
+        heartbeat,
+    })
+}
+
+/// Runs tasks for the foreman until it goes away, or this worker drains.
+async fn serve(
+    joined: Joined,
+    options: &JoinOptions,
+    executor: &Arc<Executor>,
+    pool: &Arc<SlotPool>,
+    terminate: &mut Terminate,
+) -> anyhow::Result<Ended> {
+    let Joined {
+        endpoint,
+        connection,
+        mut send,
+        mut recv,
+        mut decoder,
+        heartbeat,
+    } = joined;
+    let window = CreditWindow::new(options.slots);
+    send.write_all(&encode_frame(&ToForeman::Credit(window.granted()))?)
         .await?;
+    let (out, writer) = outgoing::spawn(send, window, heartbeat, pool.clone());
+    let attempts = Attempts::new();
+    let mut drain: Option<Drain> = None;
 
-    let (reports_tx, mut reports_rx) = mpsc::unbounded_channel::<Finished>();
-    // Reports, batched: whatever finished while the last batch was being sent goes in the next.
-    let writer = tokio::spawn(async move {
-        let mut heartbeat = tokio::time::interval(heartbeat);
-        loop {
-            let message = tokio::select! {
-                first = reports_rx.recv() => {
-                    let Some(first) = first else { break };
-                    let mut batch = vec![first];
-                    while let Ok(next) = reports_rx.try_recv() {
-                        batch.push(next);
-                    }
-                    for finished in &batch {
-                        let timings = finished.report.timings;
-                        window.observe(timings.instantiate_us + timings.run_us);
-                    }
-                    ToForeman::Finished(batch)
-                }
-                _ = heartbeat.tick() => ToForeman::Heartbeat(Default::default()),
-            };
-            let mut bytes = encode_frame(&message)?;
-            if let Some(extra) = window.grow() {
-                bytes.extend(encode_frame(&ToForeman::Credit(extra))?);
-            }
-            send.write_all(&bytes).await?;
-        }
-        anyhow::Ok(())
-    });
-
-    let cancels = Cancels::default();
     let result = async {
         loop {
-            match read_message(&mut recv, &mut decoder).await? {
-                None => return Ok(()),
-                Some(ToWorker::Run(assignments)) => {
-                    run_batch(
-                        &connection,
-                        executor,
-                        pool,
-                        assignments,
-                        &reports_tx,
-                        &cancels,
-                    )
-                    .await?
-                }
-                Some(ToWorker::Cancel(attempts)) => {
-                    let cancels = cancels.lock().unwrap_or_else(|p| p.into_inner());
-                    for attempt in attempts {
-                        if let Some(flag) = cancels.get(&attempt) {
-                            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            if drain.is_some() && attempts.is_empty() {
+                return Ok(Ended::Drained);
+            }
+            // Far enough to never fire, near enough to be a valid instant.
+            let deadline = drain.as_ref().map_or_else(
+                || tokio::time::Instant::now() + Duration::from_secs(3600),
+                Drain::deadline,
+            );
+            tokio::select! {
+                message = read_message(&mut recv, &mut decoder) => match message? {
+                    None => return Ok(Ended::Lost),
+                    Some(ToWorker::Run(assignments)) if drain.is_some() => {
+                        // Sent before the foreman heard that this worker drains.
+                        let ids = assignments.iter().map(|a| a.attempt).collect();
+                        let _ = out.send(Outgoing::Message(ToForeman::Returned(ids)));
+                    }
+                    Some(ToWorker::Run(assignments)) => {
+                        run_batch(&connection, executor, pool, assignments, &out, &attempts)
+                            .await?
+                    }
+                    Some(ToWorker::Cancel(ids)) => attempts.cancel(&ids),
+                    Some(ToWorker::Drain { grace_ms }) => {
+                        let grace = Duration::from_millis(grace_ms);
+                        match &mut drain {
+                            Some(drain) => drain.shorten(grace),
+                            None => drain = Some(Drain::start(grace, &attempts, &out)),
+                        }
+                    }
+                    Some(ToWorker::Welcome { .. }) => bail!("a second welcome"),
+                },
+                _ = terminate.recv() => match drain {
+                    Some(_) => return Ok(Ended::Terminated),
+                    None => {
+                        tracing::info!("SIGTERM: draining (a second SIGTERM leaves at once)");
+                        drain = Some(Drain::start(options.drain_grace, &attempts, &out));
+                    }
+                },
+                _ = tokio::time::sleep_until(deadline), if drain.is_some() => {
+                    if let Some(drain) = &mut drain {
+                        if drain.expired(&attempts) == Expired::GiveUp {
+                            tracing::warn!(
+                                running = attempts.len(),
+                                "cancelled tasks did not stop in time: leaving without their reports"
+                            );
+                            return Ok(Ended::Drained);
                         }
                     }
                 }
-                Some(ToWorker::Welcome { .. }) => bail!("a second welcome"),
-                Some(ToWorker::Drain { .. }) => {}
+                _ = attempts.one_left(), if drain.is_some() => {}
             }
         }
     }
     .await;
-    writer.abort();
-    result.map_err(|error: anyhow::Error| refusal(&connection).unwrap_or(error))
-}
 
-/// The credit this worker has granted, grown as it learns how long tasks take.
-struct CreditWindow {
-    slots: u32,
-    granted: u32,
-    /// Moving average of a task's instantiate + run time.
-    task_us: f64,
-}
-
-impl CreditWindow {
-    fn new(slots: u32) -> Self {
-        CreditWindow {
-            slots,
-            granted: slots * (1 + MIN_PREFETCH_PER_SLOT),
-            task_us: PIPE_TARGET_US / f64::from(MIN_PREFETCH_PER_SLOT),
+    match result {
+        Ok(Ended::Drained) => {
+            // Every report is queued before its attempt leaves `attempts`:
+            // flush them, finish the stream, then close.
+            let _ = out.send(Outgoing::Finish);
+            match tokio::time::timeout(FOREMAN_SILENCE, writer).await {
+                Ok(Ok(Err(error))) => tracing::warn!("sending the last reports: {error:#}"),
+                Ok(_) => {}
+                Err(_) => tracing::warn!("the last reports were not sent in time"),
+            }
+            attempts.abandon();
+            connection.close(0u32.into(), b"drained");
+            let _ = tokio::time::timeout(CLOSE_WAIT, endpoint.wait_idle()).await;
+            Ok(Ended::Drained)
         }
-    }
-
-    fn observe(&mut self, micros: u64) {
-        self.task_us = 0.9 * self.task_us + 0.1 * (micros.max(1) as f64);
-    }
-
-    /// More credit to grant, when tasks turned out shorter than assumed.
-    /// Credit is never taken back: each report returns its own.
-    fn grow(&mut self) -> Option<u32> {
-        let per_slot = (PIPE_TARGET_US / self.task_us).ceil() as u32;
-        let per_slot = per_slot.clamp(MIN_PREFETCH_PER_SLOT, MAX_PREFETCH_PER_SLOT);
-        let wanted = self.slots * (1 + per_slot);
-        (wanted > self.granted).then(|| {
-            let extra = wanted - self.granted;
-            self.granted = wanted;
-            extra
-        })
+        other => {
+            // Nobody will take these reports: stop the work rather than finish it.
+            attempts.abandon();
+            writer.abort();
+            if other
+                .as_ref()
+                .is_ok_and(|ended| *ended == Ended::Terminated)
+            {
+                connection.close(0u32.into(), b"terminated");
+                let _ = tokio::time::timeout(CLOSE_WAIT, endpoint.wait_idle()).await;
+            }
+            other.map_err(|error: anyhow::Error| refusal(&connection).unwrap_or(error))
+        }
     }
 }
 
@@ -245,8 +332,8 @@ async fn run_batch(
     executor: &Arc<Executor>,
     pool: &Arc<SlotPool>,
     assignments: Vec<Assignment>,
-    reports: &mpsc::UnboundedSender<Finished>,
-    cancels: &Cancels,
+    out: &outgoing::Sender,
+    attempts: &Attempts,
 ) -> anyhow::Result<()> {
     for assignment in assignments {
         let id = ModuleId(assignment.module);
@@ -258,36 +345,32 @@ async fn run_batch(
                 match tokio::task::spawn_blocking(move || executor.load(&wasm)).await? {
                     Ok(loaded) => loaded,
                     Err(failure) => {
-                        let _ = reports.send(Finished {
+                        let _ = out.send(Outgoing::Finished(Finished {
                             attempt: assignment.attempt,
                             report: crate::exec::failed_report(failure),
-                        });
+                        }));
                         continue;
                     }
                 }
             }
         };
-        let reports = reports.clone();
         let attempt = assignment.attempt;
-        let flag = CancelFlag::default();
-        cancels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(attempt, flag.clone());
-        let cancels = cancels.clone();
-        let limits = assignment.limits;
-        pool.submit_cancellable(
+        let (cancel, state) = attempts.add(attempt);
+        let out = out.clone();
+        let attempts = attempts.clone();
+        let mine = state.clone();
+        pool.submit_tracked(
             task,
             load,
             assignment.args,
-            limits,
-            Some(flag),
+            assignment.limits,
+            cancel,
+            state,
             move |report| {
-                cancels
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&attempt);
-                let _ = reports.send(Finished { attempt, report });
+                // Queue the report before the attempt leaves: once none is
+                // left, a draining session flushes and closes.
+                let _ = out.send(Outgoing::Finished(Finished { attempt, report }));
+                attempts.finished(attempt, &mine);
             },
         );
     }
@@ -315,7 +398,11 @@ async fn fetch_module(connection: &quinn::Connection, hash: [u8; 32]) -> anyhow:
     }
 }
 
-fn worker_info(options: &JoinOptions, engine_hash: &str) -> WorkerInfo {
+fn worker_info(
+    options: &JoinOptions,
+    executor: &Executor,
+    benchmark_fuel_per_sec: u64,
+) -> WorkerInfo {
     WorkerInfo {
         name: options.name.clone(),
         hostname: std::fs::read_to_string("/etc/hostname")
@@ -324,47 +411,14 @@ fn worker_info(options: &JoinOptions, engine_hash: &str) -> WorkerInfo {
         os: std::env::consts::OS.into(),
         arch: std::env::consts::ARCH.into(),
         cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
-        memory_bytes: total_memory(),
+        memory_bytes: crate::sysinfo::total_memory(),
         slots: options.slots,
         wasmtime_version: WASMTIME_VERSION.into(),
-        engine_hash: engine_hash.into(),
-        cpu_model: String::new(),
-        benchmark_fuel_per_sec: 0,
-        cpu_limit_percent: 100,
+        engine_hash: executor.engine_hash().into(),
+        cpu_model: crate::sysinfo::cpu_model(),
+        benchmark_fuel_per_sec,
+        cpu_limit_percent: executor.cpu_limit_percent(),
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn credit_grows_for_tiny_tasks_and_stays_small_for_long_ones() {
-        let mut long = CreditWindow::new(2);
-        for _ in 0..100 {
-            long.observe(2_000_000);
-        }
-        assert_eq!(long.grow(), None);
-        assert_eq!(long.granted, 6);
-
-        let mut tiny = CreditWindow::new(2);
-        for _ in 0..200 {
-            tiny.observe(1);
-        }
-        assert_eq!(tiny.grow(), Some(2 * (1 + MAX_PREFETCH_PER_SLOT) - 6));
-        assert_eq!(tiny.grow(), None);
-    }
-}
-
-fn total_memory() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| {
-            let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kib * 1024)
-        })
-        .unwrap_or(0)
 }
 
 /// QUIC client settings that trust only the certificate with this sha256 (hex).

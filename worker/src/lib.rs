@@ -1,7 +1,13 @@
 //! The wasmgrid worker: the sandboxed executor, and the `worker exec` command
 //! that runs a whole job on this machine.
 
+mod attempts;
+pub mod benchmark;
 pub mod cli_io;
+mod credit;
+mod drain;
 pub mod exec;
 pub mod executor;
 pub mod join;
+mod outgoing;
+pub mod sysinfo;

@@ -43,6 +43,16 @@ struct JoinArgs {
     /// Where compiled modules are cached.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+    /// Cap on each slot's CPU time, in percent (1-100), BOINC style: a slot
+    /// sleeps between short stretches of running. Wall-clock task timeouts
+    /// still count real time, sleeps included.
+    #[arg(long, value_name = "PERCENT", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    cpu_limit: u32,
+    /// On SIGTERM, how long running tasks get to finish (unstarted ones are
+    /// handed back at once); then they are cancelled. A second SIGTERM leaves at once.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    drain_grace: f64,
     /// Exit when the process that started this worker exits (set by `foreman serve --local-workers`).
     #[arg(long, hide = true)]
     exit_with_parent: bool,
@@ -72,6 +82,12 @@ struct ExecArgs {
     /// Do not read or write the on-disk module cache.
     #[arg(long, conflicts_with = "cache_dir")]
     no_cache: bool,
+    /// Cap on each slot's CPU time, in percent (1-100), BOINC style: a slot
+    /// sleeps between short stretches of running. Wall-clock task timeouts
+    /// still count real time, sleeps included.
+    #[arg(long, value_name = "PERCENT", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    cpu_limit: u32,
     /// Write the results here instead of stdout.
     #[arg(long, short)]
     output: Option<PathBuf>,
@@ -143,6 +159,12 @@ fn join(args: JoinArgs) -> anyhow::Result<ExitCode> {
     let cache_dir = args
         .cache_dir
         .or_else(|| dirs::cache_dir().map(|d| d.join("wasmgrid").join("modules")));
+    anyhow::ensure!(
+        args.drain_grace.is_finite() && args.drain_grace >= 0.0,
+        "--drain-grace must be a number of seconds, 0 or more"
+    );
+    let drain_grace = std::time::Duration::try_from_secs_f64(args.drain_grace)
+        .context("--drain-grace is too large")?;
     if args.exit_with_parent {
         exit_when_orphaned();
     }
@@ -154,6 +176,8 @@ fn join(args: JoinArgs) -> anyhow::Result<ExitCode> {
             slots,
             name,
             cache_dir,
+            cpu_limit_percent: args.cpu_limit,
+            drain_grace,
         },
     ))?;
     Ok(ExitCode::SUCCESS)
@@ -194,6 +218,7 @@ fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     let executor = Arc::new(Executor::with_options(ExecutorOptions {
         cache_dir,
         concurrency: u32::try_from(slots).context("--slots is too large")?,
+        cpu_limit_percent: args.cpu_limit,
         ..ExecutorOptions::default()
     })?);
     let progress = std::io::stderr().is_terminal();

@@ -8,6 +8,9 @@ mod output;
 mod run;
 mod sandbox;
 mod slots;
+#[cfg(test)]
+pub(crate) mod test_support;
+pub(crate) mod throttle;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,9 +22,9 @@ use wasmtime::Engine;
 use wasmgrid_protocol::{Failure, TaskLimits, TaskReport};
 
 pub use cache::{ModuleId, PreparedTask};
-pub use engine::{Metering, SLOT_THREAD_STACK};
+pub use engine::{Metering, EPOCH_TICK, SLOT_THREAD_STACK};
 pub use run::{CancelFlag, Load};
-pub use slots::SlotPool;
+pub use slots::{SlotPool, TaskState};
 
 use cache::ModuleCache;
 use engine::EpochClock;
@@ -48,6 +51,10 @@ pub struct ExecutorOptions {
     pub metering: Metering,
     /// The most tasks running at once (slots); instances are pooled for that many.
     pub concurrency: u32,
+    /// The volunteer's cap on each slot's CPU time, in percent (1..=100;
+    /// 100: no cap). A capped slot sleeps between epoch ticks so that it
+    /// runs this share of the time; wall-clock limits still count real time.
+    pub cpu_limit_percent: u32,
 }
 
 impl Default for ExecutorOptions {
@@ -56,6 +63,7 @@ impl Default for ExecutorOptions {
             cache_dir: None,
             metering: Metering::Fuel,
             concurrency: 16,
+            cpu_limit_percent: 100,
         }
     }
 }
@@ -63,6 +71,7 @@ impl Default for ExecutorOptions {
 pub struct Executor {
     engine: Engine,
     concurrency: u32,
+    cpu_limit_percent: u32,
     cache: ModuleCache,
     _clock: EpochClock,
 }
@@ -81,6 +90,7 @@ impl Executor {
             cache_dir,
             metering,
             concurrency,
+            cpu_limit_percent,
         } = options;
         let engine = engine::new_engine(metering, concurrency).map_err(ExecutorError::Engine)?;
         let mut linker = Linker::<Sandbox>::new(&engine);
@@ -92,6 +102,7 @@ impl Executor {
             cache: ModuleCache::new(engine.clone(), linker, cache_dir),
             engine,
             concurrency: concurrency.max(1),
+            cpu_limit_percent: throttle::DutyCycle::new(cpu_limit_percent).percent(),
             _clock: clock,
         })
     }
@@ -99,6 +110,16 @@ impl Executor {
     /// The most tasks this executor can run at once.
     pub fn concurrency(&self) -> u32 {
         self.concurrency
+    }
+
+    /// The cap on each slot's CPU time, in percent (100: none).
+    pub fn cpu_limit_percent(&self) -> u32 {
+        self.cpu_limit_percent
+    }
+
+    /// The shared engine (the benchmark runs its own module on it).
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.engine
     }
 
     /// Validates and prepares a module, reusing any earlier compilation.
@@ -135,7 +156,15 @@ impl Executor {
         args: &str,
         limits: &TaskLimits,
     ) -> TaskReport {
-        run::run_task(&self.engine, task, load, args, limits, None)
+        run::run_task(
+            &self.engine,
+            task,
+            load,
+            args,
+            limits,
+            None,
+            self.cpu_limit_percent,
+        )
     }
 
     /// Like [`Executor::run`], but stops with `Cancelled` once `cancel` is set.
@@ -147,6 +176,14 @@ impl Executor {
         limits: &TaskLimits,
         cancel: CancelFlag,
     ) -> TaskReport {
-        run::run_task(&self.engine, task, load, args, limits, Some(cancel))
+        run::run_task(
+            &self.engine,
+            task,
+            load,
+            args,
+            limits,
+            Some(cancel),
+            self.cpu_limit_percent,
+        )
     }
 }

@@ -13,6 +13,7 @@ use super::bindings::TaskError;
 use super::cache::PreparedTask;
 use super::engine::EpochClock;
 use super::sandbox::Sandbox;
+use super::throttle;
 
 /// How the module was obtained for this attempt, copied into its report.
 #[derive(Debug, Clone, Copy)]
@@ -43,7 +44,12 @@ pub fn run_task(
     args: &str,
     limits: &TaskLimits,
     cancel: Option<CancelFlag>,
+    cpu_limit_percent: u32,
 ) -> TaskReport {
+    let capped = cpu_limit_percent < 100;
+    if capped {
+        throttle::begin(cpu_limit_percent, cancel.as_ref());
+    }
     let sandbox = Sandbox::new(limits.memory_bytes, limits.output_bytes as usize);
     let mut store = Store::new(engine, sandbox);
     store.limiter(|sandbox| &mut sandbox.memory);
@@ -52,13 +58,28 @@ pub fn run_task(
     let timeout = Duration::from_millis(limits.timeout_ms);
     let started = Instant::now();
     match cancel {
-        // Checked at every epoch tick: the cancel flag, then the wall clock.
+        // Checked at every epoch tick: the CPU cap's rest, the cancel flag,
+        // then the wall clock (which counts the rest: it is real time).
         Some(cancel) => {
             store.set_epoch_deadline(1);
             store.epoch_deadline_callback(move |_| {
+                if capped {
+                    throttle::tick(Some(&cancel));
+                }
                 if cancel.load(Ordering::Relaxed) {
                     Err(wasmtime::Error::new(CancelledMarker))
                 } else if started.elapsed() >= timeout {
+                    Ok(UpdateDeadline::Interrupt)
+                } else {
+                    Ok(UpdateDeadline::Continue(1))
+                }
+            });
+        }
+        None if capped => {
+            store.set_epoch_deadline(1);
+            store.epoch_deadline_callback(move |_| {
+                throttle::tick(None);
+                if started.elapsed() >= timeout {
                     Ok(UpdateDeadline::Interrupt)
                 } else {
                     Ok(UpdateDeadline::Continue(1))
@@ -75,6 +96,9 @@ pub fn run_task(
     let instantiated = Instant::now();
     let result = instance.and_then(|instance| instance.call_run(&mut store, args));
     let finished = Instant::now();
+    if capped {
+        throttle::end();
+    }
 
     let fuel_used = store
         .get_fuel()

@@ -1,7 +1,7 @@
 //! A fixed number of slot threads that run tasks, so callers (async or not)
 //! never block on wasm themselves.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 
@@ -11,18 +11,63 @@ use super::{CancelFlag, Executor, Load, PreparedTask, SLOT_THREAD_STACK};
 
 type Reply = Box<dyn FnOnce(TaskReport) + Send>;
 
+const QUEUED: u8 = 0;
+const STARTED: u8 = 1;
+const TAKEN_BACK: u8 = 2;
+
+/// Whether a queued task has started on a slot or been taken back. Exactly
+/// one of the two happens (a compare-exchange decides the race), so a task
+/// is never both run and handed back.
+#[derive(Debug, Clone, Default)]
+pub struct TaskState(Arc<AtomicU8>);
+
+impl TaskState {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Takes back a task that has not started. `true`: it will never run
+    /// and its reply is never called. `false`: it has started (or was
+    /// already taken back).
+    pub fn try_take_back(&self) -> bool {
+        self.0
+            .compare_exchange(QUEUED, TAKEN_BACK, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Whether a slot has started the task.
+    pub fn has_started(&self) -> bool {
+        self.0.load(Ordering::Acquire) == STARTED
+    }
+
+    /// Whether both are the state of the same submission.
+    pub fn same_as(&self, other: &TaskState) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    /// For the slot: claims the task to run; `false` when it was taken back.
+    fn try_start(&self) -> bool {
+        self.0
+            .compare_exchange(QUEUED, STARTED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
 struct Job {
     task: Arc<PreparedTask>,
     load: Load,
     args: String,
     limits: TaskLimits,
     cancel: Option<CancelFlag>,
+    state: Option<TaskState>,
     reply: Reply,
 }
 
 pub struct SlotPool {
     jobs: Option<crossbeam_channel::Sender<Job>>,
     threads: Vec<thread::JoinHandle<()>>,
+    /// Tasks running on a slot now.
+    running: Arc<AtomicUsize>,
 }
 
 impl SlotPool {
@@ -30,15 +75,22 @@ impl SlotPool {
     pub fn new(executor: Arc<Executor>, slots: usize) -> std::io::Result<Self> {
         let slots = slots.clamp(1, executor.concurrency() as usize);
         let (sender, receiver) = crossbeam_channel::unbounded::<Job>();
+        let running = Arc::new(AtomicUsize::new(0));
         let threads = (0..slots)
             .map(|slot| {
                 let executor = executor.clone();
                 let receiver = receiver.clone();
+                let running = running.clone();
                 thread::Builder::new()
                     .name(format!("wasmgrid-slot-{slot}"))
                     .stack_size(SLOT_THREAD_STACK)
                     .spawn(move || {
                         for job in receiver {
+                            if job.state.as_ref().is_some_and(|state| !state.try_start()) {
+                                // Taken back: neither run nor reported.
+                                continue;
+                            }
+                            running.fetch_add(1, Ordering::Relaxed);
                             let report = match job.cancel {
                                 Some(cancel) if cancel.load(Ordering::Relaxed) => {
                                     crate::exec::failed_report(Failure::new(
@@ -55,6 +107,7 @@ impl SlotPool {
                                 ),
                                 None => executor.run(&job.task, job.load, &job.args, &job.limits),
                             };
+                            running.fetch_sub(1, Ordering::Relaxed);
                             (job.reply)(report);
                         }
                     })
@@ -63,11 +116,17 @@ impl SlotPool {
         Ok(SlotPool {
             jobs: Some(sender),
             threads,
+            running,
         })
     }
 
     pub fn slots(&self) -> usize {
         self.threads.len()
+    }
+
+    /// Tasks running on a slot now (not those queued).
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::Relaxed)
     }
 
     /// Queues a task; `reply` is called on a slot thread with its report.
@@ -93,14 +152,43 @@ impl SlotPool {
         cancel: Option<CancelFlag>,
         reply: impl FnOnce(TaskReport) + Send + 'static,
     ) {
-        let job = Job {
+        self.enqueue(Job {
             task,
             load,
             args,
             limits,
             cancel,
+            state: None,
             reply: Box::new(reply),
-        };
+        });
+    }
+
+    /// Like [`SlotPool::submit_cancellable`], and the task can be taken back
+    /// through `state` until a slot starts it; a task taken back is dropped
+    /// with its `reply` uncalled.
+    #[allow(clippy::too_many_arguments)]
+    pub fn submit_tracked(
+        &self,
+        task: Arc<PreparedTask>,
+        load: Load,
+        args: String,
+        limits: TaskLimits,
+        cancel: CancelFlag,
+        state: TaskState,
+        reply: impl FnOnce(TaskReport) + Send + 'static,
+    ) {
+        self.enqueue(Job {
+            task,
+            load,
+            args,
+            limits,
+            cancel: Some(cancel),
+            state: Some(state),
+            reply: Box::new(reply),
+        });
+    }
+
+    fn enqueue(&self, job: Job) {
         if let Some(jobs) = &self.jobs {
             // The receivers live as long as the pool, so the send cannot fail.
             let _ = jobs.send(job);
@@ -129,5 +217,135 @@ impl Drop for SlotPool {
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use wasmgrid_protocol::FailureKind;
+
+    use super::super::test_support::{executor, patient_limits, test_task, SPIN};
+    use super::*;
+
+    const PATIENCE: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn the_test_task_answers() {
+        let executor = executor(1);
+        let (task, load) = test_task(&executor);
+        let report = executor.run(&task, load, "[]", &patient_limits());
+        assert_eq!(report.outcome, Ok("1".into()));
+    }
+
+    #[test]
+    fn tasks_taken_back_never_run_and_the_running_one_still_reports() {
+        let executor = executor(1);
+        let (task, load) = test_task(&executor);
+        let pool = SlotPool::new(executor.clone(), 1).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let submit = |i: usize, args: &str, cancel: CancelFlag, state: TaskState| {
+            let tx = tx.clone();
+            pool.submit_tracked(
+                task.clone(),
+                load,
+                args.into(),
+                patient_limits(),
+                cancel,
+                state,
+                move |report| {
+                    let _ = tx.send((i, report));
+                },
+            );
+        };
+        let spin_cancel = CancelFlag::default();
+        let spin_state = TaskState::new();
+        submit(0, SPIN, spin_cancel.clone(), spin_state.clone());
+        // The only slot is now taken by the spinner (or about to be), so the rest stay queued.
+        let rest: Vec<TaskState> = (1..=3)
+            .map(|i| {
+                let state = TaskState::new();
+                submit(i, "[]", CancelFlag::default(), state.clone());
+                state
+            })
+            .collect();
+        for state in &rest {
+            assert!(state.try_take_back());
+            assert!(!state.try_take_back(), "taken back only once");
+            assert!(!state.has_started());
+        }
+        let waiting = std::time::Instant::now();
+        while !spin_state.has_started() {
+            assert!(waiting.elapsed() < PATIENCE, "the spinner never started");
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            !spin_state.try_take_back(),
+            "a started task cannot be taken back"
+        );
+        assert_eq!(pool.running(), 1);
+
+        spin_cancel.store(true, Ordering::Relaxed);
+        let (i, report) = rx.recv_timeout(PATIENCE).unwrap();
+        assert_eq!(i, 0);
+        assert_eq!(
+            report.outcome.unwrap_err().kind,
+            FailureKind::Cancelled,
+            "the running task reports"
+        );
+        // Dropping the pool waits for the slot to drain its queue: the
+        // tasks taken back are skipped, and nothing else reports.
+        drop(pool);
+        drop(tx);
+        assert_eq!(rx.iter().count(), 0, "a task taken back ran");
+    }
+
+    #[test]
+    fn every_task_either_runs_or_is_taken_back_never_both() {
+        let executor = executor(2);
+        let (task, load) = test_task(&executor);
+        let pool = SlotPool::new(executor.clone(), 2).unwrap();
+        let (tx, rx) = mpsc::channel();
+        const TASKS: usize = 500;
+        let states: Vec<TaskState> = (0..TASKS)
+            .map(|i| {
+                let state = TaskState::new();
+                let tx = tx.clone();
+                pool.submit_tracked(
+                    task.clone(),
+                    load,
+                    "[]".into(),
+                    patient_limits(),
+                    CancelFlag::default(),
+                    state.clone(),
+                    move |report| {
+                        let _ = tx.send((i, report));
+                    },
+                );
+                state
+            })
+            .collect();
+        // Race the slots from the back of the queue, where they have not yet reached.
+        let taken: HashSet<usize> = (0..TASKS)
+            .rev()
+            .filter(|&i| states[i].try_take_back())
+            .collect();
+        drop(pool);
+        drop(tx);
+        let reported: HashSet<usize> = rx
+            .iter()
+            .map(|(i, report)| {
+                assert_eq!(report.outcome, Ok("1".into()));
+                i
+            })
+            .collect();
+        assert!(
+            taken.is_disjoint(&reported),
+            "a task ran and was taken back"
+        );
+        assert_eq!(taken.len() + reported.len(), TASKS, "a task was lost");
     }
 }

@@ -1,0 +1,220 @@
+//! The attempts a joined worker holds (queued on a slot or running), with
+//! what it needs to cancel them, take back those not started, and know when
+//! none is left.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+use wasmgrid_protocol::wire::AttemptId;
+
+use crate::executor::{CancelFlag, TaskState};
+
+struct Held {
+    cancel: CancelFlag,
+    state: TaskState,
+}
+
+/// Shared between the session (which adds, cancels and takes back) and the
+/// slot threads' replies (which remove what finished).
+#[derive(Clone, Default)]
+pub struct Attempts {
+    held: Arc<Mutex<HashMap<AttemptId, Held>>>,
+    /// Woken whenever an attempt leaves.
+    left: Arc<Notify>,
+}
+
+impl Attempts {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<AttemptId, Held>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Holds a new attempt; returns the flag that cancels it and the state
+    /// that lets it be taken back, both for [`crate::executor::SlotPool::submit_tracked`].
+    pub fn add(&self, attempt: AttemptId) -> (CancelFlag, TaskState) {
+        let held = Held {
+            cancel: CancelFlag::default(),
+            state: TaskState::new(),
+        };
+        let handles = (held.cancel.clone(), held.state.clone());
+        if let Some(earlier) = self.lock().insert(attempt, held) {
+            // The foreman reused an attempt id: stop the older one rather than leak it.
+            tracing::warn!(attempt, "the foreman assigned an attempt twice");
+            earlier.state.try_take_back();
+            earlier.cancel.store(true, Ordering::Relaxed);
+        }
+        handles
+    }
+
+    /// An attempt finished (its report is on its way); `state` is the one
+    /// [`Attempts::add`] gave it, so a stale reply never removes a newer attempt.
+    pub fn finished(&self, attempt: AttemptId, state: &TaskState) {
+        let mut held = self.lock();
+        if held.get(&attempt).is_some_and(|h| h.state.same_as(state)) {
+            held.remove(&attempt);
+        }
+        drop(held);
+        self.left.notify_one();
+    }
+
+    /// Stops these attempts (unknown ids are ignored: they already finished).
+    pub fn cancel(&self, attempts: &[AttemptId]) {
+        let held = self.lock();
+        for attempt in attempts {
+            if let Some(held) = held.get(attempt) {
+                held.cancel.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Takes back every attempt no slot has started: they will never run or
+    /// report, and are no longer held. Returns their ids.
+    pub fn take_back_unstarted(&self) -> Vec<AttemptId> {
+        let mut held = self.lock();
+        let mut taken: Vec<AttemptId> = held
+            .iter()
+            .filter(|(_, h)| h.state.try_take_back())
+            .map(|(&attempt, _)| attempt)
+            .collect();
+        for attempt in &taken {
+            held.remove(attempt);
+        }
+        drop(held);
+        if !taken.is_empty() {
+            self.left.notify_one();
+        }
+        taken.sort_unstable();
+        taken
+    }
+
+    /// Cancels every attempt held; each still reports (as `Cancelled`).
+    pub fn cancel_all(&self) {
+        for held in self.lock().values() {
+            held.cancel.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Gives up on everything held (the connection is gone): takes back what
+    /// has not started and cancels the rest, so no slot works for nobody.
+    pub fn abandon(&self) {
+        let taken = self.take_back_unstarted();
+        self.cancel_all();
+        if !taken.is_empty() {
+            tracing::debug!(count = taken.len(), "dropped unstarted attempts");
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// Resolves after an attempt leaves (or at once if one left since the last call).
+    pub async fn one_left(&self) {
+        self.left.notified().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    use wasmgrid_protocol::FailureKind;
+
+    use super::*;
+    use crate::executor::test_support::{executor, patient_limits, test_task, SPIN};
+    use crate::executor::SlotPool;
+
+    const PATIENCE: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn draining_hands_back_the_queued_and_cancels_the_running() {
+        let executor = executor(1);
+        let (task, load) = test_task(&executor);
+        let pool = SlotPool::new(executor.clone(), 1).unwrap();
+        let attempts = Attempts::new();
+        let (tx, rx) = mpsc::channel();
+        for (attempt, args) in [(10, SPIN), (11, "[]"), (12, "[]")] {
+            let (cancel, state) = attempts.add(attempt);
+            let tx = tx.clone();
+            let held = attempts.clone();
+            let mine = state.clone();
+            pool.submit_tracked(
+                task.clone(),
+                load,
+                args.into(),
+                patient_limits(),
+                cancel,
+                state,
+                move |report| {
+                    let _ = tx.send((attempt, report));
+                    held.finished(attempt, &mine);
+                },
+            );
+        }
+        let waiting = Instant::now();
+        while pool.running() == 0 {
+            assert!(waiting.elapsed() < PATIENCE, "the spinner never started");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(attempts.take_back_unstarted(), vec![11, 12]);
+        assert_eq!(attempts.len(), 1, "the running attempt is still held");
+        assert!(attempts.take_back_unstarted().is_empty());
+
+        attempts.cancel_all();
+        let (attempt, report) = rx.recv_timeout(PATIENCE).unwrap();
+        assert_eq!(attempt, 10);
+        assert_eq!(report.outcome.unwrap_err().kind, FailureKind::Cancelled);
+        drop(pool);
+        drop(tx);
+        assert_eq!(rx.iter().count(), 0, "a handed-back attempt ran");
+        assert!(attempts.is_empty());
+    }
+
+    #[test]
+    fn cancelling_an_unknown_attempt_is_harmless() {
+        let attempts = Attempts::new();
+        let (cancel, state) = attempts.add(1);
+        attempts.cancel(&[2, 3]);
+        assert!(!cancel.load(Ordering::Relaxed));
+        attempts.cancel(&[1]);
+        assert!(cancel.load(Ordering::Relaxed));
+        attempts.finished(1, &state);
+        attempts.finished(1, &state);
+        assert!(attempts.is_empty());
+    }
+
+    #[test]
+    fn a_reused_attempt_id_stops_the_older_one() {
+        let attempts = Attempts::new();
+        let (old_cancel, old_state) = attempts.add(7);
+        let (new_cancel, new_state) = attempts.add(7);
+        assert!(old_cancel.load(Ordering::Relaxed));
+        assert!(!old_state.try_take_back(), "already taken back");
+        assert!(!new_cancel.load(Ordering::Relaxed));
+        // The older one's late reply does not remove the newer one.
+        attempts.finished(7, &old_state);
+        assert_eq!(attempts.len(), 1);
+        attempts.finished(7, &new_state);
+        assert!(attempts.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_leaving_attempt_wakes_the_waiter_even_if_it_left_first() {
+        let attempts = Attempts::new();
+        let (_, state) = attempts.add(1);
+        attempts.finished(1, &state);
+        tokio::time::timeout(PATIENCE, attempts.one_left())
+            .await
+            .expect("the permit is kept");
+    }
+}

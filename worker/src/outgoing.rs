@@ -1,0 +1,105 @@
+//! Everything a joined worker sends on its control stream after the
+//! handshake, from one task: reports (batched: whatever finished while the
+//! last batch was being written goes in the next), control messages in the
+//! order they were queued, heartbeats with the machine's load, and credit
+//! grown as tasks turn out short (never while draining).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use wasmgrid_protocol::wire::{encode_frame, Finished, ToForeman};
+
+use crate::credit::CreditWindow;
+use crate::executor::SlotPool;
+use crate::sysinfo::LoadSampler;
+
+/// How long a finished stream may wait for the foreman's acknowledgement.
+const FINISH_ACK: Duration = Duration::from_secs(5);
+
+pub enum Outgoing {
+    /// A report; consecutive ones go out in one message.
+    Finished(Finished),
+    /// Any other message, sent as is.
+    Message(ToForeman),
+    /// Write everything queued before this, finish the stream, wait until the
+    /// foreman has it all, and stop.
+    Finish,
+}
+
+pub type Sender = mpsc::UnboundedSender<Outgoing>;
+
+/// Starts the writer; it ends on [`Outgoing::Finish`], when every sender is
+/// gone, or on the first write error (which it returns).
+pub fn spawn(
+    mut send: quinn::SendStream,
+    mut window: CreditWindow,
+    heartbeat: Duration,
+    pool: Arc<SlotPool>,
+) -> (Sender, JoinHandle<anyhow::Result<()>>) {
+    let (sender, mut queue) = mpsc::unbounded_channel::<Outgoing>();
+    let writer = tokio::spawn(async move {
+        let mut heartbeat = tokio::time::interval(heartbeat);
+        let mut sampler = LoadSampler::new();
+        let mut pending: Option<Outgoing> = None;
+        let mut draining = false;
+        loop {
+            let item = match pending.take() {
+                Some(item) => item,
+                None => tokio::select! {
+                    item = queue.recv() => match item {
+                        Some(item) => item,
+                        None => break,
+                    },
+                    _ = heartbeat.tick() => {
+                        let running = u32::try_from(pool.running()).unwrap_or(u32::MAX);
+                        Outgoing::Message(ToForeman::Heartbeat(sampler.sample(running)))
+                    }
+                },
+            };
+            let message = match item {
+                Outgoing::Finished(first) => {
+                    let mut batch = vec![first];
+                    while let Ok(next) = queue.try_recv() {
+                        match next {
+                            Outgoing::Finished(finished) => batch.push(finished),
+                            other => {
+                                pending = Some(other);
+                                break;
+                            }
+                        }
+                    }
+                    for finished in &batch {
+                        let timings = finished.report.timings;
+                        window.observe(timings.instantiate_us + timings.run_us);
+                    }
+                    ToForeman::Finished(batch)
+                }
+                Outgoing::Message(message) => {
+                    draining |= matches!(message, ToForeman::Draining);
+                    message
+                }
+                Outgoing::Finish => {
+                    send.finish()?;
+                    if tokio::time::timeout(FINISH_ACK, send.stopped())
+                        .await
+                        .is_err()
+                    {
+                        tracing::warn!("the foreman did not acknowledge the last reports");
+                    }
+                    break;
+                }
+            };
+            let mut bytes = encode_frame(&message)?;
+            if !draining {
+                if let Some(extra) = window.grow() {
+                    bytes.extend(encode_frame(&ToForeman::Credit(extra))?);
+                }
+            }
+            send.write_all(&bytes).await?;
+        }
+        anyhow::Ok(())
+    });
+    (sender, writer)
+}
