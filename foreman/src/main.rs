@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use wasmgrid_foreman::api::JobOptions;
 use wasmgrid_foreman::client::{self, Client, SubmitOptions};
+use wasmgrid_foreman::core::HealthPolicy;
 use wasmgrid_foreman::model::Scheduler;
 use wasmgrid_foreman::serve::{serve, ServeOptions};
 use wasmgrid_protocol::TaskLimits;
@@ -45,6 +46,17 @@ enum Command {
         /// For jobs that name none: fifo, round-robin, least-loaded, performance or priority.
         #[arg(long, value_name = "NAME", default_value = "fifo", value_parser = clap::value_parser!(Scheduler))]
         scheduler: Scheduler,
+        /// Infrastructure failures (lost, timed out) within --cooldown-window
+        /// that bench a worker for --cooldown (0: never).
+        #[arg(long, value_name = "N", default_value_t = 3)]
+        cooldown_after: u32,
+        #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+        cooldown_window: f64,
+        #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+        cooldown: f64,
+        /// Added to a task's timeout before the foreman gives up on its report.
+        #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+        lease_slack: f64,
     },
     /// Submits a job and waits for its results (printed as a JSON array in argument order).
     Submit {
@@ -150,11 +162,28 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             max_upload_mib,
             heartbeat_timeout,
             scheduler,
+            cooldown_after,
+            cooldown_window,
+            cooldown,
+            lease_slack,
         } => {
             anyhow::ensure!(
                 heartbeat_timeout.is_finite() && heartbeat_timeout >= 0.05,
                 "--heartbeat-timeout must be at least 0.05 seconds"
             );
+            let millis = |name: &str, secs: f64| -> anyhow::Result<u64> {
+                anyhow::ensure!(
+                    secs.is_finite() && secs >= 0.0,
+                    "--{name} must be a number of seconds, at least 0"
+                );
+                Ok((secs * 1000.0) as u64)
+            };
+            let health = HealthPolicy {
+                lease_slack_ms: millis("lease-slack", lease_slack)?,
+                cooldown_after,
+                cooldown_window_ms: millis("cooldown-window", cooldown_window)?,
+                cooldown_ms: millis("cooldown", cooldown)?,
+            };
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(serve(ServeOptions {
                 data_dir,
@@ -164,6 +193,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 max_upload_bytes: max_upload_mib.saturating_mul(1 << 20),
                 heartbeat_timeout: std::time::Duration::from_secs_f64(heartbeat_timeout),
                 default_scheduler: scheduler,
+                health,
             }))?;
             Ok(ExitCode::SUCCESS)
         }

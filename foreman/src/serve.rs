@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::api::{self, ApiState};
-use crate::core::Core;
+use crate::core::{Core, HealthPolicy};
 use crate::driver::Driver;
 use crate::identity;
 use crate::model::Scheduler;
@@ -26,6 +26,8 @@ pub struct ServeOptions {
     pub heartbeat_timeout: Duration,
     /// For jobs that name no scheduler.
     pub default_scheduler: Scheduler,
+    /// Leases and cooldowns.
+    pub health: HealthPolicy,
 }
 
 pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
@@ -33,7 +35,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     let db = options.data_dir.join("foreman.db");
     let store = tokio::task::spawn_blocking(move || Store::open(&db)).await??;
 
-    let mut core = Core::new(store.next_attempt_id()?);
+    let mut core = Core::with_policy(store.next_attempt_id()?, options.health);
     let unfinished = store.unfinished_jobs()?;
     let resumed = unfinished.len();
     for job in unfinished {

@@ -77,6 +77,11 @@ pub fn start_foreman_at(data_dir: &Path, quic: &str, extra: &[&str]) -> Foreman 
 
 /// Starts a one-slot worker that joins `foreman`.
 pub fn start_worker(foreman: &Foreman, name: &str, cache: &Path) -> Running {
+    start_worker_with(foreman, name, cache, &[])
+}
+
+/// Like [`start_worker`], with extra flags (`--cpu-limit 25`, `--drain-grace 5`, ...).
+pub fn start_worker_with(foreman: &Foreman, name: &str, cache: &Path, extra: &[&str]) -> Running {
     Running(
         Command::new(binary("worker"))
             .args([
@@ -91,6 +96,7 @@ pub fn start_worker(foreman: &Foreman, name: &str, cache: &Path) -> Running {
             ])
             .arg("--cache-dir")
             .arg(cache)
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())

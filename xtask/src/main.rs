@@ -75,7 +75,7 @@ fn test(no_lint: bool) -> anyhow::Result<()> {
     }
     // The end-to-end tests start the real binaries, so build them first.
     run(cargo().args(["build", "--workspace", "--bins"]))?;
-    run_tests(cargo().args(["test", "--workspace"]))
+    run_tests(cargo().args(["test", "--workspace", "--no-fail-fast"]))
 }
 
 /// Runs `cargo test`, echoing its output, and ends with one line that sums
@@ -119,7 +119,9 @@ fn bench() -> anyhow::Result<()> {
     // The grid bench starts the release binaries.
     run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
     run(cargo().args(["bench", "-p", "wasmgrid-worker", "--bench", "executor"]))?;
-    run(cargo().args(["bench", "-p", "wasmgrid-tests", "--bench", "grid"]))
+    run(cargo().args(["bench", "-p", "wasmgrid-foreman", "--bench", "scheduling"]))?;
+    run(cargo().args(["bench", "-p", "wasmgrid-tests", "--bench", "grid"]))?;
+    run(cargo().args(["bench", "-p", "wasmgrid-tests", "--bench", "schedulers"]))
 }
 
 /// The cargo that runs us, in the workspace root.
