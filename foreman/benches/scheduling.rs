@@ -79,6 +79,7 @@ fn run(scheduler: Scheduler) -> Run {
             task_count: TASKS,
             scheduler,
             not_before_ms: None,
+            retry_deterministic: false,
         },
         args,
     );

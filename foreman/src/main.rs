@@ -81,6 +81,10 @@ enum Command {
         /// (2026-11-22T20:30:00Z) or from now (+90s, +5m, +1h30m).
         #[arg(long, value_name = "TIME", value_parser = client::parse_not_before)]
         not_before: Option<u64>,
+        /// Retry deterministic failures (OutOfFuel, MemoryLimit, Trap, ...) too,
+        /// within --retries, for guests that are not as deterministic as they should be.
+        #[arg(long)]
+        retry_deterministic: bool,
         #[arg(long, short)]
         output: Option<PathBuf>,
         /// Print the job id and return at once.
@@ -208,6 +212,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             priority,
             scheduler,
             not_before,
+            retry_deterministic,
             output,
             detach,
         } => {
@@ -219,6 +224,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 priority,
                 scheduler,
                 not_before_ms: not_before,
+                retry_deterministic,
             };
             client::submit(
                 &Client::new(&foreman),

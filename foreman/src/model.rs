@@ -25,6 +25,9 @@ pub struct JobSpec {
     pub scheduler: Scheduler,
     /// The job stays queued until this time (unix milliseconds).
     pub not_before_ms: Option<u64>,
+    /// Retry deterministic failures too (`OutOfFuel`, `Trap`, ...), within
+    /// `max_retries`: for a guest that is not as deterministic as it should be.
+    pub retry_deterministic: bool,
 }
 
 /// How a job's tasks are placed on workers (`foreman submit --scheduler`).

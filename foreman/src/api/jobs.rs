@@ -49,6 +49,8 @@ pub struct JobOptions {
     /// Keep the job queued until this time (unix milliseconds).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub not_before_ms: Option<u64>,
+    /// Retry deterministic failures too, within `retries`.
+    pub retry_deterministic: bool,
 }
 
 /// Parses with `Scheduler`'s `FromStr`, whose error lists the valid names.
@@ -68,6 +70,7 @@ impl Default for JobOptions {
             priority: 0,
             scheduler: None,
             not_before_ms: None,
+            retry_deterministic: false,
         }
     }
 }
@@ -139,6 +142,7 @@ pub(super) async fn submit(
         priority: options.priority,
         scheduler: options.scheduler.unwrap_or(state.default_scheduler),
         not_before_ms: options.not_before_ms,
+        retry_deterministic: options.retry_deterministic,
         args,
     };
     let store = state.store.clone();

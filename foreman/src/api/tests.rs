@@ -219,6 +219,7 @@ async fn worker_failures_are_listed_newest_first_and_bad_requests_named() {
             priority: 0,
             scheduler: Scheduler::Fifo,
             not_before_ms: None,
+            retry_deterministic: false,
             args: vec!["[0]".into(), "[1]".into()],
         })
         .unwrap()

@@ -59,13 +59,14 @@ impl Core {
             return;
         };
         let max_retries = job.spec.max_retries;
+        let final_failures = !job.spec.retry_deterministic;
         let Some(task) = job.tasks.get_mut(held.task as usize) else {
             return;
         };
         task.current = None;
         let next = match &report.outcome {
             Ok(_) => TaskState::Succeeded,
-            Err(f) if f.kind.is_deterministic() => TaskState::Failed,
+            Err(f) if f.kind.is_deterministic() && final_failures => TaskState::Failed,
             Err(_) => retry_state(task.attempts, max_retries),
         };
         task.state = next;

@@ -344,3 +344,18 @@ fn performance_gives_a_short_queue_to_equally_fast_idle_workers() {
     // it goes out rather than waiting for a better one that does not exist.
     assert_eq!(tasks_of(&h.dispatch()), [(1, 6)]);
 }
+
+#[test]
+fn deterministic_failures_are_retried_only_when_the_job_asks() {
+    let mut h = Harness::new();
+    h.worker(1, 1);
+    let mut flaky = spec(1, 1, 1);
+    flaky.retry_deterministic = true;
+    h.core.submit_job(flaky, args(1));
+    h.dispatch();
+    let c = h.finish(1, 100, err(FailureKind::Trap));
+    assert_eq!(events(&c), [Ev::Ended(0, 100, TaskState::Queued)]);
+    h.dispatch();
+    let c = h.finish(1, 101, err(FailureKind::OutOfFuel));
+    assert_eq!(events(&c), [Ev::Ended(0, 101, TaskState::Failed)]);
+}

@@ -20,6 +20,7 @@ pub(super) fn spec(id: JobId, tasks: u32, max_retries: u32) -> JobSpec {
         task_count: tasks,
         scheduler: Default::default(),
         not_before_ms: None,
+        retry_deterministic: false,
     }
 }
 

@@ -78,6 +78,7 @@ pub struct NewJob {
     pub scheduler: Scheduler,
     /// The job stays queued until this time (unix milliseconds).
     pub not_before_ms: Option<u64>,
+    pub retry_deterministic: bool,
     /// One JSON text per task, in task order.
     pub args: Vec<String>,
 }
@@ -94,6 +95,7 @@ pub struct JobRow {
     pub scheduler: Scheduler,
     /// The job stays queued until this time (unix milliseconds).
     pub not_before_ms: Option<u64>,
+    pub retry_deterministic: bool,
     pub limits: TaskLimits,
     pub max_retries: u32,
     pub total: u32,

@@ -19,7 +19,7 @@ use crate::model::{JobId, JobSpec, JobState, WorkerId};
 
 const JOB_COLUMNS: &str = "id, module, state, priority, scheduler, fuel, memory_bytes, timeout_ms,
     output_bytes, max_retries, total, queued, running, succeeded, failed, cancelled, fuel_used,
-    created_at_ms, started_at_ms, finished_at_ms, not_before_ms";
+    created_at_ms, started_at_ms, finished_at_ms, not_before_ms, retry_deterministic";
 
 /// `?1`: failures at or after this time count as recent.
 const WORKER_COLUMNS: &str = "id, name, hostname, os, arch, cores, memory_bytes, slots,
@@ -62,8 +62,9 @@ pub(super) fn create_job(conn: &mut Connection, job: NewJob) -> Result<JobSpec, 
     let limits = &job.limits;
     tx.execute(
         "INSERT INTO jobs (module, state, priority, scheduler, fuel, memory_bytes, timeout_ms,
-             output_bytes, max_retries, total, queued, created_at_ms, not_before_ms)
-         VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10, ?11)",
+             output_bytes, max_retries, total, queued, created_at_ms, not_before_ms,
+             retry_deterministic)
+         VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10, ?11, ?12)",
         params![
             &job.module[..],
             job.priority,
@@ -76,6 +77,7 @@ pub(super) fn create_job(conn: &mut Connection, job: NewJob) -> Result<JobSpec, 
             task_count,
             now_ms(),
             job.not_before_ms.map(to_sql),
+            job.retry_deterministic,
         ],
     )?;
     let id = schema::from_sql(tx.last_insert_rowid());
@@ -97,6 +99,7 @@ pub(super) fn create_job(conn: &mut Connection, job: NewJob) -> Result<JobSpec, 
         task_count,
         scheduler: job.scheduler,
         not_before_ms: job.not_before_ms,
+        retry_deterministic: job.retry_deterministic,
     })
 }
 
@@ -286,6 +289,7 @@ pub(super) fn unfinished_jobs(conn: &mut Connection) -> Result<Vec<UnfinishedJob
                     task_count: job.total,
                     scheduler: job.scheduler,
                     not_before_ms: job.not_before_ms,
+                    retry_deterministic: job.retry_deterministic,
                 },
                 state: job.state,
                 args,
@@ -398,6 +402,7 @@ fn job_row(row: &Row<'_>) -> Result<JobRow, StoreError> {
         priority: row.get(3)?,
         scheduler: schema::scheduler(required_text(row, 4)?)?,
         not_before_ms: row.get::<_, Option<i64>>(20)?.map(from_sql),
+        retry_deterministic: row.get(21)?,
         limits: TaskLimits {
             fuel: from_sql(row.get(5)?),
             memory_bytes: from_sql(row.get(6)?),

@@ -141,6 +141,7 @@ CREATE INDEX worker_failures_by_worker ON worker_failures (worker_id, at_ms);
 /// - `cooldown_until_ms` is the latest cool-down's end; `cooldowns` counts them.
 const V2: &str = "
 ALTER TABLE jobs ADD COLUMN not_before_ms INTEGER;
+ALTER TABLE jobs ADD COLUMN retry_deterministic INTEGER NOT NULL DEFAULT 0;
 
 ALTER TABLE workers ADD COLUMN cpu_model TEXT NOT NULL DEFAULT '';
 ALTER TABLE workers ADD COLUMN benchmark_fuel_per_sec INTEGER NOT NULL DEFAULT 0;

@@ -24,6 +24,7 @@ fn new_job(args: Vec<String>) -> NewJob {
         priority: 0,
         scheduler: Scheduler::Fifo,
         not_before_ms: None,
+        retry_deterministic: false,
         args,
     }
 }
