@@ -169,7 +169,8 @@ pub enum Record {
         task: TaskIndex,
         attempt: AttemptId,
         worker: WorkerId,
-        report: TaskReport,
+        /// Boxed: commands stay small, and most of them are not this one.
+        report: Box<TaskReport>,
         task_state: TaskState,
     },
     /// An attempt ended without a report (its worker went away, or it was

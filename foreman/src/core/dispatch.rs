@@ -34,6 +34,13 @@ struct Batches {
 
 impl Batches {
     fn push(&mut self, worker: WorkerId, assignment: Assignment) {
+        // Chunks go to one worker in a row: skip the lookup.
+        if let Some((last, batch)) = self.batches.last_mut() {
+            if *last == worker {
+                batch.push(assignment);
+                return;
+            }
+        }
         let slot = *self.index.entry(worker).or_insert_with(|| {
             self.batches.push((worker, Vec::new()));
             self.batches.len() - 1
@@ -49,6 +56,7 @@ impl Core {
         if self.queued == 0 || !self.pool.any_ready() {
             return;
         }
+        self.pool.track_load(self.order.wants_load());
         let mut out = Batches::default();
         let mut cursor = None;
         while self.pool.any_ready() {

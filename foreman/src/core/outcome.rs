@@ -77,7 +77,7 @@ impl Core {
                 task: held.task,
                 attempt,
                 worker: held.worker,
-                report,
+                report: Box::new(report),
                 task_state: next,
             }));
         if next == TaskState::Queued {
@@ -143,7 +143,7 @@ impl Core {
                 task: held.task,
                 attempt,
                 worker: held.worker,
-                report,
+                report: Box::new(report),
                 task_state: next,
             }));
         self.maybe_finish(held.job);

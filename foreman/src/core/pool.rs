@@ -59,7 +59,8 @@ pub(super) struct Worker {
     epoch: u64,
     in_ring: bool,
     /// Its keys in the load and speed indexes, while it is in them.
-    indexed: Option<(u64, u64)>,
+    indexed_load: Option<u64>,
+    indexed_speed: Option<u64>,
 }
 
 impl Worker {
@@ -81,9 +82,8 @@ impl Worker {
             || self.reserved_bytes.saturating_add(limit_bytes) <= self.memory_bytes
     }
 
-    fn keys(&self) -> (u64, u64) {
-        let load = self.held.len() as u64 * LOAD_SCALE / u64::from(self.slots.max(1));
-        (load, self.speed as u64)
+    fn load_key(&self) -> u64 {
+        self.held.len() as u64 * LOAD_SCALE / u64::from(self.slots.max(1))
     }
 }
 
@@ -94,6 +94,9 @@ pub(super) struct Pool {
     ring: VecDeque<(WorkerId, u64)>,
     by_load: BTreeSet<(u64, WorkerId)>,
     by_speed: BTreeSet<(Reverse<u64>, WorkerId)>,
+    /// Whether `by_load` is kept: only while a job needs it, since it moves
+    /// on every task taken or returned.
+    track_load: bool,
     next_epoch: u64,
 }
 
@@ -107,12 +110,27 @@ impl Pool {
     }
 
     pub(super) fn any_ready(&self) -> bool {
-        !self.by_load.is_empty()
+        !self.by_speed.is_empty()
     }
 
-    /// Ready workers, least loaded first.
+    /// Ready workers, least loaded first (see [`Pool::track_load`]).
     pub(super) fn by_load(&self) -> impl Iterator<Item = WorkerId> + '_ {
         self.by_load.iter().map(|(_, id)| *id)
+    }
+
+    /// Keeps the load index from now on (building it), or drops it.
+    pub(super) fn track_load(&mut self, on: bool) {
+        if on == self.track_load {
+            return;
+        }
+        self.track_load = on;
+        self.by_load.clear();
+        for (id, w) in &mut self.workers {
+            w.indexed_load = (on && w.ready()).then(|| w.load_key());
+            if let Some(load) = w.indexed_load {
+                self.by_load.insert((load, *id));
+            }
+        }
     }
 
     /// Ready workers, fastest first.
@@ -136,7 +154,8 @@ impl Pool {
                 cooling_until: None,
                 epoch,
                 in_ring: false,
-                indexed: None,
+                indexed_load: None,
+                indexed_speed: None,
             },
         );
     }
@@ -144,8 +163,10 @@ impl Pool {
     /// Removes the worker with its credit; its rotation entry goes stale.
     pub(super) fn leave(&mut self, id: WorkerId) -> Option<Worker> {
         let worker = self.workers.remove(&id)?;
-        if let Some((load, speed)) = worker.indexed {
+        if let Some(load) = worker.indexed_load {
             self.by_load.remove(&(load, id));
+        }
+        if let Some(speed) = worker.indexed_speed {
             self.by_speed.remove(&(Reverse(speed), id));
         }
         Some(worker)
@@ -212,28 +233,26 @@ impl Pool {
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
-        let wanted = w.ready().then(|| w.keys());
-        if wanted != w.indexed {
-            let (old_load, old_speed) = w.indexed.unzip();
-            let (new_load, new_speed) = wanted.unzip();
-            // Only what changed: a task taken or returned moves just the load key.
-            if old_load != new_load {
-                if let Some(load) = old_load {
-                    self.by_load.remove(&(load, id));
-                }
-                if let Some(load) = new_load {
-                    self.by_load.insert((load, id));
-                }
+        let ready = w.ready();
+        let speed = ready.then_some(w.speed as u64);
+        if speed != w.indexed_speed {
+            if let Some(old) = w.indexed_speed {
+                self.by_speed.remove(&(Reverse(old), id));
             }
-            if old_speed != new_speed {
-                if let Some(speed) = old_speed {
-                    self.by_speed.remove(&(Reverse(speed), id));
-                }
-                if let Some(speed) = new_speed {
-                    self.by_speed.insert((Reverse(speed), id));
-                }
+            if let Some(new) = speed {
+                self.by_speed.insert((Reverse(new), id));
             }
-            w.indexed = wanted;
+            w.indexed_speed = speed;
+        }
+        let load = (ready && self.track_load).then(|| w.load_key());
+        if load != w.indexed_load {
+            if let Some(old) = w.indexed_load {
+                self.by_load.remove(&(old, id));
+            }
+            if let Some(new) = load {
+                self.by_load.insert((new, id));
+            }
+            w.indexed_load = load;
         }
         if w.ready() && !w.in_ring {
             w.in_ring = true;

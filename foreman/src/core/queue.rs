@@ -4,7 +4,7 @@
 //! they reach the front, never searched for.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::model::{JobId, JobSpec, Scheduler, TaskIndex};
 
@@ -75,8 +75,10 @@ pub(super) fn job_key(spec: &JobSpec) -> JobKey {
 /// until their not-before time.
 #[derive(Debug, Default)]
 pub(super) struct JobOrder {
-    runnable: BTreeSet<JobKey>,
+    runnable: BTreeMap<JobKey, Scheduler>,
     delayed: BTreeSet<(u64, JobId)>,
+    /// Runnable jobs on the least-loaded scheduler.
+    least_loaded: usize,
 }
 
 impl JobOrder {
@@ -87,13 +89,16 @@ impl JobOrder {
                 self.delayed.insert((at, spec.id));
             }
             _ => {
-                self.runnable.insert(job_key(spec));
+                let before = self.runnable.insert(job_key(spec), spec.scheduler);
+                if before.is_none() && spec.scheduler == Scheduler::LeastLoaded {
+                    self.least_loaded += 1;
+                }
             }
         }
     }
 
     pub(super) fn remove(&mut self, spec: &JobSpec) {
-        self.runnable.remove(&job_key(spec));
+        self.remove_key(&job_key(spec));
         if let Some(at) = spec.not_before_ms {
             self.delayed.remove(&(at, spec.id));
         }
@@ -116,16 +121,23 @@ impl JobOrder {
     /// The runnable job after `after` (the first one for `None`).
     pub(super) fn next_after(&self, after: Option<JobKey>) -> Option<JobKey> {
         match after {
-            None => self.runnable.first().copied(),
+            None => self.runnable.keys().next().copied(),
             Some(key) => self
                 .runnable
                 .range((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded))
                 .next()
-                .copied(),
+                .map(|(k, _)| *k),
         }
     }
 
     pub(super) fn remove_key(&mut self, key: &JobKey) {
-        self.runnable.remove(key);
+        if self.runnable.remove(key) == Some(Scheduler::LeastLoaded) {
+            self.least_loaded -= 1;
+        }
+    }
+
+    /// Whether any runnable job places tasks by load.
+    pub(super) fn wants_load(&self) -> bool {
+        self.least_loaded > 0
     }
 }

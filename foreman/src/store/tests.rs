@@ -72,7 +72,7 @@ fn ended(
         task,
         attempt,
         worker: 1,
-        report: report(outcome, 100),
+        report: Box::new(report(outcome, 100)),
         task_state,
     }
 }
@@ -540,7 +540,7 @@ fn hundred_thousand_tasks() {
                     task: i,
                     attempt,
                     worker: w,
-                    report: report(Ok(format!("{{\"n\": {i}}}")), 1000),
+                    report: Box::new(report(Ok(format!("{{\"n\": {i}}}")), 1000)),
                     task_state: TaskState::Succeeded,
                 },
             ]
@@ -813,7 +813,7 @@ fn worker_failures_newest_first_without_cancellations() {
             task: 2,
             attempt: 5,
             worker: other,
-            report: report(trap("elsewhere"), 1),
+            report: Box::new(report(trap("elsewhere"), 1)),
             task_state: TaskState::Failed,
         },
     ]);
