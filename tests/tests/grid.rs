@@ -231,9 +231,12 @@ fn incompatible_and_garbage_peers_are_cut_off_and_the_grid_carries_on() {
     runtime.block_on(async {
         let future_version = Preamble { version: 99 }.encode().to_vec();
         let reason = close_reason_after(&foreman.quic, &fingerprint, future_version).await;
+        let ours = wasmgrid_protocol::wire::PROTOCOL_VERSION;
         assert_eq!(
             reason,
-            "incompatible protocol: the foreman speaks version 1, the worker speaks version 99"
+            format!(
+                "incompatible protocol: the foreman speaks version {ours}, the worker speaks version 99"
+            )
         );
 
         let mut garbage_frame = Preamble::ours().encode().to_vec();
