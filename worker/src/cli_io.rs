@@ -1,7 +1,7 @@
 //! What both command-line programs (`worker`, `foreman`) do at their edges:
 //! logging to stderr and writing a job's results.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::Path;
 
 use anyhow::Context;
@@ -20,14 +20,18 @@ pub enum LogFormat {
 pub fn init_logging(default_level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    // Colours only for a terminal: escape codes make a log file hard to read.
+    let ansi = std::io::stderr().is_terminal();
+    let subscriber = subscriber(filter, format, ansi, std::io::stderr);
     // Only fails if a subscriber is already set (say, twice in one test binary).
-    let _ = tracing::subscriber::set_global_default(subscriber(filter, format, std::io::stderr));
+    let _ = tracing::subscriber::set_global_default(subscriber);
 }
 
 /// The subscriber [`init_logging`] installs, writing to `writer` (tests capture it).
 pub fn subscriber<W>(
     filter: tracing_subscriber::EnvFilter,
     format: LogFormat,
+    ansi: bool,
     writer: W,
 ) -> Box<dyn tracing::Subscriber + Send + Sync>
 where
@@ -35,6 +39,7 @@ where
 {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(writer);
     match format {
         LogFormat::Text => Box::new(builder.finish()),
@@ -87,6 +92,7 @@ mod tests {
         let subscriber = subscriber(
             tracing_subscriber::EnvFilter::new("debug"),
             format,
+            false,
             move || writer.clone(),
         );
         tracing::subscriber::with_default(subscriber, || {
@@ -115,7 +121,7 @@ mod tests {
     #[test]
     fn text_logs_are_not_json() {
         let text = log_with(LogFormat::Text);
-        assert!(text.contains("finished") && text.contains("42"), "{text}");
+        assert!(text.contains("finished attempt=42"), "{text}");
         assert!(serde_json::from_str::<serde_json::Value>(text.lines().next().unwrap()).is_err());
     }
 }

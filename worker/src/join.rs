@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use wasmgrid_protocol::stream::read_message;
 use wasmgrid_protocol::wire::{
     encode_frame, Assignment, AttemptId, FetchModule, Finished, FrameDecoder, ModuleReply,
-    Preamble, ToForeman, ToWorker, WorkerInfo, ALPN_ANY_VERSION, ALPN_VERSIONED, PROTOCOL_VERSION,
+    Preamble, ToForeman, ToWorker, WorkerInfo, PROTOCOL_VERSION,
 };
 use wasmgrid_protocol::TaskReport;
 
@@ -21,11 +21,12 @@ use crate::drain::{Drain, Expired, Terminate};
 use crate::executor::{Executor, ExecutorOptions, ModuleId, SlotPool, Tracking};
 use crate::outgoing::{self, Outgoing};
 use crate::status::{Connection, StaticInfo, Status};
+pub use crate::tls::client_config;
 
 /// The name in the foreman's certificate.
 pub const SERVER_NAME: &str = "wasmgrid-foreman";
 /// How long a silent foreman is given before the worker reconnects.
-const FOREMAN_SILENCE: Duration = Duration::from_secs(5);
+pub(crate) const FOREMAN_SILENCE: Duration = Duration::from_secs(5);
 /// How long a closed connection may take to tell the foreman.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// The wasmtime this worker embeds (pinned in the workspace manifest).
@@ -543,90 +544,5 @@ fn worker_info(
         cpu_model: crate::sysinfo::cpu_model(),
         benchmark_fuel_per_sec,
         cpu_limit_percent: executor.cpu_limit_percent(),
-    }
-}
-
-/// QUIC client settings that trust only the certificate with this sha256 (hex).
-pub fn client_config(fingerprint: &str) -> anyhow::Result<quinn::ClientConfig> {
-    let pinned = hex::decode(fingerprint)
-        .ok()
-        .filter(|b| b.len() == 32)
-        .context("the token's fingerprint is not 64 hex digits")?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedCertificate { pinned, provider }))
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN_VERSIONED.to_vec(), ALPN_ANY_VERSION.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
-    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    // Notice a foreman that vanished without closing (killed, unplugged)
-    // within seconds, so the reconnect loop can find its successor.
-    let mut transport = quinn::TransportConfig::default();
-    transport
-        .max_idle_timeout(Some(FOREMAN_SILENCE.try_into()?))
-        .keep_alive_interval(Some(FOREMAN_SILENCE / 5));
-    config.transport_config(Arc::new(transport));
-    Ok(config)
-}
-
-/// Trusts exactly one certificate, by its sha256: no CA, no trust on first use.
-#[derive(Debug)]
-struct PinnedCertificate {
-    pinned: Vec<u8>,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl rustls::client::danger::ServerCertVerifier for PinnedCertificate {
-    fn verify_server_cert(
-        &self,
-        end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        if Sha256::digest(end_entity.as_ref()).as_slice() == self.pinned.as_slice() {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(
-                "the foreman's certificate does not match the fingerprint in the token".into(),
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }

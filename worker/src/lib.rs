@@ -13,3 +13,4 @@ pub mod join;
 mod outgoing;
 pub mod status;
 pub mod sysinfo;
+mod tls;
