@@ -337,6 +337,54 @@ mod tests {
     }
 
     #[test]
+    fn a_watched_task_says_when_it_starts_and_one_taken_back_never_does() {
+        let executor = executor(1);
+        let (task, load) = test_task(&executor);
+        let pool = SlotPool::new(executor.clone(), 1).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let submit = |i: usize, args: &str, state: TaskState| {
+            let (started, finished) = (tx.clone(), tx.clone());
+            let tracking = Tracking {
+                cancel: CancelFlag::default(),
+                state,
+                on_start: Some(Box::new(move || {
+                    let _ = started.send((i, "started"));
+                })),
+            };
+            pool.submit_watched(
+                task.clone(),
+                load,
+                args.into(),
+                patient_limits(),
+                tracking,
+                move |_| {
+                    let _ = finished.send((i, "finished"));
+                },
+            );
+        };
+        let spinner = CancelFlag::default();
+        let spin_state = TaskState::new();
+        pool.submit_tracked(
+            task.clone(),
+            load,
+            SPIN.into(),
+            patient_limits(),
+            spinner.clone(),
+            spin_state.clone(),
+            |_| {},
+        );
+        let queued = TaskState::new();
+        submit(1, "[]", queued.clone());
+        assert!(queued.try_take_back());
+        spinner.store(true, Ordering::Relaxed);
+        submit(2, "[]", TaskState::new());
+        drop(pool);
+        drop(tx);
+        let seen: Vec<_> = rx.iter().collect();
+        assert_eq!(seen, [(2, "started"), (2, "finished")]);
+    }
+
+    #[test]
     fn every_task_either_runs_or_is_taken_back_never_both() {
         let executor = executor(2);
         let (task, load) = test_task(&executor);
