@@ -12,6 +12,7 @@ use wasmgrid_foreman::core::HealthPolicy;
 use wasmgrid_foreman::model::Scheduler;
 use wasmgrid_foreman::serve::{serve, ServeOptions};
 use wasmgrid_protocol::TaskLimits;
+use wasmgrid_worker::cli_io::LogFormat;
 
 #[derive(Parser)]
 #[command(
@@ -22,6 +23,9 @@ use wasmgrid_protocol::TaskLimits;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How log lines on stderr look: text for people, json for collectors.
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -146,8 +150,9 @@ enum Command {
 const DEFAULT_FOREMAN: &str = "http://127.0.0.1:8000";
 
 fn main() -> ExitCode {
-    wasmgrid_worker::cli_io::init_logging("info");
-    match run(Cli::parse().command) {
+    let cli = Cli::parse();
+    wasmgrid_worker::cli_io::init_logging("info", cli.log_format);
+    match run(cli.command) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");

@@ -10,20 +10,23 @@ use anyhow::{bail, Context};
 use sha2::{Digest, Sha256};
 use wasmgrid_protocol::stream::read_message;
 use wasmgrid_protocol::wire::{
-    encode_frame, Assignment, FetchModule, Finished, FrameDecoder, ModuleReply, Preamble,
-    ToForeman, ToWorker, WorkerInfo, ALPN_ANY_VERSION, ALPN_VERSIONED, PROTOCOL_VERSION,
+    encode_frame, Assignment, AttemptId, FetchModule, Finished, FrameDecoder, ModuleReply,
+    Preamble, ToForeman, ToWorker, WorkerInfo, PROTOCOL_VERSION,
 };
+use wasmgrid_protocol::TaskReport;
 
 use crate::attempts::Attempts;
 use crate::credit::CreditWindow;
 use crate::drain::{Drain, Expired, Terminate};
-use crate::executor::{Executor, ExecutorOptions, ModuleId, SlotPool};
+use crate::executor::{Executor, ExecutorOptions, ModuleId, SlotPool, Tracking};
 use crate::outgoing::{self, Outgoing};
+use crate::status::{Connection, StaticInfo, Status};
+pub use crate::tls::client_config;
 
 /// The name in the foreman's certificate.
 pub const SERVER_NAME: &str = "wasmgrid-foreman";
 /// How long a silent foreman is given before the worker reconnects.
-const FOREMAN_SILENCE: Duration = Duration::from_secs(5);
+pub(crate) const FOREMAN_SILENCE: Duration = Duration::from_secs(5);
 /// How long a closed connection may take to tell the foreman.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// The wasmtime this worker embeds (pinned in the workspace manifest).
@@ -40,13 +43,16 @@ pub struct JoinOptions {
     pub cpu_limit_percent: u32,
     /// On SIGTERM, how long running tasks get to finish before they are cancelled.
     pub drain_grace: Duration,
+    /// Where the status API listens (`None`: no API).
+    pub api: Option<SocketAddr>,
 }
 
 /// Serves the foreman until it goes away for good (reconnecting with
 /// backoff), or until this worker drains and leaves (`Ok`).
 ///
 /// SIGTERM drains (a second one, or one while not connected, leaves at once);
-/// so does a `Drain` from the foreman.
+/// so does a `Drain` from the foreman. A restart asked for through the
+/// status API drops the connection and joins again without waiting.
 pub async fn run(options: JoinOptions) -> anyhow::Result<()> {
     let (secret, fingerprint) = options
         .token
@@ -60,6 +66,17 @@ pub async fn run(options: JoinOptions) -> anyhow::Result<()> {
         ..ExecutorOptions::default()
     })?);
     let pool = Arc::new(SlotPool::new(executor.clone(), options.slots as usize)?);
+    let status = Status::new(StaticInfo {
+        name: options.name.clone(),
+        foreman: options.foreman,
+        slots: options.slots,
+        cpu_limit_percent: executor.cpu_limit_percent(),
+    });
+    if let Some(addr) = options.api {
+        if let Some(bound) = crate::api::spawn(status.clone(), addr).await {
+            announce_api(bound);
+        }
+    }
     let benchmark = {
         let executor = executor.clone();
         tokio::task::spawn_blocking(move || crate::benchmark::fuel_per_sec(&executor))
@@ -82,20 +99,38 @@ pub async fn run(options: JoinOptions) -> anyhow::Result<()> {
     let mut backoff = FIRST_BACKOFF;
     loop {
         let started = std::time::Instant::now();
+        status.set_connection(Connection::Connecting);
         let joined = tokio::select! {
-            joined = join(&options, &info, secret, fingerprint) => joined,
+            joined = join(&options, &info, secret, fingerprint, &status) => joined,
             _ = terminate.recv() => return left_at_once("while joining"),
+            _ = status.restart_requested() => {
+                tracing::info!("restarting: joining again");
+                backoff = FIRST_BACKOFF;
+                continue;
+            }
+        };
+        let session = Session {
+            options: &options,
+            executor: &executor,
+            pool: &pool,
+            status: &status,
         };
         let result = match joined {
-            Ok(joined) => serve(joined, &options, &executor, &pool, &mut terminate).await,
+            Ok(joined) => serve(joined, session, &mut terminate).await,
             Err(error) => Err(error),
         };
+        status.set_connection(Connection::Disconnected);
         match &result {
             Ok(Ended::Drained) => {
                 tracing::info!("drained: leaving the foreman");
                 return Ok(());
             }
             Ok(Ended::Terminated) => return left_at_once("again while draining"),
+            Ok(Ended::Restart) => {
+                tracing::info!("restarting: dropped the connection, joining again");
+                backoff = FIRST_BACKOFF;
+                continue;
+            }
             Ok(Ended::Lost) => {}
             Err(error) => {
                 tracing::warn!("{error:#}");
@@ -112,9 +147,22 @@ pub async fn run(options: JoinOptions) -> anyhow::Result<()> {
         tokio::select! {
             _ = tokio::time::sleep(backoff + jitter) => {}
             _ = terminate.recv() => return left_at_once("while not connected"),
+            _ = status.restart_requested() => {
+                tracing::info!("restarting: joining again without waiting");
+                backoff = FIRST_BACKOFF;
+                continue;
+            }
         }
         backoff = (backoff * 2).min(Duration::from_secs(30));
     }
+}
+
+/// Tells scripts (and people) where the API ended up, which matters with port 0.
+fn announce_api(bound: SocketAddr) {
+    use std::io::Write;
+    // Not `println!`: a closed stdout must not take the worker down.
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "API http://{bound}").and_then(|()| stdout.flush());
 }
 
 fn left_at_once(when: &str) -> anyhow::Result<()> {
@@ -142,6 +190,17 @@ enum Ended {
     Drained,
     /// A second SIGTERM while draining: leave now.
     Terminated,
+    /// Asked through the status API: drop the connection and join again.
+    Restart,
+}
+
+/// What a session works with, beyond its connection.
+#[derive(Clone, Copy)]
+struct Session<'a> {
+    options: &'a JoinOptions,
+    executor: &'a Arc<Executor>,
+    pool: &'a Arc<SlotPool>,
+    status: &'a Arc<Status>,
 }
 
 /// A connection past the handshake and the foreman's welcome.
@@ -159,6 +218,7 @@ async fn join(
     info: &WorkerInfo,
     secret: &str,
     fingerprint: &str,
+    status: &Status,
 ) -> anyhow::Result<Joined> {
     let endpoint = quinn::Endpoint::client(SocketAddr::new([0, 0, 0, 0].into(), 0))?;
     let connecting =
@@ -198,6 +258,7 @@ async fn join(
         Err(error) => return Err(refusal(&connection).unwrap_or(error)),
     };
     tracing::info!(worker_id, foreman = %options.foreman, "joined");
+    status.joined(worker_id);
     Ok(Joined {
         endpoint,
         connection,
@@ -211,11 +272,15 @@ async fn join(
 /// Runs tasks for the foreman until it goes away, or this worker drains.
 async fn serve(
     joined: Joined,
-    options: &JoinOptions,
-    executor: &Arc<Executor>,
-    pool: &Arc<SlotPool>,
+    session: Session<'_>,
     terminate: &mut Terminate,
 ) -> anyhow::Result<Ended> {
+    let Session {
+        options,
+        pool,
+        status,
+        ..
+    } = session;
     let Joined {
         endpoint,
         connection,
@@ -250,15 +315,17 @@ async fn serve(
                         let _ = out.send(Outgoing::Message(ToForeman::Returned(ids)));
                     }
                     Some(ToWorker::Run(assignments)) => {
-                        run_batch(&connection, executor, pool, assignments, &out, &attempts)
-                            .await?
+                        run_batch(&connection, session, assignments, &out, &attempts).await?
                     }
                     Some(ToWorker::Cancel(ids)) => attempts.cancel(&ids),
                     Some(ToWorker::Drain { grace_ms }) => {
                         let grace = Duration::from_millis(grace_ms);
                         match &mut drain {
                             Some(drain) => drain.shorten(grace),
-                            None => drain = Some(Drain::start(grace, &attempts, &out)),
+                            None => {
+                                status.set_connection(Connection::Draining);
+                                drain = Some(Drain::start(grace, &attempts, &out));
+                            }
                         }
                     }
                     Some(ToWorker::Welcome { .. }) => bail!("a second welcome"),
@@ -267,6 +334,7 @@ async fn serve(
                     Some(_) => return Ok(Ended::Terminated),
                     None => {
                         tracing::info!("SIGTERM: draining (a second SIGTERM leaves at once)");
+                        status.set_connection(Connection::Draining);
                         drain = Some(Drain::start(options.drain_grace, &attempts, &out));
                     }
                 },
@@ -282,6 +350,8 @@ async fn serve(
                     }
                 }
                 _ = attempts.one_left(), if drain.is_some() => {}
+                // A drain under way is finished rather than dropped.
+                _ = status.restart_requested(), if drain.is_none() => return Ok(Ended::Restart),
             }
         }
     }
@@ -306,11 +376,14 @@ async fn serve(
             // Nobody will take these reports: stop the work rather than finish it.
             attempts.abandon();
             writer.abort();
-            if other
-                .as_ref()
-                .is_ok_and(|ended| *ended == Ended::Terminated)
-            {
-                connection.close(0u32.into(), b"terminated");
+            let reason: Option<&[u8]> = match &other {
+                Ok(Ended::Terminated) => Some(b"terminated"),
+                Ok(Ended::Restart) => Some(b"restarting"),
+                _ => None,
+            };
+            if let Some(reason) = reason {
+                // Tell the foreman now rather than let it wait for a timeout.
+                connection.close(0u32.into(), reason);
                 let _ = tokio::time::timeout(CLOSE_WAIT, endpoint.wait_idle()).await;
             }
             other.map_err(|error: anyhow::Error| refusal(&connection).unwrap_or(error))
@@ -329,44 +402,67 @@ fn refusal(connection: &quinn::Connection) -> Option<anyhow::Error> {
 
 async fn run_batch(
     connection: &quinn::Connection,
-    executor: &Arc<Executor>,
-    pool: &Arc<SlotPool>,
+    session: Session<'_>,
     assignments: Vec<Assignment>,
     out: &outgoing::Sender,
     attempts: &Attempts,
 ) -> anyhow::Result<()> {
+    let Session {
+        executor,
+        pool,
+        status,
+        ..
+    } = session;
     for assignment in assignments {
-        let id = ModuleId(assignment.module);
+        let attempt = assignment.attempt;
+        let module = assignment.module;
+        // The protocol names no job or task here: the attempt id (which the
+        // foreman's records map to both) and the module identify the work.
+        tracing::debug!(attempt, module = %hex::encode(module), "task received");
+        let id = ModuleId(module);
         let (task, load) = match executor.load_cached(id) {
             Some(cached) => cached,
             None => {
-                let wasm = fetch_module(connection, assignment.module).await?;
+                let wasm = fetch_module(connection, module).await?;
+                status.module_fetched();
                 let executor = executor.clone();
                 match tokio::task::spawn_blocking(move || executor.load(&wasm)).await? {
                     Ok(loaded) => loaded,
                     Err(failure) => {
-                        let _ = out.send(Outgoing::Finished(Finished {
-                            attempt: assignment.attempt,
-                            report: crate::exec::failed_report(failure),
-                        }));
+                        let report = crate::exec::failed_report(failure);
+                        log_finished(attempt, &module, &report);
+                        status.finished(attempt, &report);
+                        let _ = out.send(Outgoing::Finished(Finished { attempt, report }));
                         continue;
                     }
                 }
             }
         };
-        let attempt = assignment.attempt;
         let (cancel, state) = attempts.add(attempt);
         let out = out.clone();
         let attempts = attempts.clone();
         let mine = state.clone();
-        pool.submit_tracked(
+        let on_start = {
+            let status = status.clone();
+            Box::new(move || {
+                tracing::debug!(attempt, module = %hex::encode(module), "task started");
+                status.started(attempt);
+            })
+        };
+        let status = status.clone();
+        pool.submit_watched(
             task,
             load,
             assignment.args,
             assignment.limits,
-            cancel,
-            state,
+            Tracking {
+                cancel,
+                state,
+                on_start: Some(on_start),
+            },
             move |report| {
+                log_finished(attempt, &module, &report);
+                status.finished(attempt, &report);
                 // Queue the report before the attempt leaves: once none is
                 // left, a draining session flushes and closes.
                 let _ = out.send(Outgoing::Finished(Finished { attempt, report }));
@@ -375,6 +471,36 @@ async fn run_batch(
         );
     }
     Ok(())
+}
+
+/// Successes at debug (there may be thousands a second), failures at info.
+fn log_finished(attempt: AttemptId, module: &[u8; 32], report: &TaskReport) {
+    let run_us = report.timings.run_us;
+    let fuel = report.fuel_used;
+    match &report.outcome {
+        Ok(_) => tracing::debug!(
+            attempt,
+            module = %hex::encode(module),
+            outcome = "ok",
+            run_us,
+            fuel,
+            "task finished"
+        ),
+        Err(failure) => tracing::info!(
+            attempt,
+            module = %hex::encode(module),
+            outcome = failure.kind.as_str(),
+            run_us,
+            fuel,
+            message = %first_line(&failure.message),
+            "task failed"
+        ),
+    }
+}
+
+/// A trap's message carries a whole backtrace; one line is enough for a log.
+fn first_line(message: &str) -> &str {
+    message.lines().next().unwrap_or("")
 }
 
 async fn fetch_module(connection: &quinn::Connection, hash: [u8; 32]) -> anyhow::Result<Vec<u8>> {
@@ -418,90 +544,5 @@ fn worker_info(
         cpu_model: crate::sysinfo::cpu_model(),
         benchmark_fuel_per_sec,
         cpu_limit_percent: executor.cpu_limit_percent(),
-    }
-}
-
-/// QUIC client settings that trust only the certificate with this sha256 (hex).
-pub fn client_config(fingerprint: &str) -> anyhow::Result<quinn::ClientConfig> {
-    let pinned = hex::decode(fingerprint)
-        .ok()
-        .filter(|b| b.len() == 32)
-        .context("the token's fingerprint is not 64 hex digits")?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedCertificate { pinned, provider }))
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN_VERSIONED.to_vec(), ALPN_ANY_VERSION.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
-    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    // Notice a foreman that vanished without closing (killed, unplugged)
-    // within seconds, so the reconnect loop can find its successor.
-    let mut transport = quinn::TransportConfig::default();
-    transport
-        .max_idle_timeout(Some(FOREMAN_SILENCE.try_into()?))
-        .keep_alive_interval(Some(FOREMAN_SILENCE / 5));
-    config.transport_config(Arc::new(transport));
-    Ok(config)
-}
-
-/// Trusts exactly one certificate, by its sha256: no CA, no trust on first use.
-#[derive(Debug)]
-struct PinnedCertificate {
-    pinned: Vec<u8>,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl rustls::client::danger::ServerCertVerifier for PinnedCertificate {
-    fn verify_server_cert(
-        &self,
-        end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        if Sha256::digest(end_entity.as_ref()).as_slice() == self.pinned.as_slice() {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(
-                "the foreman's certificate does not match the fingerprint in the token".into(),
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }

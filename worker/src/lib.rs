@@ -1,6 +1,7 @@
 //! The wasmgrid worker: the sandboxed executor, and the `worker exec` command
 //! that runs a whole job on this machine.
 
+pub mod api;
 mod attempts;
 pub mod benchmark;
 pub mod cli_io;
@@ -10,4 +11,6 @@ pub mod exec;
 pub mod executor;
 pub mod join;
 mod outgoing;
+pub mod status;
 pub mod sysinfo;
+mod tls;

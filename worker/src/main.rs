@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use wasmgrid_protocol::TaskLimits;
+use wasmgrid_worker::cli_io::LogFormat;
 use wasmgrid_worker::exec::{run_job, split_args};
 use wasmgrid_worker::executor::{Executor, ExecutorOptions};
 
@@ -24,6 +25,9 @@ struct Cli {
     command: Option<Command>,
     #[command(flatten)]
     join: JoinArgs,
+    /// How log lines on stderr look: text for people, json for collectors.
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
 }
 
 #[derive(Args)]
@@ -53,6 +57,14 @@ struct JoinArgs {
     /// handed back at once); then they are cancelled. A second SIGTERM leaves at once.
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     drain_grace: f64,
+    /// Where this worker's status API and dashboard listen (`/dashboard`);
+    /// port 0 picks a free one (printed as `API http://ADDR`). A port in use
+    /// only warns.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8001")]
+    api: std::net::SocketAddr,
+    /// Serve no status API.
+    #[arg(long, conflicts_with = "api")]
+    no_api: bool,
     /// Exit when the process that started this worker exits (set by `foreman serve --local-workers`).
     #[arg(long, hide = true)]
     exit_with_parent: bool,
@@ -128,8 +140,8 @@ impl LimitArgs {
 }
 
 fn main() -> ExitCode {
-    wasmgrid_worker::cli_io::init_logging("info");
     let cli = Cli::parse();
+    wasmgrid_worker::cli_io::init_logging("info", cli.log_format);
     let result = match cli.command {
         Some(Command::Exec(args)) => exec(args),
         None => join(cli.join),
@@ -178,6 +190,7 @@ fn join(args: JoinArgs) -> anyhow::Result<ExitCode> {
             cache_dir,
             cpu_limit_percent: args.cpu_limit,
             drain_grace,
+            api: (!args.no_api).then_some(args.api),
         },
     ))?;
     Ok(ExitCode::SUCCESS)
@@ -236,4 +249,44 @@ fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("worker").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_api_listens_on_8001_unless_told_otherwise() {
+        let cli = parse(&["--foreman", "127.0.0.1:9000", "--token", "a:b"]).unwrap();
+        assert_eq!(cli.join.api, "127.0.0.1:8001".parse().unwrap());
+        assert!(!cli.join.no_api);
+        assert_eq!(cli.log_format, LogFormat::Text);
+
+        let cli = parse(&["--api", "127.0.0.1:0"]).unwrap();
+        assert_eq!(cli.join.api, "127.0.0.1:0".parse().unwrap());
+        assert!(parse(&["--no-api"]).unwrap().join.no_api);
+        assert!(parse(&["--api", "127.0.0.1:0", "--no-api"]).is_err());
+        assert!(parse(&["--api", "nowhere"]).is_err());
+    }
+
+    #[test]
+    fn log_format_goes_anywhere() {
+        assert_eq!(
+            parse(&["--log-format", "json"]).unwrap().log_format,
+            LogFormat::Json
+        );
+        let cli = parse(&["exec", "m.wasm", "a.json", "--log-format", "json"]).unwrap();
+        assert_eq!(cli.log_format, LogFormat::Json);
+        assert!(matches!(cli.command, Some(Command::Exec(_))));
+        assert!(parse(&["--log-format", "xml"]).is_err());
+    }
+
+    #[test]
+    fn exec_takes_no_api() {
+        assert!(parse(&["exec", "m.wasm", "a.json", "--api", "127.0.0.1:0"]).is_err());
+    }
 }

@@ -24,7 +24,7 @@ use wasmgrid_protocol::{Failure, TaskLimits, TaskReport};
 pub use cache::{ModuleId, PreparedTask};
 pub use engine::{Metering, EPOCH_TICK, SLOT_THREAD_STACK};
 pub use run::{CancelFlag, Load};
-pub use slots::{SlotPool, TaskState};
+pub use slots::{SlotPool, TaskState, Tracking};
 
 use cache::ModuleCache;
 use engine::EpochClock;

@@ -10,6 +10,7 @@ use wasmgrid_protocol::{Failure, FailureKind, TaskLimits, TaskReport};
 use super::{CancelFlag, Executor, Load, PreparedTask, SLOT_THREAD_STACK};
 
 type Reply = Box<dyn FnOnce(TaskReport) + Send>;
+type StartHook = Box<dyn FnOnce() + Send>;
 
 const QUEUED: u8 = 0;
 const STARTED: u8 = 1;
@@ -60,7 +61,16 @@ struct Job {
     limits: TaskLimits,
     cancel: Option<CancelFlag>,
     state: Option<TaskState>,
+    on_start: Option<StartHook>,
     reply: Reply,
+}
+
+/// How a submitted task can be stopped, taken back and watched.
+pub struct Tracking {
+    pub cancel: CancelFlag,
+    pub state: TaskState,
+    /// Called on the slot thread just before the task runs (never for one taken back).
+    pub on_start: Option<StartHook>,
 }
 
 pub struct SlotPool {
@@ -91,6 +101,9 @@ impl SlotPool {
                                 continue;
                             }
                             running.fetch_add(1, Ordering::Relaxed);
+                            if let Some(on_start) = job.on_start {
+                                on_start();
+                            }
                             let report = match job.cancel {
                                 Some(cancel) if cancel.load(Ordering::Relaxed) => {
                                     crate::exec::failed_report(Failure::new(
@@ -159,6 +172,7 @@ impl SlotPool {
             limits,
             cancel,
             state: None,
+            on_start: None,
             reply: Box::new(reply),
         });
     }
@@ -177,13 +191,32 @@ impl SlotPool {
         state: TaskState,
         reply: impl FnOnce(TaskReport) + Send + 'static,
     ) {
+        let tracking = Tracking {
+            cancel,
+            state,
+            on_start: None,
+        };
+        self.submit_watched(task, load, args, limits, tracking, reply);
+    }
+
+    /// Like [`SlotPool::submit_tracked`], and also tells when a slot starts the task.
+    pub fn submit_watched(
+        &self,
+        task: Arc<PreparedTask>,
+        load: Load,
+        args: String,
+        limits: TaskLimits,
+        tracking: Tracking,
+        reply: impl FnOnce(TaskReport) + Send + 'static,
+    ) {
         self.enqueue(Job {
             task,
             load,
             args,
             limits,
-            cancel: Some(cancel),
-            state: Some(state),
+            cancel: Some(tracking.cancel),
+            state: Some(tracking.state),
+            on_start: tracking.on_start,
             reply: Box::new(reply),
         });
     }
@@ -301,6 +334,54 @@ mod tests {
         drop(pool);
         drop(tx);
         assert_eq!(rx.iter().count(), 0, "a task taken back ran");
+    }
+
+    #[test]
+    fn a_watched_task_says_when_it_starts_and_one_taken_back_never_does() {
+        let executor = executor(1);
+        let (task, load) = test_task(&executor);
+        let pool = SlotPool::new(executor.clone(), 1).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let submit = |i: usize, args: &str, state: TaskState| {
+            let (started, finished) = (tx.clone(), tx.clone());
+            let tracking = Tracking {
+                cancel: CancelFlag::default(),
+                state,
+                on_start: Some(Box::new(move || {
+                    let _ = started.send((i, "started"));
+                })),
+            };
+            pool.submit_watched(
+                task.clone(),
+                load,
+                args.into(),
+                patient_limits(),
+                tracking,
+                move |_| {
+                    let _ = finished.send((i, "finished"));
+                },
+            );
+        };
+        let spinner = CancelFlag::default();
+        let spin_state = TaskState::new();
+        pool.submit_tracked(
+            task.clone(),
+            load,
+            SPIN.into(),
+            patient_limits(),
+            spinner.clone(),
+            spin_state.clone(),
+            |_| {},
+        );
+        let queued = TaskState::new();
+        submit(1, "[]", queued.clone());
+        assert!(queued.try_take_back());
+        spinner.store(true, Ordering::Relaxed);
+        submit(2, "[]", TaskState::new());
+        drop(pool);
+        drop(tx);
+        let seen: Vec<_> = rx.iter().collect();
+        assert_eq!(seen, [(2, "started"), (2, "finished")]);
     }
 
     #[test]
