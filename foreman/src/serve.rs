@@ -145,6 +145,8 @@ async fn supervise_local_workers(n: u32, foreman: SocketAddr, token: String, cac
                     .arg("--cache-dir")
                     .arg(&cache_dir)
                     .arg("--exit-with-parent")
+                    // Several on one machine: port 8001 could serve only one of them.
+                    .arg("--no-api")
                     .kill_on_drop(true)
                     .status()
                     .await;

@@ -96,6 +96,12 @@ pub fn start_worker_with(foreman: &Foreman, name: &str, cache: &Path, extra: &[&
             ])
             .arg("--cache-dir")
             .arg(cache)
+            // Tests run many workers at once: no status API unless asked for.
+            .args(if extra.contains(&"--api") {
+                &[][..]
+            } else {
+                &["--no-api"][..]
+            })
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
