@@ -85,7 +85,12 @@ impl Browser {
                 "goog:chromeOptions": options,
             }}
         });
-        let created = send(&agent, "POST", &format!("{base}/session"), Some(capabilities));
+        let created = send(
+            &agent,
+            "POST",
+            &format!("{base}/session"),
+            Some(capabilities),
+        );
         let id = created["sessionId"]
             .as_str()
             .unwrap_or_else(|| panic!("no browser session: {created}"))
@@ -158,7 +163,11 @@ impl Browser {
             .and_then(Value::as_str)
             .unwrap_or_else(|| panic!("no element {selector}: {found}"))
             .to_owned();
-        self.call("POST", &format!("/element/{element}/click"), Some(json!({})));
+        self.call(
+            "POST",
+            &format!("/element/{element}/click"),
+            Some(json!({})),
+        );
     }
 
     /// Polls `probe` every 100 ms until it gives a value; panics naming

@@ -31,7 +31,10 @@ fn progress(text: &str) -> Option<(u64, u64)> {
 }
 
 /// Forty `primes` tasks of ~0.1–0.4 s each on one slot: long enough to watch.
-fn submit_watchable_primes(foreman: &wasmgrid_tests::processes::Foreman, dir: &std::path::Path) -> String {
+fn submit_watchable_primes(
+    foreman: &wasmgrid_tests::processes::Foreman,
+    dir: &std::path::Path,
+) -> String {
     let step = 60_000_000u64;
     let ranges: Vec<String> = (0..40)
         .map(|i| format!("[{},{}]", i * step, (i + 1) * step))
