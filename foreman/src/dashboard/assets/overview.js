@@ -225,6 +225,6 @@ function workerRow(w) {
     <td title="worker process: ${bytes(w.worker_rss_bytes)}">${w.online ? memory : "–"}</td>
     <td>${failures}</td>
     <td>${w.fuel_used == null ? "–" : si(w.fuel_used)}</td>
-    <td>${w.online ? age(w.last_seen_ms) : `offline, seen ${age(w.last_seen_ms)}`}</td></tr>`;
+    <td>${w.online ? age(w.last_heartbeat_ms ?? w.last_seen_ms) : `offline, seen ${age(w.last_seen_ms)}`}</td></tr>`;
 }
 
