@@ -141,7 +141,10 @@ export class JobPage {
     pager.querySelector("span").textContent = tasks.length ? `${this.skip + 1}–${this.skip + tasks.length} of ${total}` : "";
     pager.querySelector('[data-dir="-1"]').disabled = this.skip === 0;
     pager.querySelector('[data-dir="1"]').disabled = this.skip + tasks.length >= total;
+    // Re-rendering keeps open any output the reader opened.
+    const open = new Set([...document.querySelectorAll("#tasks details[open]")].map((d) => d.dataset.key));
     $("#tasks tbody").innerHTML = tasks.map(taskRow).join("");
+    for (const d of document.querySelectorAll("#tasks details")) d.open = open.has(d.dataset.key);
     if (tasks.some((t) => isBand(parse(t.result)))) this.wantPicture = true;
   }
 
@@ -250,9 +253,9 @@ function resultText(result) {
   return text.length > 200 ? `${text.slice(0, 200)}…` : text;
 }
 
-function output(name, text, truncated) {
+function output(index, name, text, truncated) {
   if (!text) return "";
-  return `<details><summary>${name}${truncated ? " (cut)" : ""}</summary><pre>${esc(text)}</pre></details>`;
+  return `<details data-key="${index}-${name}"><summary>${name}${truncated ? " (cut)" : ""}</summary><pre>${esc(text)}</pre></details>`;
 }
 
 function taskRow(t) {
@@ -271,5 +274,5 @@ function taskRow(t) {
     <td>${timings}</td>
     <td>${t.fuel_used == null ? "–" : si(t.fuel_used)}</td>
     <td class="clip mono" title="${esc(t.failure ? t.failure.message : resultText(t.result))}">${outcome}</td>
-    <td>${output("stdout", t.stdout, t.stdout_truncated)}${output("stderr", t.stderr, t.stderr_truncated)}</td></tr>`;
+    <td>${output(t.index, "stdout", t.stdout, t.stdout_truncated)}${output(t.index, "stderr", t.stderr, t.stderr_truncated)}</td></tr>`;
 }
