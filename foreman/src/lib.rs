@@ -4,6 +4,7 @@
 pub mod api;
 pub mod client;
 pub mod core;
+pub mod dashboard;
 pub mod driver;
 pub mod identity;
 pub mod model;

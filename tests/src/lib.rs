@@ -1,6 +1,7 @@
 //! Helpers for the end-to-end tests: where the built guests and binaries are.
 
 pub mod processes;
+pub mod webdriver;
 
 use std::path::{Path, PathBuf};
 

@@ -2,10 +2,12 @@
 //!
 //! - `guests`: every example and test fixture to wasm, in `target/wasm/`;
 //! - `demo`: the main job, end to end, with its results;
-//! - `test`: the whole test suite (what CI runs);
+//! - `test`: the whole test suite (what CI runs; installs Chromium for the
+//!   dashboard's browser test when missing);
 //! - `bench`: the benchmarks, printed as tables;
 //! - `mandelbrot-png`: assembles Mandelbrot results into a picture.
 
+mod browser;
 mod demo;
 mod guests;
 mod mandelbrot_png;
@@ -75,6 +77,8 @@ fn test(no_lint: bool) -> anyhow::Result<()> {
     }
     // The end-to-end tests start the real binaries, so build them first.
     run(cargo().args(["build", "--workspace", "--bins"]))?;
+    // The dashboard's test drives a headless Chromium.
+    browser::ensure_installed()?;
     run_tests(cargo().args(["test", "--workspace", "--no-fail-fast"]))
 }
 

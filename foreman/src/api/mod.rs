@@ -59,6 +59,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/workers/{id}/failures", get(workers::failures))
         .route("/api/workers/{id}/drain", post(workers::drain))
         .route("/api/limits", get(limits))
+        .merge(crate::dashboard::router())
         .layer(DefaultBodyLimit::max(max_upload))
         .with_state(state)
 }

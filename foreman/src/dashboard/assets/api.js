@@ -1,0 +1,121 @@
+// Talking to the foreman: JSON requests, endpoints that a foreman may not
+// have yet (answered 404 by the router), and the live feed.
+
+/** A 404. `missing` is true when the route itself is unknown to this foreman
+ *  (an empty body), false when the API says the thing asked for is not there. */
+export class NotFound extends Error {
+  constructor(path, missing) {
+    super(`${path}: not found`);
+    this.missing = missing;
+  }
+}
+
+export async function getJson(path) {
+  const response = await fetch(path, { headers: { accept: "application/json" } });
+  if (response.status === 404) {
+    const body = await response.text();
+    throw new NotFound(path, !body.includes('"error"'));
+  }
+  if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
+  return response.json();
+}
+
+export async function postJson(path, body = {}) {
+  const response = await fetch(path, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
+  return response.json();
+}
+
+/** Which optional endpoints this foreman has: true, false, or null (unknown yet). */
+export const support = { stats: null, tasks: null, summary: null, events: null };
+
+/** `getJson`, or null when the foreman lacks the endpoint (remembered). */
+export async function optional(kind, path) {
+  if (support[kind] === false) return null;
+  try {
+    const value = await getJson(path);
+    support[kind] = true;
+    return value;
+  } catch (error) {
+    if (error instanceof NotFound && error.missing) {
+      support[kind] = false;
+      return null;
+    }
+    throw error;
+  }
+}
+
+/** Events for the pages: "job", "worker", "stats" with a row each; "poll"
+ *  once a second when there is no event stream (pages then fetch what they
+ *  show); "mode" when the way of following changes. */
+export class Feed extends EventTarget {
+  constructor() {
+    super();
+    this.mode = "connecting";
+    this.timer = null;
+  }
+
+  emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  on(type, handler) {
+    this.addEventListener(type, (event) => handler(event.detail));
+  }
+
+  setMode(mode) {
+    this.mode = mode;
+    this.emit("mode", mode);
+  }
+
+  start() {
+    if (!window.EventSource) return this.poll();
+    let opened = false;
+    const source = new EventSource("/api/events");
+    for (const type of ["job", "worker", "stats"]) {
+      source.addEventListener(type, (event) => {
+        try {
+          this.emit(type, JSON.parse(event.data));
+        } catch (error) {
+          console.warn(`bad ${type} event`, error);
+        }
+      });
+    }
+    source.onopen = () => {
+      opened = true;
+      support.events = true;
+      this.stopPolling();
+      this.setMode("live");
+      this.emit("poll"); // one snapshot; events keep it current
+      this.resync ??= setInterval(() => this.mode === "live" && this.emit("poll"), 15_000);
+    };
+    source.onerror = () => {
+      if (!opened || source.readyState === EventSource.CLOSED) {
+        // No stream on this foreman (404), or it went for good: poll instead.
+        source.close();
+        if (!opened) support.events = false;
+        this.poll();
+        if (opened) setTimeout(() => this.start(), 30_000);
+      } else {
+        this.setMode("reconnecting");
+      }
+    };
+  }
+
+  poll() {
+    if (this.timer) return;
+    this.setMode("polling");
+    const tick = () => this.emit("poll");
+    tick();
+    this.timer = setInterval(tick, 1000);
+  }
+
+  stopPolling() {
+    clearInterval(this.timer);
+    this.timer = null;
+  }
+}

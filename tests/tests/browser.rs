@@ -1,0 +1,141 @@
+//! The dashboard in a real headless Chromium, driven over WebDriver, against
+//! a real foreman and worker: the worker is listed, a job's progress moves
+//! without a reload, its page lists its tasks, and a Mandelbrot job's page
+//! draws the picture. Screenshots go to `target/artifacts/`.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::{submit_detached, wait_for_state};
+use serde_json::json;
+use wasmgrid_tests::processes::{start_foreman, start_worker};
+use wasmgrid_tests::webdriver::{find_chromedriver, Browser};
+use wasmgrid_tests::{example_args_path, guest_path, workspace_root};
+
+/// Every wait in this test is bounded by this.
+const WAIT: Duration = Duration::from_secs(60);
+
+fn artifacts() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+        .join("artifacts")
+}
+
+/// "3 / 40" → (3, 40).
+fn progress(text: &str) -> Option<(u64, u64)> {
+    let (done, total) = text.split_once('/')?;
+    Some((done.trim().parse().ok()?, total.trim().parse().ok()?))
+}
+
+/// Forty `primes` tasks of ~0.1–0.4 s each on one slot: long enough to watch.
+fn submit_watchable_primes(
+    foreman: &wasmgrid_tests::processes::Foreman,
+    dir: &std::path::Path,
+) -> String {
+    let step = 60_000_000u64;
+    let ranges: Vec<String> = (0..40)
+        .map(|i| format!("[{},{}]", i * step, (i + 1) * step))
+        .collect();
+    let args = dir.join("watchable-primes.json");
+    std::fs::write(&args, format!("[{}]", ranges.join(","))).unwrap();
+    submit_detached(foreman, &guest_path("primes"), &args)
+}
+
+#[test]
+fn the_dashboard_follows_a_job_live_and_shows_its_tasks() {
+    let Some(chromedriver) = find_chromedriver() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "chromedriver is not on PATH: CI must have it (`cargo xtask test` installs chromium and chromium-driver)"
+        );
+        println!("SKIPPED: chromedriver is not on PATH; `cargo xtask test` installs it (apt-get install chromium chromium-driver)");
+        return;
+    };
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let foreman = start_foreman(&dir.path().join("data"), &[]);
+    let _worker = start_worker(&foreman, "dash-worker", &dir.path().join("cache"));
+    let browser = Browser::start(&chromedriver, 1400, 1100, WAIT);
+
+    browser.goto(&format!("{}/", foreman.http));
+    browser.wait_for("the worker in the workers table", WAIT, |b| {
+        b.text("#workers tbody")
+            .filter(|text| text.contains("dash-worker"))
+    });
+    // Marks this page load: a reload or navigation would lose the mark.
+    browser.execute("window.__sameLoad = true;", json!([]));
+
+    let id = submit_watchable_primes(&foreman, dir.path());
+    let row = format!("#jobs tr[data-job=\"{id}\"]");
+    let text = format!("{row} .progress-text");
+    let first = browser.wait_for("the job's progress to start", WAIT, |b| {
+        b.text(&text)
+            .and_then(|t| progress(&t))
+            .filter(|&(done, total)| done > 0 && done < total)
+    });
+    let second = browser.wait_for("the job's progress to advance", WAIT, |b| {
+        b.text(&text)
+            .and_then(|t| progress(&t))
+            .filter(|&(done, _)| done > first.0)
+    });
+    assert!(second.0 > first.0, "{first:?} then {second:?}");
+    assert_eq!(
+        browser.execute("return window.__sameLoad === true;", json!([])),
+        json!(true),
+        "the page reloaded while following the job"
+    );
+    assert_eq!(browser.count(&format!("{row} button[data-cancel]")), 1);
+    browser.screenshot(&artifacts().join("dashboard.png"));
+
+    browser.click(&format!("{row} a[data-route]"));
+    browser.wait_for("the job's tasks", WAIT, |b| {
+        (b.count("#tasks tbody tr[data-task]") > 0).then_some(())
+    });
+    assert!(
+        browser.url().ends_with(&format!("/jobs/{id}")),
+        "{}",
+        browser.url()
+    );
+    let states = browser.text("#tasks tbody").unwrap_or_default();
+    assert!(
+        ["succeeded", "running", "queued"]
+            .iter()
+            .any(|s| states.contains(s)),
+        "{states}"
+    );
+    wait_for_state(&foreman.http, &id, "completed", 120);
+    browser.wait_for("the job page to show it completed", WAIT, |b| {
+        b.text("#job-state").filter(|s| s == "completed")
+    });
+    browser.screenshot(&artifacts().join("job.png"));
+
+    // A Mandelbrot job's page assembles the picture from the results.
+    let mandelbrot = submit_detached(
+        &foreman,
+        &guest_path("mandelbrot"),
+        &example_args_path("mandelbrot"),
+    );
+    wait_for_state(&foreman.http, &mandelbrot, "completed", 120);
+    browser.goto(&format!("{}/jobs/{mandelbrot}", foreman.http));
+    browser.wait_for("the Mandelbrot picture", WAIT, |b| {
+        let shown = b.execute(
+            "const p = document.querySelector('#picture-panel'); return p && !p.hidden;",
+            json!([]),
+        );
+        (shown == json!(true)).then_some(())
+    });
+    let size = browser.execute(
+        "const c = document.querySelector('#picture'); return [c.width, c.height];",
+        json!([]),
+    );
+    assert_eq!(size, json!([640, 480]));
+    browser.screenshot(&artifacts().join("mandelbrot-job.png"));
+    println!(
+        "browser test took {:.1} s; screenshots in {}",
+        started.elapsed().as_secs_f64(),
+        artifacts().display()
+    );
+}
