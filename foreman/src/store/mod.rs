@@ -492,9 +492,7 @@ impl Store {
         skip: u64,
         limit: u64,
     ) -> Result<Vec<FailureRow>, StoreError> {
-        self.read(|conn| {
-            views::failures(conn, worker, kind, skip, limit.min(MAX_FAILURES_PAGE))
-        })
+        self.read(|conn| views::failures(conn, worker, kind, skip, limit.min(MAX_FAILURES_PAGE)))
     }
 
     pub fn failure_stats(&self) -> Result<FailureStats, StoreError> {
