@@ -77,6 +77,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         max_upload_bytes: options.max_upload_bytes,
         validated: Default::default(),
         default_scheduler: options.default_scheduler,
+        heartbeat_timeout: options.heartbeat_timeout,
     }));
     let listener = tokio::net::TcpListener::bind(options.http)
         .await

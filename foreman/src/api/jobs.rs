@@ -16,23 +16,28 @@ use wasmgrid_protocol::{FailureKind, TaskLimits};
 use wasmgrid_worker::exec::split_args;
 use wasmgrid_worker::executor::ModuleId;
 
+use super::params::Params;
 use super::{ApiError, ApiState};
 use crate::driver::Input;
 use crate::model::{JobId, JobState, Scheduler, TaskState};
-use crate::store::NewJob;
+use crate::store::{JobRow, NewJob};
+use utoipa::ToSchema;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 pub struct SubmitRequest {
     /// The module, base64; or `module_sha256` of one already stored.
     pub module_base64: Option<String>,
     pub module_sha256: Option<String>,
+    /// One JSON value per task.
+    #[schema(value_type = Vec<Object>)]
     pub args: Box<RawValue>,
     /// [`JobOptions`]; read apart from the rest so a bad option is named as one.
     #[serde(default)]
+    #[schema(value_type = Option<JobOptions>)]
     pub options: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(default)]
 pub struct JobOptions {
     pub fuel: u64,
@@ -45,6 +50,7 @@ pub struct JobOptions {
         deserialize_with = "scheduler_by_name",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schema(value_type = Option<String>, example = "fifo")]
     pub scheduler: Option<Scheduler>,
     /// Keep the job queued until this time (unix milliseconds).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -75,12 +81,17 @@ impl Default for JobOptions {
     }
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct Submitted {
     pub id: JobId,
     pub tasks: u32,
 }
 
+/// Accepts a job: its module (checked against the task world) and one argument set per task.
+#[utoipa::path(post, path = "/api/jobs", tag = "jobs", request_body = SubmitRequest,
+    responses((status = 201, body = Submitted), (status = 400, body = super::ErrorBody),
+        (status = 404, description = "unknown_module"), (status = 413, description = "too_large"),
+        (status = 422, description = "invalid_module or wrong_world")))]
 pub(super) async fn submit(
     State(state): State<Arc<ApiState>>,
     request: Result<Json<SubmitRequest>, JsonRejection>,
@@ -217,32 +228,24 @@ fn parse_hash(text: &str) -> Option<[u8; 32]> {
     bytes.try_into().ok()
 }
 
-#[derive(Deserialize)]
-pub(super) struct ListQuery {
-    skip: Option<u64>,
-    limit: Option<u64>,
-    status: Option<String>,
-}
-
+/// Jobs, newest first.
+#[utoipa::path(get, path = "/api/jobs", tag = "jobs",
+    params(("status" = Option<String>, Query, description = "queued, running, completed, failed or cancelled"),
+        ("skip" = Option<u64>, Query), ("limit" = Option<u64>, Query, description = "default 100, at most 1000")),
+    responses((status = 200, body = Vec<JobRow>), (status = 400, body = super::ErrorBody)))]
 pub(super) async fn list_jobs(
     State(state): State<Arc<ApiState>>,
-    Query(query): Query<ListQuery>,
+    params: Params,
 ) -> Result<Response, ApiError> {
-    let status = match query.status.as_deref() {
-        None => None,
-        Some(text) => Some(parse_job_state(text).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_parameter",
-                format!("status: unknown job state {text:?}"),
-            )
-        })?),
-    };
+    let page = params.page()?;
+    let status = params.parsed(
+        "status",
+        "queued, running, completed, failed or cancelled",
+        parse_job_state,
+    )?;
     let store = state.store.clone();
-    let jobs = tokio::task::spawn_blocking(move || {
-        store.jobs(query.skip.unwrap_or(0), query.limit.unwrap_or(100), status)
-    })
-    .await??;
+    let jobs =
+        tokio::task::spawn_blocking(move || store.jobs(page.skip, page.limit, status)).await??;
     Ok(Json(jobs).into_response())
 }
 
@@ -258,6 +261,10 @@ fn parse_job_state(text: &str) -> Option<JobState> {
     .find(|s| s.as_str() == text)
 }
 
+/// One job and its task counters.
+#[utoipa::path(get, path = "/api/jobs/{id}", tag = "jobs",
+    params(("id" = u64, Path, description = "job id")),
+    responses((status = 200, body = JobRow), (status = 404, body = super::ErrorBody)))]
 pub(super) async fn job(
     State(state): State<Arc<ApiState>>,
     Path(id): Path<JobId>,
@@ -275,6 +282,11 @@ struct TaskFailure {
     message: String,
 }
 
+/// Every task's result in argument order (null where none), and the failures by index.
+#[utoipa::path(get, path = "/api/jobs/{id}/results", tag = "jobs",
+    params(("id" = u64, Path, description = "job id")),
+    responses((status = 200, body = Object, description = "{results: [...], failures: [{index, kind, message}]}"),
+        (status = 404, body = super::ErrorBody)))]
 pub(super) async fn results(
     State(state): State<Arc<ApiState>>,
     Path(id): Path<JobId>,
@@ -312,6 +324,11 @@ pub(super) async fn results(
         .into_response())
 }
 
+/// Cancels the job's queued and running tasks.
+#[utoipa::path(post, path = "/api/jobs/{id}/cancel", tag = "jobs",
+    params(("id" = u64, Path, description = "job id")),
+    responses((status = 200, body = Object, description = "{cancelled: bool, state}"),
+        (status = 404, body = super::ErrorBody)))]
 pub(super) async fn cancel(
     State(state): State<Arc<ApiState>>,
     Path(id): Path<JobId>,
@@ -347,6 +364,10 @@ async fn job_row(state: &ApiState, id: JobId) -> Result<crate::store::JobRow, Ap
 
 /// The job once it has finished, or as it is when `timeout_ms` runs out
 /// (default 30 s): lets a client learn of completion without polling.
+#[utoipa::path(get, path = "/api/jobs/{id}/wait", tag = "jobs",
+    params(("id" = u64, Path, description = "job id"),
+        ("timeout_ms" = Option<u64>, Query, description = "default 30000, at most 60000")),
+    responses((status = 200, body = JobRow), (status = 404, body = super::ErrorBody)))]
 pub(super) async fn wait(
     State(state): State<Arc<ApiState>>,
     Path(id): Path<JobId>,
@@ -380,6 +401,10 @@ pub(super) async fn wait(
 
 /// Server-sent events: the job's row every 250 ms while it changes, ending
 /// with its final state.
+#[utoipa::path(get, path = "/api/jobs/{id}/events", tag = "jobs",
+    params(("id" = u64, Path, description = "job id")),
+    responses((status = 200, content_type = "text/event-stream", body = String,
+        description = "`progress` events carrying a JobRow"), (status = 404, body = super::ErrorBody)))]
 pub(super) async fn events(
     State(state): State<Arc<ApiState>>,
     Path(id): Path<JobId>,

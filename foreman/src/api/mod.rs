@@ -1,19 +1,31 @@
 //! The REST API: submit jobs, follow them, fetch their results; see and
-//! drain workers.
+//! drain workers; the dashboard's views, an event stream, Prometheus
+//! metrics, and an OpenAPI document of all of it.
 
+mod events;
 mod jobs;
+mod metrics;
+mod params;
+mod views;
 mod workers;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_stream;
+#[cfg(test)]
+mod tests_views;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use wasmgrid_worker::executor::Executor;
 
 use crate::driver::Driver;
@@ -21,6 +33,7 @@ use crate::model::{JobId, Scheduler};
 use crate::store::{Store, StoreError};
 
 pub use jobs::{JobOptions, SubmitRequest, Submitted};
+pub use workers::{WorkerStatus, WorkerView};
 
 /// Largest upload (module and args together) unless configured otherwise.
 pub const DEFAULT_MAX_UPLOAD_BYTES: usize = 256 << 20;
@@ -35,6 +48,9 @@ pub struct ApiState {
     pub validated: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
     /// For jobs that name none (`foreman serve --scheduler`).
     pub default_scheduler: Scheduler,
+    /// The foreman's (`foreman serve --heartbeat-timeout`): workers beat
+    /// three times within it, which tells a healthy worker from a late one.
+    pub heartbeat_timeout: Duration,
 }
 
 impl ApiState {
@@ -46,22 +62,69 @@ impl ApiState {
     }
 }
 
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "wasmgrid foreman",
+        description = "Jobs of wasm tasks on a grid of workers."
+    ),
+    components(schemas(ErrorBody))
+)]
+struct ApiDoc;
+
+/// The routes and the OpenAPI document, from one list.
+fn routes() -> (Router<Arc<ApiState>>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(jobs::submit, jobs::list_jobs))
+        .routes(routes!(jobs::job))
+        .routes(routes!(jobs::results))
+        .routes(routes!(jobs::wait))
+        .routes(routes!(jobs::events))
+        .routes(routes!(jobs::cancel))
+        .routes(routes!(views::tasks))
+        .routes(routes!(views::summary))
+        .routes(routes!(views::stats))
+        .routes(routes!(workers::workers))
+        .routes(routes!(workers::worker))
+        .routes(routes!(workers::failures))
+        .routes(routes!(workers::drain))
+        .routes(routes!(workers::all_failures))
+        .routes(routes!(workers::failure_stats))
+        .routes(routes!(events::events))
+        .routes(routes!(metrics::metrics))
+        .routes(routes!(limits))
+        .routes(routes!(openapi))
+        .split_for_parts()
+}
+
+/// The OpenAPI document (the routes' own list, so never out of date).
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    routes().1
+}
+
 pub fn router(state: Arc<ApiState>) -> Router {
     let max_upload = state.max_upload_bytes;
-    Router::new()
-        .route("/api/jobs", post(jobs::submit).get(jobs::list_jobs))
-        .route("/api/jobs/{id}", get(jobs::job))
-        .route("/api/jobs/{id}/results", get(jobs::results))
-        .route("/api/jobs/{id}/wait", get(jobs::wait))
-        .route("/api/jobs/{id}/events", get(jobs::events))
-        .route("/api/jobs/{id}/cancel", post(jobs::cancel))
-        .route("/api/workers", get(workers::workers))
-        .route("/api/workers/{id}/failures", get(workers::failures))
-        .route("/api/workers/{id}/drain", post(workers::drain))
-        .route("/api/limits", get(limits))
+    let (router, document) = routes();
+    router
         .merge(crate::dashboard::router())
+        .layer(Extension(Arc::new(document)))
         .layer(DefaultBodyLimit::max(max_upload))
         .with_state(state)
+}
+
+/// This API, as an OpenAPI 3 document.
+#[utoipa::path(get, path = "/api/openapi.json", tag = "meta",
+    responses((status = 200, body = Object, description = "OpenAPI 3.1")))]
+async fn openapi(Extension(document): Extension<Arc<utoipa::openapi::OpenApi>>) -> Response {
+    Json(document.as_ref()).into_response()
+}
+
+/// The body of every error response.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct ErrorBody {
+    /// `{code, message}`; `code` is stable, `message` names the bad parameter.
+    #[schema(value_type = Object)]
+    error: serde_json::Value,
 }
 
 /// `{ "error": { "code", "message" } }` with a status.
@@ -120,6 +183,8 @@ impl From<tokio::task::JoinError> for ApiError {
 /// What the foreman accepts, so a client can refuse an oversized upload
 /// before sending it (a server that stops reading mid-upload can only reset
 /// the connection, and the client would never see the 413).
+#[utoipa::path(get, path = "/api/limits", tag = "meta",
+    responses((status = 200, body = Object, description = "{max_upload_bytes, max_upload_mib}")))]
 async fn limits(State(state): State<Arc<ApiState>>) -> Response {
     Json(serde_json::json!({
         "max_upload_bytes": state.max_upload_bytes,

@@ -14,7 +14,7 @@ async fn app(max_upload_bytes: usize) -> (tempfile::TempDir, Router) {
     (dir, router(state))
 }
 
-async fn app_state(
+pub(super) async fn app_state(
     max_upload_bytes: usize,
     default_scheduler: Scheduler,
 ) -> (tempfile::TempDir, Arc<ApiState>) {
@@ -28,11 +28,12 @@ async fn app_state(
         max_upload_bytes,
         validated: Default::default(),
         default_scheduler,
+        heartbeat_timeout: Duration::from_secs(3),
     };
     (dir, Arc::new(state))
 }
 
-async fn call(app: Router, request: Request<Body>) -> (StatusCode, serde_json::Value) {
+pub(super) async fn call(app: Router, request: Request<Body>) -> (StatusCode, serde_json::Value) {
     let response = app.oneshot(request).await.unwrap();
     let status = response.status();
     let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
@@ -113,18 +114,18 @@ fn post_json(uri: &str, body: &str) -> Request<Body> {
         .unwrap()
 }
 
-fn get(uri: &str) -> Request<Body> {
+pub(super) fn get(uri: &str) -> Request<Body> {
     Request::get(uri).body(Body::empty()).unwrap()
 }
 
-fn error_of(json: &serde_json::Value) -> (&str, &str) {
+pub(super) fn error_of(json: &serde_json::Value) -> (&str, &str) {
     (
         json["error"]["code"].as_str().unwrap_or(""),
         json["error"]["message"].as_str().unwrap_or(""),
     )
 }
 
-fn worker_info(name: &str) -> wasmgrid_protocol::wire::WorkerInfo {
+pub(super) fn worker_info(name: &str) -> wasmgrid_protocol::wire::WorkerInfo {
     wasmgrid_protocol::wire::WorkerInfo {
         name: name.into(),
         hostname: "pc".into(),
@@ -143,7 +144,7 @@ fn worker_info(name: &str) -> wasmgrid_protocol::wire::WorkerInfo {
 
 /// A module stored and marked validated, so a job can name it by hash
 /// without a real component.
-fn known_module(state: &ApiState) -> String {
+pub(super) fn known_module(state: &ApiState) -> String {
     let hash = [9u8; 32];
     state.store.put_module(&hash, b"wasm").unwrap();
     state.validated.lock().unwrap().insert(hash);

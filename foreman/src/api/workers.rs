@@ -1,32 +1,113 @@
-//! Workers: list them, read a worker's failures, drain one.
+//! Workers: list them with their health, read failures, drain one.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use wasmgrid_protocol::FailureKind;
 
+use super::params::{bad_parameter, Params};
 use super::{ApiError, ApiState};
 use crate::model::WorkerId;
-use crate::store::StoreError;
-
-/// Failures returned when the request names no `limit`.
-const DEFAULT_FAILURES: u64 = 100;
+use crate::store::{FailureRow, FailureStats, StoreError, WorkerRow};
 
 /// How long a drained worker may finish its running tasks unless told.
 const DEFAULT_GRACE_SECS: f64 = 30.0;
 
+/// What a worker is doing, as the dashboard shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum WorkerStatus {
+    /// Connected, no heartbeat yet.
+    Starting,
+    Healthy,
+    /// Connected, but its last heartbeat is older than two heartbeat periods.
+    Unhealthy,
+    /// Gets no tasks until `cooldown_until_ms`, after too many failures.
+    CoolingDown,
+    Draining,
+    Offline,
+}
+
+/// A worker row as the API shows it: the stored row and what follows from it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct WorkerView {
+    #[serde(flatten)]
+    pub row: WorkerRow,
+    pub status: WorkerStatus,
+    /// Slots running a task, as of the last heartbeat.
+    pub slots_used: u32,
+    /// Fuel per second on one slot (its benchmark at join).
+    pub speed: u64,
+}
+
+impl WorkerView {
+    /// `heartbeat_timeout`: the foreman's; workers beat three times within it.
+    pub fn new(row: WorkerRow, now_ms: u64, heartbeat_timeout: Duration) -> WorkerView {
+        let period_ms = (heartbeat_timeout.as_millis() / 3).max(1) as u64;
+        let status = if !row.online {
+            WorkerStatus::Offline
+        } else if row.draining {
+            WorkerStatus::Draining
+        } else if row.cooldown_until_ms.is_some_and(|until| until > now_ms) {
+            WorkerStatus::CoolingDown
+        } else {
+            match row.last_heartbeat_ms {
+                None => WorkerStatus::Starting,
+                Some(at) if now_ms.saturating_sub(at) > 2 * period_ms => WorkerStatus::Unhealthy,
+                Some(_) => WorkerStatus::Healthy,
+            }
+        };
+        WorkerView {
+            status,
+            slots_used: row.load.running,
+            speed: row.info.benchmark_fuel_per_sec,
+            row,
+        }
+    }
+}
+
+pub(super) fn views(state: &ApiState, rows: Vec<WorkerRow>) -> Vec<WorkerView> {
+    let now = crate::driver::unix_ms();
+    rows.into_iter()
+        .map(|row| WorkerView::new(row, now, state.heartbeat_timeout))
+        .collect()
+}
+
+/// Every worker ever registered, by id.
+#[utoipa::path(get, path = "/api/workers", tag = "workers",
+    responses((status = 200, body = Vec<WorkerView>)))]
 pub(super) async fn workers(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
     let store = state.store.clone();
     let rows = tokio::task::spawn_blocking(move || store.workers()).await??;
-    Ok(Json(rows).into_response())
+    Ok(Json(views(&state, rows)).into_response())
 }
 
-fn unknown_worker(id: WorkerId) -> ApiError {
+/// One worker.
+#[utoipa::path(get, path = "/api/workers/{id}", tag = "workers",
+    params(("id" = u64, Path, description = "worker id")),
+    responses((status = 200, body = WorkerView), (status = 404, description = "unknown_worker")))]
+pub(super) async fn worker(
+    State(state): State<Arc<ApiState>>,
+    path: Result<Path<WorkerId>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let id = worker_id(path)?;
+    let store = state.store.clone();
+    let row = tokio::task::spawn_blocking(move || store.worker(id))
+        .await??
+        .ok_or_else(|| unknown_worker(id))?;
+    let view = WorkerView::new(row, crate::driver::unix_ms(), state.heartbeat_timeout);
+    Ok(Json(view).into_response())
+}
+
+pub(super) fn unknown_worker(id: WorkerId) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "unknown_worker",
@@ -36,41 +117,72 @@ fn unknown_worker(id: WorkerId) -> ApiError {
 
 /// The worker id from the path, as an `ApiError` when it is not one.
 fn worker_id(path: Result<Path<WorkerId>, PathRejection>) -> Result<WorkerId, ApiError> {
-    path.map(|Path(id)| id).map_err(|rejection| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_parameter",
-            format!("worker id: {}", rejection.body_text()),
-        )
-    })
+    path.map(|Path(id)| id)
+        .map_err(|rejection| bad_parameter("worker id", rejection.body_text()))
 }
 
-#[derive(Deserialize)]
-pub(super) struct FailuresQuery {
-    limit: Option<u64>,
+fn parse_kind(text: &str) -> Option<FailureKind> {
+    FailureKind::ALL.into_iter().find(|k| k.as_str() == text)
 }
 
-/// The worker's failed attempts, newest first (`limit`: default 100, at most 1000).
-pub(super) async fn failures(
-    State(state): State<Arc<ApiState>>,
-    path: Result<Path<WorkerId>, PathRejection>,
-    query: Result<Query<FailuresQuery>, QueryRejection>,
-) -> Result<Response, ApiError> {
-    let id = worker_id(path)?;
-    let Query(query) = query.map_err(|rejection| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_parameter",
-            format!("limit: {}", rejection.body_text()),
-        )
-    })?;
-    let limit = query.limit.unwrap_or(DEFAULT_FAILURES);
+fn kind_names() -> String {
+    FailureKind::ALL.map(FailureKind::as_str).join(", ")
+}
+
+async fn failure_rows(
+    state: &ApiState,
+    worker: Option<WorkerId>,
+    params: &Params,
+) -> Result<Vec<FailureRow>, ApiError> {
+    let page = params.page()?;
+    let kind = params.parsed("kind", &kind_names(), parse_kind)?;
     let store = state.store.clone();
-    match tokio::task::spawn_blocking(move || store.worker_failures(id, limit)).await? {
-        Ok(rows) => Ok(Json(rows).into_response()),
+    match tokio::task::spawn_blocking(move || store.failures(worker, kind, page.skip, page.limit))
+        .await?
+    {
+        Ok(rows) => Ok(rows),
         Err(StoreError::UnknownWorker(id)) => Err(unknown_worker(id)),
         Err(e) => Err(e.into()),
     }
+}
+
+/// The worker's failed attempts, newest first.
+#[utoipa::path(get, path = "/api/workers/{id}/failures", tag = "workers",
+    params(("id" = u64, Path, description = "worker id"),
+        ("kind" = Option<String>, Query, description = "only failures of this FailureKind"),
+        ("skip" = Option<u64>, Query), ("limit" = Option<u64>, Query, description = "default 100, at most 1000")),
+    responses((status = 200, body = Vec<FailureRow>), (status = 400), (status = 404)))]
+pub(super) async fn failures(
+    State(state): State<Arc<ApiState>>,
+    path: Result<Path<WorkerId>, PathRejection>,
+    params: Params,
+) -> Result<Response, ApiError> {
+    let id = worker_id(path)?;
+    Ok(Json(failure_rows(&state, Some(id), &params).await?).into_response())
+}
+
+/// Failed attempts on every worker (or `worker`'s), newest first.
+#[utoipa::path(get, path = "/api/worker-failures", tag = "workers",
+    params(("worker" = Option<u64>, Query), ("kind" = Option<String>, Query, description = "a FailureKind"),
+        ("skip" = Option<u64>, Query), ("limit" = Option<u64>, Query, description = "default 100, at most 1000")),
+    responses((status = 200, body = Vec<FailureRow>), (status = 400), (status = 404)))]
+pub(super) async fn all_failures(
+    State(state): State<Arc<ApiState>>,
+    params: Params,
+) -> Result<Response, ApiError> {
+    let worker = params.u64("worker")?;
+    Ok(Json(failure_rows(&state, worker, &params).await?).into_response())
+}
+
+/// Failed attempts counted by worker and by kind.
+#[utoipa::path(get, path = "/api/worker-failure-stats", tag = "workers",
+    responses((status = 200, body = FailureStats)))]
+pub(super) async fn failure_stats(
+    State(state): State<Arc<ApiState>>,
+) -> Result<Response, ApiError> {
+    let store = state.store.clone();
+    let stats = tokio::task::spawn_blocking(move || store.failure_stats()).await??;
+    Ok(Json(stats).into_response())
 }
 
 #[derive(Deserialize)]
@@ -86,6 +198,10 @@ fn default_grace() -> f64 {
 
 /// Asks a connected worker to finish what runs within `grace_secs`, hand
 /// back the rest and leave. The body is optional.
+#[utoipa::path(post, path = "/api/workers/{id}/drain", tag = "workers",
+    params(("id" = u64, Path, description = "worker id")),
+    request_body(content = Object, description = "optional: {\"grace_secs\": 30}"),
+    responses((status = 200, description = "{\"draining\": true}"), (status = 400), (status = 404), (status = 409, description = "not_connected")))]
 pub(super) async fn drain(
     State(state): State<Arc<ApiState>>,
     path: Result<Path<WorkerId>, PathRejection>,

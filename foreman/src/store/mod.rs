@@ -14,6 +14,7 @@
 
 mod queries;
 mod schema;
+mod views;
 mod writer;
 
 #[cfg(test)]
@@ -32,6 +33,11 @@ use wasmgrid_protocol::{Failure, FailureKind, TaskLimits};
 use crate::model::{JobId, JobSpec, JobState, Record, Scheduler, TaskIndex, TaskState, WorkerId};
 
 use writer::{Change, Command};
+
+pub use views::{
+    FailureRow, FailureStats, JobSummary, LatencyBucket, RunTimeHistogram, Stats, TaskPage,
+    TaskRow, TaskTimingsRow, WorkerFailureCount, WorkerShare, LATENCY_BUCKETS_MS,
+};
 
 /// Largest page [`Store::jobs`] returns.
 pub const MAX_PAGE: u64 = 1000;
@@ -85,17 +91,21 @@ pub struct NewJob {
 
 /// A job as the API shows it; the counters are kept by the writer, so
 /// reading one costs one row whatever the job's size.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct JobRow {
     pub id: JobId,
     /// The module's sha256, lower-case hex.
     pub module: String,
+    #[schema(value_type = String, example = "running")]
     pub state: JobState,
     pub priority: i32,
+    #[schema(value_type = String, example = "fifo")]
     pub scheduler: Scheduler,
     /// The job stays queued until this time (unix milliseconds).
     pub not_before_ms: Option<u64>,
     pub retry_deterministic: bool,
+    /// `{fuel, memory_bytes, timeout_ms, output_bytes}`.
+    #[schema(value_type = Object)]
     pub limits: TaskLimits,
     pub max_retries: u32,
     pub total: u32,
@@ -144,18 +154,23 @@ pub const MAX_FAILURES_PAGE: u64 = 1000;
 
 /// A worker as the API shows it: what it said at join, flattened, then what
 /// the foreman knows of it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct WorkerRow {
     /// 0 for a worker not yet registered.
     pub id: WorkerId,
+    /// Flattened: name, hostname, os, arch, cores, memory_bytes, slots,
+    /// wasmtime_version, engine_hash, cpu_model, benchmark_fuel_per_sec, cpu_limit_percent.
     #[serde(flatten)]
+    #[schema(value_type = Object)]
     pub info: WorkerInfo,
     pub online: bool,
     /// Asked to leave (`POST /api/workers/{id}/drain`); cleared when it joins again.
     pub draining: bool,
     pub last_seen_ms: u64,
-    /// As of the last heartbeat (all 0 before the first).
+    /// As of the last heartbeat (all 0 before the first); flattened:
+    /// cpu_permille, memory_used_bytes, worker_rss_bytes, running.
     #[serde(flatten)]
+    #[schema(value_type = Object)]
     pub load: Load,
     /// Gets no tasks until then (unix milliseconds), after too many failures.
     pub cooldown_until_ms: Option<u64>,
@@ -167,6 +182,10 @@ pub struct WorkerRow {
     pub tasks_succeeded: u64,
     /// Attempts this worker ended with a failure or lost (cancellations excluded).
     pub tasks_failed: u64,
+    /// Its last heartbeat since it joined (unix milliseconds); `None` before the first.
+    pub last_heartbeat_ms: Option<u64>,
+    /// Fuel used by every attempt it ran.
+    pub fuel_used: u64,
 }
 
 impl WorkerRow {
@@ -184,16 +203,19 @@ impl WorkerRow {
             recent_failures: 0,
             tasks_succeeded: 0,
             tasks_failed: 0,
+            last_heartbeat_ms: None,
+            fuel_used: 0,
         }
     }
 }
 
 /// One failed attempt on a worker (cancellations are not failures).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct WorkerFailureRow {
     pub attempt: AttemptId,
     pub job: JobId,
     pub task: TaskIndex,
+    #[schema(value_type = String, example = "Trap")]
     pub kind: FailureKind,
     pub message: String,
     pub at_ms: u64,
@@ -208,9 +230,30 @@ pub struct Store {
 /// Committed job state changes, for whoever waits on a job.
 pub type JobEvents = tokio::sync::broadcast::Sender<(JobId, JobState)>;
 
+/// What one committed batch (or one-shot write) touched: ids only, so
+/// announcing costs little; whoever cares re-reads the rows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Jobs whose counters changed.
+    pub jobs: Vec<JobId>,
+    /// Jobs whose state changed (or that were created).
+    pub job_states: Vec<JobId>,
+    /// Workers that joined, left, sent a heartbeat, drained, cooled down or ended attempts.
+    pub workers: Vec<WorkerId>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty() && self.job_states.is_empty() && self.workers.is_empty()
+    }
+}
+
+pub type ChangeEvents = tokio::sync::broadcast::Sender<Arc<Changes>>;
+
 struct Inner {
     path: PathBuf,
     job_events: JobEvents,
+    changes: ChangeEvents,
     commands: Option<Sender<Command>>,
     writer: Option<JoinHandle<()>>,
     readers: Mutex<Vec<Connection>>,
@@ -245,12 +288,14 @@ impl Store {
         let conn = schema::open_writer(path)?;
         let (commands, receiver) = mpsc::channel();
         let (job_events, _) = tokio::sync::broadcast::channel(1024);
-        let writer = writer::spawn(conn, receiver, job_events.clone())?;
+        let (changes, _) = tokio::sync::broadcast::channel(1024);
+        let writer = writer::spawn(conn, receiver, job_events.clone(), changes.clone())?;
         tracing::info!(path = %path.display(), "store opened");
         Ok(Store {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
                 job_events,
+                changes,
                 commands: Some(commands),
                 writer: Some(writer),
                 readers: Mutex::new(Vec::new()),
@@ -262,6 +307,17 @@ impl Store {
     /// job's final state is announced).
     pub fn job_events(&self) -> tokio::sync::broadcast::Receiver<(JobId, JobState)> {
         self.inner.job_events.subscribe()
+    }
+
+    /// What each committed batch touched (see [`Changes`]); a receiver that
+    /// lags should re-read everything it shows.
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<Arc<Changes>> {
+        self.inner.changes.subscribe()
+    }
+
+    fn announce(&self, changes: Changes) {
+        // No receiver is not an error: nobody is watching.
+        let _ = self.inner.changes.send(Arc::new(changes));
     }
 
     /// Stores a module once by its sha256 (the caller computed it). Durable
@@ -281,7 +337,12 @@ impl Store {
     /// Accepts a job: allocates its id, stores the job and one task per
     /// argument set in one transaction. Durable when it returns.
     pub fn create_job(&self, job: NewJob) -> Result<JobSpec, StoreError> {
-        self.call(false, move |conn| queries::create_job(conn, job))
+        let spec = self.call(false, move |conn| queries::create_job(conn, job))?;
+        self.announce(Changes {
+            job_states: vec![spec.id],
+            ..Changes::default()
+        });
+        Ok(spec)
     }
 
     /// Queues a change for the writer thread and returns at once.
@@ -342,13 +403,24 @@ impl Store {
     /// draining and its last load is forgotten.
     pub fn upsert_worker(&self, w: &WorkerRow) -> Result<WorkerId, StoreError> {
         let w = w.clone();
-        self.call(false, move |conn| queries::upsert_worker(conn, &w))
+        let id = self.call(false, move |conn| queries::upsert_worker(conn, &w))?;
+        self.announce_worker(id);
+        Ok(id)
     }
 
     pub fn set_worker_online(&self, id: WorkerId, online: bool) -> Result<(), StoreError> {
         self.call(false, move |conn| {
             queries::set_worker_online(conn, id, online)
-        })
+        })?;
+        self.announce_worker(id);
+        Ok(())
+    }
+
+    fn announce_worker(&self, id: WorkerId) {
+        self.announce(Changes {
+            workers: vec![id],
+            ..Changes::default()
+        });
     }
 
     /// Queues a worker's heartbeat (its load, and that it was seen at
@@ -387,6 +459,49 @@ impl Store {
         limit: u64,
     ) -> Result<Vec<WorkerFailureRow>, StoreError> {
         self.read(|conn| queries::worker_failures(conn, worker, limit.min(MAX_FAILURES_PAGE)))
+    }
+
+    /// The grid at a glance (see [`Stats`]).
+    pub fn stats(&self) -> Result<Stats, StoreError> {
+        self.read(views::stats)
+    }
+
+    /// A page of a job's tasks in index order, optionally only those in
+    /// `state`; `None` when the job is unknown. `limit` is capped at [`MAX_PAGE`].
+    pub fn tasks(
+        &self,
+        job: JobId,
+        skip: u64,
+        limit: u64,
+        state: Option<TaskState>,
+    ) -> Result<Option<TaskPage>, StoreError> {
+        self.read(|conn| views::tasks(conn, job, skip, limit.min(MAX_PAGE), state))
+    }
+
+    /// Failures by kind, attempts by worker and run times; `None` when the job is unknown.
+    pub fn job_summary(&self, job: JobId) -> Result<Option<JobSummary>, StoreError> {
+        self.read(|conn| views::job_summary(conn, job))
+    }
+
+    /// Failed attempts on every worker (or `worker`'s), newest first,
+    /// optionally only of `kind`; `limit` is capped at [`MAX_FAILURES_PAGE`].
+    pub fn failures(
+        &self,
+        worker: Option<WorkerId>,
+        kind: Option<FailureKind>,
+        skip: u64,
+        limit: u64,
+    ) -> Result<Vec<FailureRow>, StoreError> {
+        self.read(|conn| views::failures(conn, worker, kind, skip, limit.min(MAX_FAILURES_PAGE)))
+    }
+
+    pub fn failure_stats(&self) -> Result<FailureStats, StoreError> {
+        self.read(views::failure_stats)
+    }
+
+    /// Run times of every successful attempt (reads them all: for `/metrics`).
+    pub fn run_time_histogram(&self) -> Result<RunTimeHistogram, StoreError> {
+        self.read(|conn| views::run_time_histogram(conn, None))
     }
 
     fn send(&self, command: Command) {

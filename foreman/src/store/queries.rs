@@ -25,7 +25,7 @@ const JOB_COLUMNS: &str = "id, module, state, priority, scheduler, fuel, memory_
 const WORKER_COLUMNS: &str = "id, name, hostname, os, arch, cores, memory_bytes, slots,
     wasmtime_version, engine_hash, cpu_model, benchmark_fuel_per_sec, cpu_limit_percent,
     online, draining, last_seen_ms, cpu_permille, memory_used_bytes, worker_rss_bytes, running,
-    cooldown_until_ms, cooldowns, tasks_succeeded, tasks_failed,
+    cooldown_until_ms, cooldowns, tasks_succeeded, tasks_failed, last_heartbeat_ms, fuel_used,
     (SELECT count(*) FROM worker_failures f WHERE f.worker_id = workers.id AND f.at_ms >= ?1)";
 
 pub(super) fn put_module(
@@ -118,7 +118,8 @@ pub(super) fn upsert_worker(conn: &mut Connection, w: &WorkerRow) -> Result<Work
              benchmark_fuel_per_sec = excluded.benchmark_fuel_per_sec,
              cpu_limit_percent = excluded.cpu_limit_percent, online = excluded.online,
              last_seen_ms = excluded.last_seen_ms, draining = 0, running = 0,
-             cpu_permille = 0, memory_used_bytes = 0, worker_rss_bytes = 0
+             cpu_permille = 0, memory_used_bytes = 0, worker_rss_bytes = 0,
+             last_heartbeat_ms = NULL
          RETURNING id",
         params![
             i.name,
@@ -349,7 +350,9 @@ pub(super) fn workers(
             cooldowns: from_sql(row.get(21)?),
             tasks_succeeded: from_sql(row.get(22)?),
             tasks_failed: from_sql(row.get(23)?),
-            recent_failures: u32_from_sql(row.get(24)?)?,
+            last_heartbeat_ms: row.get::<_, Option<i64>>(24)?.map(from_sql),
+            fuel_used: from_sql(row.get(25)?),
+            recent_failures: u32_from_sql(row.get(26)?)?,
         });
     }
     Ok(out)
@@ -424,13 +427,13 @@ fn job_row(row: &Row<'_>) -> Result<JobRow, StoreError> {
 }
 
 /// A nullable text column, borrowed from the row.
-fn text<'r>(row: &'r Row<'_>, i: usize) -> Result<Option<&'r str>, StoreError> {
+pub(super) fn text<'r>(row: &'r Row<'_>, i: usize) -> Result<Option<&'r str>, StoreError> {
     match row.get_ref(i)? {
         ValueRef::Null => Ok(None),
         value => Ok(Some(value.as_str().map_err(rusqlite::Error::from)?)),
     }
 }
 
-fn required_text<'r>(row: &'r Row<'_>, i: usize) -> Result<&'r str, StoreError> {
+pub(super) fn required_text<'r>(row: &'r Row<'_>, i: usize) -> Result<&'r str, StoreError> {
     text(row, i)?.ok_or_else(|| StoreError::Corrupt(format!("NULL in column {i}")))
 }

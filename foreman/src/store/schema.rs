@@ -139,6 +139,10 @@ CREATE INDEX worker_failures_by_worker ON worker_failures (worker_id, at_ms);
 /// are no worker's failure, so they leave the failure history.
 /// - `running` and the load columns are the last heartbeat's (0 before one).
 /// - `cooldown_until_ms` is the latest cool-down's end; `cooldowns` counts them.
+/// - `last_heartbeat_ms` is NULL until a worker's first heartbeat since it
+///   joined; `workers.fuel_used` sums its attempts' fuel.
+/// - The dashboard's indexes: attempts by end time (tasks per second), and
+///   failures by time and by kind (the grid-wide failure list).
 const V2: &str = "
 ALTER TABLE jobs ADD COLUMN not_before_ms INTEGER;
 ALTER TABLE jobs ADD COLUMN retry_deterministic INTEGER NOT NULL DEFAULT 0;
@@ -153,6 +157,12 @@ ALTER TABLE workers ADD COLUMN running INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE workers ADD COLUMN draining INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE workers ADD COLUMN cooldown_until_ms INTEGER;
 ALTER TABLE workers ADD COLUMN cooldowns INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE workers ADD COLUMN last_heartbeat_ms INTEGER;
+ALTER TABLE workers ADD COLUMN fuel_used INTEGER NOT NULL DEFAULT 0;
+
+CREATE INDEX attempts_by_end ON attempts (ended_at_ms);
+CREATE INDEX worker_failures_by_time ON worker_failures (at_ms);
+CREATE INDEX worker_failures_by_kind ON worker_failures (kind, at_ms);
 
 DELETE FROM worker_failures WHERE kind = 'Cancelled';
 ";

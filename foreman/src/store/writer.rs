@@ -12,7 +12,7 @@ use wasmgrid_protocol::wire::Load;
 use wasmgrid_protocol::{Failure, FailureKind, TaskReport};
 
 use super::schema::{self, now_ms, to_sql};
-use super::{JobEvents, StoreError};
+use super::{ChangeEvents, Changes, JobEvents, StoreError};
 use crate::model::{JobId, JobState, Record, TaskIndex, TaskState, WorkerId};
 
 /// A batch is committed this long after its first record at the latest...
@@ -53,11 +53,13 @@ pub(super) fn spawn(
     conn: Connection,
     commands: Receiver<Command>,
     job_events: JobEvents,
+    changes: ChangeEvents,
 ) -> Result<JoinHandle<()>, StoreError> {
     let writer = Writer {
         conn,
         commands,
         job_events,
+        changes,
         pending: Vec::new(),
         rejected: 0,
         first_rejection: None,
@@ -81,6 +83,8 @@ struct Writer {
     last_failure: Option<String>,
     /// Job state changes, announced once committed.
     job_events: JobEvents,
+    /// Which jobs and workers each committed batch touched.
+    changes: ChangeEvents,
 }
 
 impl Writer {
@@ -142,10 +146,18 @@ impl Writer {
             let n = self.pending.len().min(BATCH_MAX);
             match self.commit_batch(n) {
                 Ok(()) => {
-                    for record in self.pending.drain(..n) {
-                        if let Change::Record(Record::JobStateChanged { job, state }) = record {
+                    // Nobody listening (no dashboard open): skip gathering ids.
+                    let mut touched = (self.changes.receiver_count() > 0).then(Changes::default);
+                    for change in self.pending.drain(..n) {
+                        if let Some(touched) = touched.as_mut() {
+                            touched.add(&change);
+                        }
+                        if let Change::Record(Record::JobStateChanged { job, state }) = change {
                             let _ = self.job_events.send((job, state));
                         }
+                    }
+                    if let Some(touched) = touched.filter(|t| !t.is_empty()) {
+                        let _ = self.changes.send(std::sync::Arc::new(touched));
                     }
                     self.last_failure = None;
                 }
@@ -251,6 +263,26 @@ impl Writer {
     }
 }
 
+impl Changes {
+    fn add(&mut self, change: &Change) {
+        match change {
+            Change::Record(record) => match record {
+                Record::AttemptStarted { job, .. } => self.jobs.push(*job),
+                Record::AttemptEnded { job, worker, .. }
+                | Record::AttemptAbandoned { job, worker, .. } => {
+                    self.jobs.push(*job);
+                    self.workers.push(*worker);
+                }
+                Record::JobStateChanged { job, .. } => self.job_states.push(*job),
+                Record::WorkerCooledDown { worker, .. } => self.workers.push(*worker),
+            },
+            Change::Heartbeat { worker, .. } | Change::Draining { worker, .. } => {
+                self.workers.push(*worker)
+            }
+        }
+    }
+}
+
 /// Whether applying a record failed because of the record itself (it names
 /// something that does not exist, or breaks a constraint), rather than
 /// because of the database (I/O, disk full), which is worth a retry.
@@ -335,7 +367,8 @@ impl<'c> Statements<'c> {
             )?,
             worker_counters: conn.prepare_cached(
                 "UPDATE workers SET tasks_succeeded = tasks_succeeded + ?2,
-                     tasks_failed = tasks_failed + ?3, last_seen_ms = max(last_seen_ms, ?4)
+                     tasks_failed = tasks_failed + ?3, last_seen_ms = max(last_seen_ms, ?4),
+                     fuel_used = fuel_used + ?5
                  WHERE id = ?1",
             )?,
             worker_cooldown: conn.prepare_cached(
@@ -343,7 +376,8 @@ impl<'c> Statements<'c> {
             )?,
             worker_load: conn.prepare_cached(
                 "UPDATE workers SET cpu_permille = ?2, memory_used_bytes = ?3,
-                     worker_rss_bytes = ?4, running = ?5, last_seen_ms = max(last_seen_ms, ?6)
+                     worker_rss_bytes = ?4, running = ?5, last_seen_ms = max(last_seen_ms, ?6),
+                     last_heartbeat_ms = ?6
                  WHERE id = ?1",
             )?,
             worker_draining: conn.prepare_cached("UPDATE workers SET draining = ?2 WHERE id = ?1")?,
@@ -355,7 +389,8 @@ impl<'c> Statements<'c> {
 #[derive(Default)]
 struct Deltas {
     jobs: HashMap<JobId, JobDelta>,
-    workers: HashMap<WorkerId, (i64, i64)>,
+    /// Attempts succeeded, failed, and fuel used.
+    workers: HashMap<WorkerId, (i64, i64, i64)>,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -392,10 +427,11 @@ impl Deltas {
             }
             d.fuel = d.fuel.wrapping_add(o.fuel);
         }
-        for (worker, (ok, failed)) in other.workers {
+        for (worker, (ok, failed, fuel)) in other.workers {
             let d = self.workers.entry(worker).or_default();
             d.0 += ok;
             d.1 += failed;
+            d.2 = d.2.wrapping_add(fuel);
         }
     }
 
@@ -405,9 +441,9 @@ impl Deltas {
             st.job_counters
                 .execute(params![to_sql(*job), q, r, s, f, c, d.fuel])?;
         }
-        for (worker, (ok, failed)) in &self.workers {
+        for (worker, (ok, failed, fuel)) in &self.workers {
             st.worker_counters
-                .execute(params![to_sql(*worker), ok, failed, now])?;
+                .execute(params![to_sql(*worker), ok, failed, now, fuel])?;
         }
         Ok(())
     }
@@ -616,6 +652,7 @@ fn end_attempt(
     let d = deltas.jobs.entry(end.job).or_default();
     d.fuel = d.fuel.wrapping_add(fuel);
     let w = deltas.workers.entry(end.worker).or_default();
+    w.2 = w.2.wrapping_add(fuel);
     match failure {
         None => w.0 += 1,
         Some(f) if f.kind != FailureKind::Cancelled => w.1 += 1,
