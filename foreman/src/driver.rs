@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, oneshot};
 use wasmgrid_protocol::wire::{AttemptId, Finished, ToWorker};
 
 use crate::core::{Command, Core, WorkerSpec};
-use crate::model::{JobId, JobSpec, WorkerId};
+use crate::model::{JobId, JobSpec, Record, WorkerId};
 use crate::store::Store;
 
 /// Most inputs applied before the core dispatches, so bursts are batched.
@@ -132,7 +132,10 @@ async fn run(mut core: Core, store: Store, mut inputs: mpsc::UnboundedReceiver<I
                 Command::Cancel { worker, attempts } => {
                     send_to(&outboxes, worker, ToWorker::Cancel(attempts))
                 }
-                Command::Record(record) => records.push(record),
+                Command::Record(record) => {
+                    trace_record(&record);
+                    records.push(record)
+                }
             }
         }
         if !records.is_empty() {
@@ -199,4 +202,69 @@ pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Each attempt's lifecycle in the log, by job, task and attempt (the worker
+/// logs the same attempt ids), at debug level so a busy grid pays nothing.
+fn trace_record(record: &Record) {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    match record {
+        Record::AttemptStarted {
+            job,
+            task,
+            attempt,
+            worker,
+        } => tracing::debug!(job, task, attempt, worker, "attempt sent"),
+        Record::AttemptEnded {
+            job,
+            task,
+            attempt,
+            worker,
+            report,
+            task_state,
+        } => {
+            let outcome = match &report.outcome {
+                Ok(_) => "ok",
+                Err(failure) => failure.kind.as_str(),
+            };
+            tracing::debug!(
+                job,
+                task,
+                attempt,
+                worker,
+                outcome,
+                run_us = report.timings.run_us,
+                fuel = report.fuel_used,
+                task_state = task_state.as_str(),
+                "attempt ended"
+            );
+        }
+        Record::AttemptAbandoned {
+            job,
+            task,
+            attempt,
+            worker,
+            failure,
+            task_state,
+        } => tracing::debug!(
+            job,
+            task,
+            attempt,
+            worker,
+            kind = failure.kind.as_str(),
+            message = %failure.message,
+            task_state = task_state.as_str(),
+            "attempt abandoned"
+        ),
+        Record::JobStateChanged { job, state } => {
+            tracing::debug!(job, state = state.as_str(), "job state")
+        }
+        Record::WorkerCooledDown {
+            worker,
+            until_ms,
+            recent_failures,
+        } => tracing::info!(worker, until_ms, recent_failures, "worker cooling down"),
+    }
 }
