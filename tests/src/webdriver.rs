@@ -151,23 +151,30 @@ impl Browser {
     }
 
     /// Clicks the first element matching `selector`, as a user would.
+    /// Live pages re-render rows under the driver's feet, so the element is
+    /// looked up again when the one found went stale before the click.
     pub fn click(&self, selector: &str) {
-        let found = self.call(
-            "POST",
-            "/element",
-            Some(json!({ "using": "css selector", "value": selector })),
-        );
-        let element = found
-            .as_object()
-            .and_then(|o| o.values().next())
-            .and_then(Value::as_str)
-            .unwrap_or_else(|| panic!("no element {selector}: {found}"))
-            .to_owned();
-        self.call(
-            "POST",
-            &format!("/element/{element}/click"),
-            Some(json!({})),
-        );
+        for _ in 0..20 {
+            let found = self.call(
+                "POST",
+                "/element",
+                Some(json!({ "using": "css selector", "value": selector })),
+            );
+            let element = found
+                .as_object()
+                .and_then(|o| o.values().next())
+                .and_then(Value::as_str)
+                .unwrap_or_else(|| panic!("no element {selector}: {found}"))
+                .to_owned();
+            let url = format!("{}/element/{element}/click", self.session);
+            match try_send(&self.agent, "POST", &url, Some(json!({}))) {
+                Ok(_) => return,
+                Err((_, error)) if error["error"] == "stale element reference" => {}
+                Err((status, error)) => panic!("POST {url}: {status}: {error}"),
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{selector} kept going stale before it could be clicked");
     }
 
     /// Polls `probe` every 100 ms until it gives a value; panics naming
@@ -213,6 +220,17 @@ impl Drop for Browser {
 
 /// One WebDriver command: the answer's `value`; panics on a WebDriver error.
 fn send(agent: &ureq::Agent, method: &str, url: &str, body: Option<Value>) -> Value {
+    try_send(agent, method, url, body)
+        .unwrap_or_else(|(status, value)| panic!("{method} {url}: {status}: {value}"))
+}
+
+/// The command's value, or the status and error value WebDriver answered.
+fn try_send(
+    agent: &ureq::Agent,
+    method: &str,
+    url: &str,
+    body: Option<Value>,
+) -> Result<Value, (u16, Value)> {
     let response = match (method, body) {
         ("GET", _) => agent.get(url).call(),
         ("DELETE", _) => agent.delete(url).call(),
@@ -228,7 +246,7 @@ fn send(agent: &ureq::Agent, method: &str, url: &str, body: Option<Value>) -> Va
         .read_json()
         .unwrap_or_else(|e| panic!("{method} {url}: {status}, not JSON: {e}"));
     if !status.is_success() {
-        panic!("{method} {url}: {status}: {}", answer["value"]);
+        return Err((status.as_u16(), answer["value"].clone()));
     }
-    answer["value"].clone()
+    Ok(answer["value"].clone())
 }

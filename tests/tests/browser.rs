@@ -133,6 +133,34 @@ fn the_dashboard_follows_a_job_live_and_shows_its_tasks() {
     );
     assert_eq!(size, json!([640, 480]));
     browser.screenshot(&artifacts().join("mandelbrot-job.png"));
+
+    // A 100,000-task job: its page shows one page of tasks, never all of them.
+    let big = dir.path().join("big.json");
+    let pairs: Vec<String> = (0..100_000).map(|i| format!("[{i},1]")).collect();
+    std::fs::write(&big, format!("[{}]", pairs.join(","))).unwrap();
+    let big = submit_detached(&foreman, &guest_path("add"), &big);
+    let opened = Instant::now();
+    browser.goto(&format!("{}/jobs/{big}", foreman.http));
+    let rows = browser.wait_for("the big job's first page of tasks", WAIT, |b| {
+        let rows = b.count("#tasks tbody tr[data-task]");
+        (rows > 0).then_some(rows)
+    });
+    let shown_after = opened.elapsed();
+    assert!(rows <= 100, "{rows} task rows on one page");
+    browser.wait_for("the pager to count 100000 tasks", WAIT, |b| {
+        b.text("#tasks-pager span")
+            .filter(|t| t.contains("of 100000"))
+    });
+    wait_for_state(&foreman.http, &big, "completed", 120);
+    browser.wait_for("the big job page to show it completed", WAIT, |b| {
+        b.text("#job-state").filter(|s| s == "completed")
+    });
+    assert!(browser.count("#tasks tbody tr[data-task]") <= 100);
+    browser.screenshot(&artifacts().join("big-job.png"));
+    println!(
+        "a 100,000-task job's page showed its first {rows} tasks {:.0} ms after opening",
+        shown_after.as_secs_f64() * 1e3
+    );
     println!(
         "browser test took {:.1} s; screenshots in {}",
         started.elapsed().as_secs_f64(),
