@@ -5,6 +5,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// What one task may use. The worker enforces every field.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskLimits {
     /// Fuel units (roughly wasm instructions) before `OutOfFuel`.
@@ -36,6 +37,7 @@ impl Default for TaskLimits {
 }
 
 /// Why an attempt produced no result. Every failure has one of these names.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum FailureKind {
     /// The task used all of its fuel.
@@ -106,6 +108,7 @@ impl fmt::Display for FailureKind {
 }
 
 /// A named failure with a message for people.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{kind}: {message}")]
 pub struct Failure {
@@ -126,6 +129,7 @@ impl Failure {
 pub type TaskOutcome = Result<String, Failure>;
 
 /// Where the compiled module came from for this attempt.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CacheSource {
     /// Already loaded in this process.
@@ -137,6 +141,7 @@ pub enum CacheSource {
 }
 
 /// Bounded capture of one output stream.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CapturedOutput {
     /// The first bytes written, lossily decoded as UTF-8.
@@ -146,6 +151,7 @@ pub struct CapturedOutput {
 }
 
 /// Time spent in each phase of one attempt, in microseconds.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskTimings {
     /// Getting the compiled module (compile, disk load, or a memory lookup).

@@ -61,6 +61,7 @@ pub type ModuleHash = [u8; 32];
 pub type AttemptId = u64;
 
 /// What a worker tells the foreman about itself when it joins.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerInfo {
     pub name: String,
@@ -83,6 +84,7 @@ pub struct WorkerInfo {
 }
 
 /// How busy a worker's machine is, sent with every heartbeat.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Load {
     /// CPU time used by the whole machine since the last heartbeat, in per

@@ -50,7 +50,6 @@ pub struct JobOptions {
         deserialize_with = "scheduler_by_name",
         skip_serializing_if = "Option::is_none"
     )]
-    #[schema(value_type = Option<String>, example = "fifo")]
     pub scheduler: Option<Scheduler>,
     /// Keep the job queued until this time (unix milliseconds).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -230,7 +229,7 @@ fn parse_hash(text: &str) -> Option<[u8; 32]> {
 
 /// Jobs, newest first.
 #[utoipa::path(get, path = "/api/jobs", tag = "jobs",
-    params(("status" = Option<String>, Query, description = "queued, running, completed, failed or cancelled"),
+    params(("status" = Option<JobState>, Query, description = "queued, running, completed, failed or cancelled"),
         ("skip" = Option<u64>, Query), ("limit" = Option<u64>, Query, description = "default 100, at most 1000")),
     responses((status = 200, body = Vec<JobRow>), (status = 400, body = super::ErrorBody)))]
 pub(super) async fn list_jobs(

@@ -77,6 +77,114 @@ async fn the_openapi_document_lists_every_route() {
     }
     assert!(json["components"]["schemas"].get("JobRow").is_some());
     assert!(json["components"]["schemas"].get("TaskPage").is_some());
+    the_enums_have_their_wire_values(&json);
+    the_shared_types_are_referenced(&json);
+    every_ref_resolves(&json);
+}
+
+/// The enum schemas list exactly the values serde writes.
+fn the_enums_have_their_wire_values(json: &serde_json::Value) {
+    let schemas = &json["components"]["schemas"];
+    let values = |name: &str| -> Vec<String> {
+        let schema = &schemas[name];
+        assert_eq!(schema["type"], "string", "{name}: {schema}");
+        schema["enum"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{name} has no enum values: {schema}"))
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let serde_names = |all: Vec<serde_json::Value>| -> Vec<String> {
+        all.into_iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        values("Scheduler"),
+        serde_names(
+            Scheduler::ALL
+                .map(|s| serde_json::to_value(s).unwrap())
+                .to_vec()
+        )
+    );
+    assert!(values("Scheduler").contains(&"round-robin".to_owned()));
+    assert_eq!(
+        values("JobState"),
+        ["queued", "running", "completed", "failed", "cancelled"]
+    );
+    assert_eq!(
+        values("TaskState"),
+        ["queued", "running", "succeeded", "failed", "cancelled"]
+    );
+    assert_eq!(
+        values("FailureKind"),
+        serde_names(
+            wasmgrid_protocol::FailureKind::ALL
+                .map(|k| serde_json::to_value(k).unwrap())
+                .to_vec()
+        )
+    );
+    assert!(values("FailureKind").contains(&"OutOfFuel".to_owned()));
+}
+
+/// The API's rows point at the shared types' schemas, not at loose objects.
+fn the_shared_types_are_referenced(json: &serde_json::Value) {
+    let schemas = &json["components"]["schemas"];
+    let text = |name: &str| schemas[name].to_string();
+    for (schema, target) in [
+        ("JobRow", "JobState"),
+        ("JobRow", "Scheduler"),
+        ("JobRow", "TaskLimits"),
+        ("WorkerRow", "WorkerInfo"),
+        ("WorkerRow", "Load"),
+        ("TaskRow", "TaskState"),
+        ("TaskRow", "Failure"),
+        ("FailureRow", "FailureKind"),
+        ("JobOptions", "Scheduler"),
+        ("Failure", "FailureKind"),
+    ] {
+        let reference = format!("\"#/components/schemas/{target}\"");
+        assert!(
+            text(schema).contains(&reference),
+            "{schema} does not refer to {target}: {}",
+            text(schema)
+        );
+    }
+    let limits = &schemas["TaskLimits"]["properties"];
+    for field in ["fuel", "memory_bytes", "timeout_ms", "output_bytes"] {
+        assert!(limits.get(field).is_some(), "TaskLimits.{field}: {limits}");
+    }
+}
+
+/// Every `$ref` anywhere in the document names a component that exists.
+fn every_ref_resolves(json: &serde_json::Value) {
+    fn refs<'a>(value: &'a serde_json::Value, out: &mut Vec<&'a str>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, v) in map {
+                    match (key.as_str(), v.as_str()) {
+                        ("$ref", Some(target)) => out.push(target),
+                        _ => refs(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    refs(json, &mut found);
+    assert!(!found.is_empty());
+    for target in found {
+        let name = target
+            .strip_prefix("#/components/schemas/")
+            .unwrap_or_else(|| panic!("a $ref outside components/schemas: {target}"));
+        assert!(
+            json["components"]["schemas"].get(name).is_some(),
+            "$ref {target} names no component"
+        );
+    }
 }
 
 #[tokio::test]

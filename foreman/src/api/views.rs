@@ -38,7 +38,7 @@ fn parse_task_state(text: &str) -> Option<TaskState> {
 /// A page of the job's tasks in index order, with their last attempt's report.
 #[utoipa::path(get, path = "/api/jobs/{id}/tasks", tag = "jobs",
     params(("id" = u64, Path, description = "job id"),
-        ("status" = Option<String>, Query, description = "queued, running, succeeded, failed or cancelled"),
+        ("status" = Option<TaskState>, Query, description = "queued, running, succeeded, failed or cancelled"),
         ("skip" = Option<u64>, Query), ("limit" = Option<u64>, Query, description = "default 100, at most 1000")),
     responses((status = 200, body = TaskPage), (status = 400), (status = 404)))]
 pub(super) async fn tasks(

@@ -149,7 +149,7 @@ async fn failure_rows(
 /// The worker's failed attempts, newest first.
 #[utoipa::path(get, path = "/api/workers/{id}/failures", tag = "workers",
     params(("id" = u64, Path, description = "worker id"),
-        ("kind" = Option<String>, Query, description = "only failures of this FailureKind"),
+        ("kind" = Option<FailureKind>, Query, description = "only failures of this FailureKind"),
         ("skip" = Option<u64>, Query), ("limit" = Option<u64>, Query, description = "default 100, at most 1000")),
     responses((status = 200, body = Vec<FailureRow>), (status = 400), (status = 404)))]
 pub(super) async fn failures(
@@ -163,7 +163,7 @@ pub(super) async fn failures(
 
 /// Failed attempts on every worker (or `worker`'s), newest first.
 #[utoipa::path(get, path = "/api/worker-failures", tag = "workers",
-    params(("worker" = Option<u64>, Query), ("kind" = Option<String>, Query, description = "a FailureKind"),
+    params(("worker" = Option<u64>, Query), ("kind" = Option<FailureKind>, Query, description = "a FailureKind"),
         ("skip" = Option<u64>, Query), ("limit" = Option<u64>, Query, description = "default 100, at most 1000")),
     responses((status = 200, body = Vec<FailureRow>), (status = 400), (status = 404)))]
 pub(super) async fn all_failures(

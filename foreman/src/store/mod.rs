@@ -96,16 +96,13 @@ pub struct JobRow {
     pub id: JobId,
     /// The module's sha256, lower-case hex.
     pub module: String,
-    #[schema(value_type = String, example = "running")]
     pub state: JobState,
     pub priority: i32,
-    #[schema(value_type = String, example = "fifo")]
     pub scheduler: Scheduler,
     /// The job stays queued until this time (unix milliseconds).
     pub not_before_ms: Option<u64>,
     pub retry_deterministic: bool,
     /// `{fuel, memory_bytes, timeout_ms, output_bytes}`.
-    #[schema(value_type = Object)]
     pub limits: TaskLimits,
     pub max_retries: u32,
     pub total: u32,
@@ -161,7 +158,6 @@ pub struct WorkerRow {
     /// Flattened: name, hostname, os, arch, cores, memory_bytes, slots,
     /// wasmtime_version, engine_hash, cpu_model, benchmark_fuel_per_sec, cpu_limit_percent.
     #[serde(flatten)]
-    #[schema(value_type = Object)]
     pub info: WorkerInfo,
     pub online: bool,
     /// Asked to leave (`POST /api/workers/{id}/drain`); cleared when it joins again.
@@ -170,7 +166,6 @@ pub struct WorkerRow {
     /// As of the last heartbeat (all 0 before the first); flattened:
     /// cpu_permille, memory_used_bytes, worker_rss_bytes, running.
     #[serde(flatten)]
-    #[schema(value_type = Object)]
     pub load: Load,
     /// Gets no tasks until then (unix milliseconds), after too many failures.
     pub cooldown_until_ms: Option<u64>,
@@ -215,7 +210,6 @@ pub struct WorkerFailureRow {
     pub attempt: AttemptId,
     pub job: JobId,
     pub task: TaskIndex,
-    #[schema(value_type = String, example = "Trap")]
     pub kind: FailureKind,
     pub message: String,
     pub at_ms: u64,

@@ -109,7 +109,6 @@ pub struct TaskTimingsRow {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct TaskRow {
     pub index: u32,
-    #[schema(value_type = String, example = "succeeded")]
     pub state: TaskState,
     pub attempts: u32,
     /// The last attempt's worker.
@@ -121,7 +120,6 @@ pub struct TaskRow {
     /// The task's result once it succeeded.
     #[schema(value_type = Option<Object>)]
     pub result: Option<Box<RawValue>>,
-    #[schema(value_type = Option<Object>)]
     pub failure: Option<Failure>,
     pub stdout: String,
     pub stderr: String,
@@ -359,7 +357,6 @@ pub struct FailureRow {
     pub worker: WorkerId,
     pub job: JobId,
     pub task: u32,
-    #[schema(value_type = String, example = "Trap")]
     pub kind: FailureKind,
     pub message: String,
     pub at_ms: u64,
