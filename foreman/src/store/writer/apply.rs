@@ -7,6 +7,7 @@ use rusqlite::{params, CachedStatement, Connection};
 use wasmgrid_protocol::{Failure, FailureKind, TaskReport};
 
 use super::super::schema::{self, to_sql};
+use super::super::views::{latency_bucket, GRID_RUN_TIMES, LATENCY_BUCKETS_MS};
 use super::super::StoreError;
 use super::Change;
 use crate::model::{JobId, JobState, Record, TaskIndex, TaskState, WorkerId};
@@ -26,6 +27,7 @@ pub(super) struct Statements<'c> {
     worker_cooldown: CachedStatement<'c>,
     worker_load: CachedStatement<'c>,
     worker_draining: CachedStatement<'c>,
+    run_times: CachedStatement<'c>,
 }
 
 impl<'c> Statements<'c> {
@@ -96,6 +98,11 @@ impl<'c> Statements<'c> {
                  WHERE id = ?1",
             )?,
             worker_draining: conn.prepare_cached("UPDATE workers SET draining = ?2 WHERE id = ?1")?,
+            run_times: conn.prepare_cached(
+                "INSERT INTO run_time_buckets (job_id, bucket, count, sum_us) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (job_id, bucket) DO UPDATE SET count = count + excluded.count,
+                     sum_us = sum_us + excluded.sum_us",
+            )?,
         })
     }
 }
@@ -106,6 +113,9 @@ pub(super) struct Deltas {
     jobs: HashMap<JobId, JobDelta>,
     /// Attempts succeeded, failed, and fuel used.
     workers: HashMap<WorkerId, (i64, i64, i64)>,
+    /// Successful attempts and their summed run time (µs), by job and
+    /// bucket of `LATENCY_BUCKETS_MS`.
+    run_times: HashMap<(JobId, usize), (u64, u64)>,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -148,6 +158,15 @@ impl Deltas {
             d.1 += failed;
             d.2 = d.2.wrapping_add(fuel);
         }
+        for (key, (count, sum_us)) in other.run_times {
+            self.run_time(key, count, sum_us);
+        }
+    }
+
+    fn run_time(&mut self, key: (JobId, usize), count: u64, sum_us: u64) {
+        let d = self.run_times.entry(key).or_default();
+        d.0 += count;
+        d.1 = d.1.wrapping_add(sum_us);
     }
 
     pub(super) fn write(&self, st: &mut Statements<'_>, now: i64) -> rusqlite::Result<()> {
@@ -159,6 +178,24 @@ impl Deltas {
         for (worker, (ok, failed, fuel)) in &self.workers {
             st.worker_counters
                 .execute(params![to_sql(*worker), ok, failed, now, fuel])?;
+        }
+        // Each job's buckets, then the grid's: the sums of the same deltas.
+        let mut grid = [(0u64, 0u64); LATENCY_BUCKETS_MS.len() + 1];
+        for (&(job, bucket), &(count, sum_us)) in &self.run_times {
+            st.run_times
+                .execute(params![to_sql(job), bucket, to_sql(count), to_sql(sum_us)])?;
+            grid[bucket].0 += count;
+            grid[bucket].1 = grid[bucket].1.wrapping_add(sum_us);
+        }
+        for (bucket, (count, sum_us)) in grid.into_iter().enumerate() {
+            if count > 0 {
+                st.run_times.execute(params![
+                    GRID_RUN_TIMES,
+                    bucket,
+                    to_sql(count),
+                    to_sql(sum_us)
+                ])?;
+            }
         }
         Ok(())
     }
@@ -363,6 +400,12 @@ fn end_attempt(
     }
     if task_open {
         deltas.task_moved(end.job, from, end.state, 1);
+    }
+    if let (Some(r), None) = (report, failure) {
+        // What the run-time histogram counts: successful attempts. An
+        // attempt ends once (the core forgets it then), so none is counted twice.
+        let run_us = r.timings.run_us;
+        deltas.run_time((end.job, latency_bucket(run_us)), 1, run_us);
     }
     let d = deltas.jobs.entry(end.job).or_default();
     d.fuel = d.fuel.wrapping_add(fuel);
