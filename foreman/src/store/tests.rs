@@ -972,3 +972,18 @@ fn run_time_buckets_match_a_scan_of_the_attempts() {
         store.job_summary(jobs[1]).unwrap().unwrap().latency_ms
     );
 }
+
+/// V2 fills `run_time_buckets` with SQL of its own: its bounds must be
+/// `LATENCY_BUCKETS_MS`, and its last bucket the unbounded one.
+#[test]
+fn the_migration_buckets_run_times_as_the_writer_does() {
+    let v2 = schema::MIGRATIONS[1];
+    for (i, le) in LATENCY_BUCKETS_MS.iter().enumerate() {
+        let when = format!("WHEN run_us <= {} THEN {i}\n", le * 1000);
+        assert!(v2.contains(&when), "{when}");
+    }
+    let last = LATENCY_BUCKETS_MS.len();
+    assert!(v2.contains(&format!("WHEN run_us < 0 THEN {last}\n")));
+    assert!(v2.contains(&format!("ELSE {last} END")));
+    assert_eq!(views::latency_bucket(u64::MAX), last);
+}
