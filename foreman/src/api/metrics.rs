@@ -118,3 +118,122 @@ pub(super) fn render(
     let _ = writeln!(out, "wasmgrid_tasks_per_second {}", stats.tasks_per_second);
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{app_state, call, get, worker_info};
+    use crate::model::{JobState, Record, Scheduler, TaskState};
+    use crate::store::{NewJob, WorkerRow, LATENCY_BUCKETS_MS};
+    use axum::http::StatusCode;
+    use wasmgrid_protocol::{Failure, FailureKind, TaskLimits, TaskReport, TaskTimings};
+
+    /// `/metrics` and the job's summary read the same run-time buckets and
+    /// give what the scan of the attempts gave: 3 µs and 1.5 ms succeeded,
+    /// the trap's 7 µs is no success.
+    #[tokio::test]
+    async fn metrics_and_summary_share_the_run_time_histogram() {
+        let (_dir, state) = app_state(1 << 20, Scheduler::Fifo).await;
+        let store = state.store.clone();
+        let worker = store
+            .upsert_worker(&WorkerRow::joining(&worker_info("w")))
+            .unwrap();
+        store.put_module(&[9; 32], b"wasm").unwrap();
+        let job = store
+            .create_job(NewJob {
+                module: [9; 32],
+                limits: TaskLimits::default(),
+                max_retries: 0,
+                priority: 0,
+                scheduler: Scheduler::Fifo,
+                not_before_ms: None,
+                retry_deterministic: false,
+                args: vec!["[0]".into(), "[1]".into(), "[2]".into()],
+            })
+            .unwrap()
+            .id;
+        let mut records = vec![Record::JobStateChanged {
+            job,
+            state: JobState::Running,
+        }];
+        let trap = Failure::new(FailureKind::Trap, "unreachable");
+        for (task, outcome, run_us) in [
+            (0, Ok("0".to_owned()), 1_500),
+            (1, Err(trap), 7),
+            (2, Ok("2".into()), 3),
+        ] {
+            let attempt = u64::from(task) + 1;
+            let task_state = if outcome.is_ok() {
+                TaskState::Succeeded
+            } else {
+                TaskState::Failed
+            };
+            let report = TaskReport {
+                outcome,
+                fuel_used: 10,
+                cache: wasmgrid_protocol::CacheSource::Memory,
+                timings: TaskTimings {
+                    load_us: 1,
+                    instantiate_us: 2,
+                    run_us,
+                },
+                stdout: Default::default(),
+                stderr: Default::default(),
+            };
+            records.push(Record::AttemptStarted {
+                job,
+                task,
+                attempt,
+                worker,
+            });
+            records.push(Record::AttemptEnded {
+                job,
+                task,
+                attempt,
+                worker,
+                report: Box::new(report),
+                task_state,
+            });
+        }
+        store.record_all(records);
+        store.flush().unwrap();
+        let app = super::super::router(state);
+
+        let response = tower::ServiceExt::oneshot(app.clone(), get("/metrics"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let text = String::from_utf8(bytes.to_vec()).unwrap();
+        let value = |series: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+                .map(str::to_owned)
+        };
+        let bucket = |le: &str| value(&format!("wasmgrid_task_run_seconds_bucket{{le=\"{le}\"}}"));
+        assert_eq!(bucket("0.001").as_deref(), Some("1"));
+        assert_eq!(bucket("0.002").as_deref(), Some("2"));
+        assert_eq!(bucket("131.072").as_deref(), Some("2"));
+        assert_eq!(bucket("+Inf").as_deref(), Some("2"));
+        assert_eq!(
+            value("wasmgrid_task_run_seconds_sum").as_deref(),
+            Some("0.001503")
+        );
+        assert_eq!(
+            value("wasmgrid_task_run_seconds_count").as_deref(),
+            Some("2")
+        );
+        // One job: the grid's histogram is the job's.
+        let (status, json) = call(app, get(&format!("/api/jobs/{job}/summary"))).await;
+        assert_eq!(status, StatusCode::OK);
+        let mut cumulative = 0;
+        let bounds = LATENCY_BUCKETS_MS.iter().map(Some).chain([None]);
+        for (b, le) in json["latency_ms"].as_array().unwrap().iter().zip(bounds) {
+            cumulative += b["count"].as_u64().unwrap();
+            let le = le.map_or_else(|| "+Inf".to_owned(), |ms| (*ms as f64 / 1000.0).to_string());
+            assert_eq!(bucket(&le), Some(cumulative.to_string()), "le {le}");
+        }
+        assert_eq!(cumulative, 2);
+    }
+}

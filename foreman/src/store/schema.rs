@@ -143,6 +143,11 @@ CREATE INDEX worker_failures_by_worker ON worker_failures (worker_id, at_ms);
 ///   joined; `workers.fuel_used` sums its attempts' fuel.
 /// - The dashboard's indexes: attempts by end time (tasks per second), and
 ///   failures by time and by kind (the grid-wide failure list).
+/// - `run_time_buckets` is the run-time histogram of successful attempts
+///   (`count` and `sum_us` per bucket of `views::LATENCY_BUCKETS_MS`, bucket
+///   18 unbounded), per job and, under `job_id` 0 (no job has it), for the
+///   whole grid; the writer adds to it once per batch, so reading it costs
+///   the same whatever the history. Filled here from the attempts so far.
 const V2: &str = "
 ALTER TABLE jobs ADD COLUMN not_before_ms INTEGER;
 ALTER TABLE jobs ADD COLUMN retry_deterministic INTEGER NOT NULL DEFAULT 0;
@@ -165,6 +170,42 @@ CREATE INDEX worker_failures_by_time ON worker_failures (at_ms);
 CREATE INDEX worker_failures_by_kind ON worker_failures (kind, at_ms);
 
 DELETE FROM worker_failures WHERE kind = 'Cancelled';
+
+CREATE TABLE run_time_buckets (
+    job_id INTEGER NOT NULL,
+    bucket INTEGER NOT NULL,
+    count  INTEGER NOT NULL,
+    sum_us INTEGER NOT NULL,
+    PRIMARY KEY (job_id, bucket)
+) WITHOUT ROWID;
+INSERT INTO run_time_buckets (job_id, bucket, count, sum_us)
+    SELECT job_id,
+           CASE WHEN run_us < 0 THEN 18
+               WHEN run_us <= 1000 THEN 0
+               WHEN run_us <= 2000 THEN 1
+               WHEN run_us <= 4000 THEN 2
+               WHEN run_us <= 8000 THEN 3
+               WHEN run_us <= 16000 THEN 4
+               WHEN run_us <= 32000 THEN 5
+               WHEN run_us <= 64000 THEN 6
+               WHEN run_us <= 128000 THEN 7
+               WHEN run_us <= 256000 THEN 8
+               WHEN run_us <= 512000 THEN 9
+               WHEN run_us <= 1024000 THEN 10
+               WHEN run_us <= 2048000 THEN 11
+               WHEN run_us <= 4096000 THEN 12
+               WHEN run_us <= 8192000 THEN 13
+               WHEN run_us <= 16384000 THEN 14
+               WHEN run_us <= 32768000 THEN 15
+               WHEN run_us <= 65536000 THEN 16
+               WHEN run_us <= 131072000 THEN 17
+               ELSE 18 END AS b,
+           count(*), sum(run_us)
+    FROM attempts
+    WHERE ended_at_ms IS NOT NULL AND outcome_kind IS NULL AND run_us IS NOT NULL
+    GROUP BY job_id, b;
+INSERT INTO run_time_buckets (job_id, bucket, count, sum_us)
+    SELECT 0, bucket, sum(count), sum(sum_us) FROM run_time_buckets GROUP BY bucket;
 ";
 
 /// Opens the writing connection: WAL, settings, schema up to date, workers

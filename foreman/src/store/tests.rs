@@ -626,7 +626,13 @@ fn a_version_1_database_is_migrated_and_keeps_its_data() {
                  wasmtime_version, engine_hash, online, first_seen_ms, last_seen_ms)
              VALUES ('w', 'pc', 'linux', 'x86_64', 4, 8, 4, '48', 'e', 1, 1, 2);
              INSERT INTO worker_failures VALUES (1, 1, 1, 0, 'Trap', 'boom', 7);
-             INSERT INTO worker_failures VALUES (2, 1, 1, 0, 'Cancelled', 'job cancelled', 8);",
+             INSERT INTO worker_failures VALUES (2, 1, 1, 0, 'Cancelled', 'job cancelled', 8);
+             INSERT INTO attempts (id, job_id, idx, worker_id, started_at_ms, ended_at_ms,
+                 outcome_kind, run_us)
+             VALUES (1, 1, 0, 1, 1, 2, 'Trap', 5), (2, 1, 0, 1, 1, 2, NULL, 1500),
+                 (3, 1, 0, 1, 1, 2, NULL, 3), (4, 1, 0, 1, 1, 2, NULL, 1000),
+                 (5, 1, 0, 1, 1, 2, NULL, 200000000), (6, 1, 0, 1, 1, 2, NULL, -1),
+                 (7, 1, 0, 1, 1, NULL, NULL, NULL);",
         )
         .unwrap();
         tx.commit().unwrap();
@@ -656,6 +662,15 @@ fn a_version_1_database_is_migrated_and_keeps_its_data() {
     let failures = store.worker_failures(1, 10).unwrap();
     assert_eq!(failures.len(), 1);
     assert_eq!(failures[0].kind, FailureKind::Trap);
+    // The run-time histogram is filled from the attempts so far.
+    let grid = store.run_time_histogram().unwrap();
+    let scan = store.read(|conn| views::run_time_histogram_scan(conn, None));
+    assert_eq!(grid, scan.unwrap());
+    assert_eq!(grid.counts[0], 2);
+    assert_eq!(grid.counts[1], 1);
+    assert_eq!(grid.counts[18], 2);
+    let job = store.read(|conn| views::run_time_histogram(conn, Some(1)));
+    assert_eq!(job.unwrap(), grid);
     drop(store);
     let conn = rusqlite::Connection::open(&path).unwrap();
     let version: i64 = conn
@@ -847,4 +862,128 @@ fn worker_failures_newest_first_without_cancellations() {
     // All three are within the last ten minutes.
     let row = store.worker(w).unwrap().unwrap();
     assert_eq!((row.recent_failures, row.tasks_failed), (3, 3));
+}
+
+/// The histogram table agrees with the scan of every attempt it replaced:
+/// across batches, for each job and the grid, with failures, abandoned and
+/// running attempts left out and a rejected record in a batch.
+#[test]
+fn run_time_buckets_match_a_scan_of_the_attempts() {
+    let (_dir, store) = open_temp();
+    store.put_module(&MODULE, b"wasm").unwrap();
+    let w = store.upsert_worker(&worker("w1", "pc1")).unwrap();
+    let run_times: [u64; 12] = [
+        0,
+        1,
+        999,
+        1_000,
+        1_001,
+        2_000,
+        65_536_000,
+        131_072_000,
+        131_072_001,
+        500_000_000,
+        u64::MAX,
+        3,
+    ];
+    let jobs: Vec<JobId> = (0..2)
+        .map(|_| {
+            store
+                .create_job(new_job(args(run_times.len() + 2)))
+                .unwrap()
+                .id
+        })
+        .collect();
+    let mut attempt = 0;
+    for (j, &job) in jobs.iter().enumerate() {
+        for (task, &run_us) in run_times.iter().enumerate().skip(j) {
+            attempt += 1;
+            let mut r = report(Ok(format!("{task}")), 5);
+            r.timings.run_us = run_us;
+            let task = task as TaskIndex;
+            let mut batch = vec![
+                started(job, task, attempt, w),
+                Record::AttemptEnded {
+                    job,
+                    task,
+                    attempt,
+                    worker: w,
+                    report: Box::new(r),
+                    task_state: TaskState::Succeeded,
+                },
+            ];
+            if task.is_multiple_of(3) {
+                // Rejected: the batch is redone record by record.
+                batch.push(started(job, 999, attempt + 1000, w));
+            }
+            store.record_all(batch);
+            if task.is_multiple_of(4) {
+                let _ = store.flush();
+            }
+        }
+        // A failure with a run time, an abandoned attempt, a running one.
+        let n = run_times.len() as TaskIndex;
+        let mut failed = report(Err(Failure::new(FailureKind::Trap, "boom")), 5);
+        failed.timings.run_us = 1_500;
+        store.record_all(vec![
+            started(job, n, attempt + 100, w),
+            Record::AttemptEnded {
+                job,
+                task: n,
+                attempt: attempt + 100,
+                worker: w,
+                report: Box::new(failed),
+                task_state: TaskState::Failed,
+            },
+            started(job, n + 1, attempt + 200, w),
+            Record::AttemptAbandoned {
+                job,
+                task: n + 1,
+                attempt: attempt + 200,
+                worker: w,
+                failure: Failure::new(FailureKind::WorkerLost, "gone"),
+                task_state: TaskState::Queued,
+            },
+            started(job, n + 1, attempt + 300, w),
+        ]);
+        attempt += 400;
+    }
+    let _ = store.flush();
+
+    let scan = |job| store.read(move |conn| views::run_time_histogram_scan(conn, job));
+    let grid = store.run_time_histogram().unwrap();
+    assert_eq!(grid, scan(None).unwrap());
+    // By hand: 0, 1, 999, 1000 and 3 µs twice less job 1's 0 µs: bucket 0.
+    assert_eq!(grid.counts[0], 9);
+    assert_eq!(grid.counts[1], 4, "1001 and 2000 µs, twice");
+    assert_eq!(grid.counts[16], 2, "65.536 s");
+    assert_eq!(grid.counts[17], 2, "131.072 s");
+    assert_eq!(grid.counts[18], 6, "past the last bound");
+    assert_eq!(grid.counts.iter().sum::<u64>(), 23);
+    for &job in &jobs {
+        let table = store.read(move |conn| views::run_time_histogram(conn, Some(job)));
+        assert_eq!(table.unwrap(), scan(Some(job)).unwrap());
+        let summary = store.job_summary(job).unwrap().unwrap();
+        let counts: Vec<u64> = summary.latency_ms.iter().map(|b| b.count).collect();
+        assert_eq!(counts, scan(Some(job)).unwrap().counts);
+    }
+    assert_ne!(
+        store.job_summary(jobs[0]).unwrap().unwrap().latency_ms,
+        store.job_summary(jobs[1]).unwrap().unwrap().latency_ms
+    );
+}
+
+/// V2 fills `run_time_buckets` with SQL of its own: its bounds must be
+/// `LATENCY_BUCKETS_MS`, and its last bucket the unbounded one.
+#[test]
+fn the_migration_buckets_run_times_as_the_writer_does() {
+    let v2 = schema::MIGRATIONS[1];
+    for (i, le) in LATENCY_BUCKETS_MS.iter().enumerate() {
+        let when = format!("WHEN run_us <= {} THEN {i}\n", le * 1000);
+        assert!(v2.contains(&when), "{when}");
+    }
+    let last = LATENCY_BUCKETS_MS.len();
+    assert!(v2.contains(&format!("WHEN run_us < 0 THEN {last}\n")));
+    assert!(v2.contains(&format!("ELSE {last} END")));
+    assert_eq!(views::latency_bucket(u64::MAX), last);
 }
