@@ -27,7 +27,7 @@ use std::thread::JoinHandle;
 
 use rusqlite::Connection;
 use serde::Serialize;
-use wasmgrid_protocol::wire::{AttemptId, Load, ModuleHash, WorkerInfo};
+use wasmgrid_protocol::wire::{Load, ModuleHash, WorkerInfo};
 use wasmgrid_protocol::{Failure, FailureKind, TaskLimits};
 
 use crate::model::{JobId, JobSpec, JobState, Record, Scheduler, TaskIndex, TaskState, WorkerId};
@@ -146,7 +146,7 @@ pub struct UnfinishedJob {
 /// Failures within this window count as a worker's `recent_failures`.
 pub const RECENT_FAILURES_WINDOW_MS: u64 = 10 * 60 * 1000;
 
-/// Largest page [`Store::worker_failures`] returns.
+/// Largest page [`Store::failures`] returns.
 pub const MAX_FAILURES_PAGE: u64 = 1000;
 
 /// A worker as the API shows it: what it said at join, flattened, then what
@@ -202,17 +202,6 @@ impl WorkerRow {
             fuel_used: 0,
         }
     }
-}
-
-/// One failed attempt on a worker (cancellations are not failures).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
-pub struct WorkerFailureRow {
-    pub attempt: AttemptId,
-    pub job: JobId,
-    pub task: TaskIndex,
-    pub kind: FailureKind,
-    pub message: String,
-    pub at_ms: u64,
 }
 
 /// A handle on the store; clones share one writer thread and reader pool.
@@ -443,16 +432,6 @@ impl Store {
     pub fn worker(&self, id: WorkerId) -> Result<Option<WorkerRow>, StoreError> {
         self.read(|conn| queries::workers(conn, Some(id)))
             .map(|rows| rows.into_iter().next())
-    }
-
-    /// The worker's failed attempts, newest first; `limit` is capped at
-    /// [`MAX_FAILURES_PAGE`]. `UnknownWorker` if it was never registered.
-    pub fn worker_failures(
-        &self,
-        worker: WorkerId,
-        limit: u64,
-    ) -> Result<Vec<WorkerFailureRow>, StoreError> {
-        self.read(|conn| queries::worker_failures(conn, worker, limit.min(MAX_FAILURES_PAGE)))
     }
 
     /// The grid at a glance (see [`Stats`]).

@@ -12,8 +12,7 @@ use wasmgrid_protocol::{Failure, TaskLimits};
 
 use super::schema::{self, from_sql, now_ms, to_sql, u32_from_sql};
 use super::{
-    JobRow, NewJob, StoreError, TaskOutcomeRow, UnfinishedJob, WorkerFailureRow, WorkerRow,
-    RECENT_FAILURES_WINDOW_MS,
+    JobRow, NewJob, StoreError, TaskOutcomeRow, UnfinishedJob, WorkerRow, RECENT_FAILURES_WINDOW_MS,
 };
 use crate::model::{JobId, JobSpec, JobState, WorkerId};
 
@@ -355,43 +354,6 @@ pub(super) fn workers(
             recent_failures: u32_from_sql(row.get(26)?)?,
         });
     }
-    Ok(out)
-}
-
-/// Newest first; ties (one batch) by attempt, newest first too.
-pub(super) fn worker_failures(
-    conn: &mut Connection,
-    worker: WorkerId,
-    limit: u64,
-) -> Result<Vec<WorkerFailureRow>, StoreError> {
-    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let tx = conn.transaction()?;
-    let known = tx
-        .prepare_cached("SELECT 1 FROM workers WHERE id = ?1")?
-        .query_row([to_sql(worker)], |_| Ok(()))
-        .optional()?;
-    if known.is_none() {
-        return Err(StoreError::UnknownWorker(worker));
-    }
-    let mut out = Vec::new();
-    {
-        let mut stmt = tx.prepare_cached(
-            "SELECT attempt, job_id, idx, kind, message, at_ms FROM worker_failures
-             WHERE worker_id = ?1 ORDER BY at_ms DESC, attempt DESC LIMIT ?2",
-        )?;
-        let mut rows = stmt.query(params![to_sql(worker), limit])?;
-        while let Some(row) = rows.next()? {
-            out.push(WorkerFailureRow {
-                attempt: from_sql(row.get(0)?),
-                job: from_sql(row.get(1)?),
-                task: u32_from_sql(row.get(2)?)?,
-                kind: schema::failure_kind(required_text(row, 3)?)?,
-                message: row.get(4)?,
-                at_ms: from_sql(row.get(5)?),
-            });
-        }
-    }
-    tx.finish()?;
     Ok(out)
 }
 

@@ -659,7 +659,7 @@ fn a_version_1_database_is_migrated_and_keeps_its_data() {
     assert!(!w.online && !w.draining);
     assert_eq!((w.cooldown_until_ms, w.load), (None, Load::default()));
     // Cancellations were never the worker's failures.
-    let failures = store.worker_failures(1, 10).unwrap();
+    let failures = store.failures(Some(1), None, 0, 10).unwrap();
     assert_eq!(failures.len(), 1);
     assert_eq!(failures[0].kind, FailureKind::Trap);
     // The run-time histogram is filled from the attempts so far.
@@ -834,7 +834,7 @@ fn worker_failures_newest_first_without_cancellations() {
     ]);
     store.flush().unwrap();
 
-    let failures = store.worker_failures(w, 100).unwrap();
+    let failures = store.failures(Some(w), None, 0, 100).unwrap();
     let seen: Vec<(u64, TaskIndex, FailureKind)> = failures
         .iter()
         .map(|f| (f.attempt, f.task, f.kind))
@@ -852,11 +852,11 @@ fn worker_failures_newest_first_without_cancellations() {
         (failures[1].job, failures[1].message.as_str()),
         (job, "second")
     );
-    assert_eq!(store.worker_failures(w, 1).unwrap().len(), 1);
-    assert!(store.worker_failures(w, 0).unwrap().is_empty());
-    assert_eq!(store.worker_failures(other, 100).unwrap().len(), 1);
+    assert_eq!(store.failures(Some(w), None, 0, 1).unwrap().len(), 1);
+    assert!(store.failures(Some(w), None, 0, 0).unwrap().is_empty());
+    assert_eq!(store.failures(Some(other), None, 0, 100).unwrap().len(), 1);
     assert!(matches!(
-        store.worker_failures(99, 10),
+        store.failures(Some(99), None, 0, 10),
         Err(StoreError::UnknownWorker(99))
     ));
     // All three are within the last ten minutes.
