@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use wasmgrid_protocol::wire::AttemptId;
 use wasmgrid_protocol::{Failure, FailureKind, TaskLimits};
 
-use super::{retry_state, Command, Core};
+use super::{Command, Core};
 use crate::model::{JobId, Record, TaskIndex, TaskState, WorkerId};
 
 /// When the core gives up on an attempt or on a worker.
@@ -110,31 +110,16 @@ impl Core {
             worker: held.worker,
             attempts: vec![attempt],
         });
-        let Some(job) = self.jobs.get_mut(&held.job) else {
+        let failure = Failure::new(
+            FailureKind::Timeout,
+            format!(
+                "worker {} did not report within the task's lease",
+                held.worker
+            ),
+        );
+        let Some(next) = self.abandon_running(held, attempt, failure) else {
             return;
         };
-        let Some(task) = job.tasks.get_mut(held.task as usize) else {
-            return;
-        };
-        task.current = None;
-        let next = retry_state(task.attempts, job.spec.max_retries);
-        task.state = next;
-        job.progress.move_task(TaskState::Running, next);
-        self.commands
-            .push_back(Command::Record(Record::AttemptAbandoned {
-                job: held.job,
-                task: held.task,
-                attempt,
-                worker: held.worker,
-                failure: Failure::new(
-                    FailureKind::Timeout,
-                    format!(
-                        "worker {} did not report within the task's lease",
-                        held.worker
-                    ),
-                ),
-                task_state: next,
-            }));
         self.infrastructure_failure(held.worker);
         if next == TaskState::Queued {
             self.queued += 1;

@@ -80,7 +80,6 @@ use wasmgrid_protocol::{Failure, FailureKind};
 
 use crate::model::{JobId, JobSpec, JobState, Record, TaskIndex, TaskState, WorkerId};
 pub use health::HealthPolicy;
-use outcome::retry_state;
 use pool::Pool;
 pub use pool::WorkerSpec;
 use queue::{JobOrder, JobQueue};

@@ -53,6 +53,38 @@ impl Core {
         }
     }
 
+    /// Ends `attempt`, no longer live, without a report (its worker left or
+    /// its lease ran out) if it was still its task's current attempt: the
+    /// task is queued again or, out of retries, failed; the record is
+    /// emitted. The caller requeues or finishes. `None` when the attempt had
+    /// already been superseded.
+    pub(super) fn abandon_running(
+        &mut self,
+        held: Held,
+        attempt: AttemptId,
+        failure: Failure,
+    ) -> Option<TaskState> {
+        let job = self.jobs.get_mut(&held.job)?;
+        let task = job.tasks.get_mut(held.task as usize)?;
+        if task.current != Some(attempt) {
+            return None;
+        }
+        task.current = None;
+        let next = retry_state(task.attempts, job.spec.max_retries);
+        task.state = next;
+        job.progress.move_task(TaskState::Running, next);
+        self.commands
+            .push_back(Command::Record(Record::AttemptAbandoned {
+                job: held.job,
+                task: held.task,
+                attempt,
+                worker: held.worker,
+                failure,
+                task_state: next,
+            }));
+        Some(next)
+    }
+
     /// The report of the attempt running the task now.
     fn finish_live(&mut self, held: Held, attempt: AttemptId, report: TaskReport) {
         let Some(job) = self.jobs.get_mut(&held.job) else {
@@ -180,7 +212,7 @@ impl Core {
 
 /// A task whose attempt ended with a retryable failure: queued again while
 /// it has used at most `max_retries + 1` attempts, failed after that.
-pub(super) fn retry_state(attempts: u32, max_retries: u32) -> TaskState {
+fn retry_state(attempts: u32, max_retries: u32) -> TaskState {
     if attempts <= max_retries {
         TaskState::Queued
     } else {

@@ -5,7 +5,7 @@ use wasmgrid_protocol::wire::AttemptId;
 use wasmgrid_protocol::{Failure, FailureKind};
 
 use super::pool::WorkerSpec;
-use super::{retry_state, Command, Core};
+use super::{Command, Core};
 use crate::model::{Record, TaskState, WorkerId};
 
 impl Core {
@@ -44,37 +44,20 @@ impl Core {
                 continue;
             };
             self.lost.insert(attempt, h);
-            let Some(job) = self.jobs.get_mut(&h.job) else {
-                continue;
-            };
-            job.lost.push(attempt);
-            let Some(task) = job.tasks.get_mut(h.task as usize) else {
-                continue;
-            };
-            if task.current != Some(attempt) {
-                continue;
+            if let Some(job) = self.jobs.get_mut(&h.job) {
+                job.lost.push(attempt);
             }
-            task.current = None;
-            let next = retry_state(task.attempts, job.spec.max_retries);
-            task.state = next;
-            job.progress.move_task(TaskState::Running, next);
-            self.commands
-                .push_back(Command::Record(Record::AttemptAbandoned {
-                    job: h.job,
-                    task: h.task,
-                    attempt,
-                    worker,
-                    failure: Failure::new(
-                        FailureKind::WorkerLost,
-                        format!("worker {worker} went away"),
-                    ),
-                    task_state: next,
-                }));
-            if next == TaskState::Queued {
-                requeue.push((h.job, h.task));
-                self.queued += 1;
-            } else {
-                self.maybe_finish(h.job);
+            let failure = Failure::new(
+                FailureKind::WorkerLost,
+                format!("worker {worker} went away"),
+            );
+            match self.abandon_running(h, attempt, failure) {
+                Some(TaskState::Queued) => {
+                    requeue.push((h.job, h.task));
+                    self.queued += 1;
+                }
+                Some(_) => self.maybe_finish(h.job),
+                None => {}
             }
         }
         if !requeue.is_empty() {
