@@ -35,7 +35,7 @@ impl Attempts {
     }
 
     /// Holds a new attempt; returns the flag that cancels it and the state
-    /// that lets it be taken back, both for [`crate::executor::SlotPool::submit_tracked`].
+    /// that lets it be taken back, both for [`crate::executor::Tracking`].
     pub fn add(&self, attempt: AttemptId) -> (CancelFlag, TaskState) {
         let held = Held {
             cancel: CancelFlag::default(),
@@ -132,7 +132,7 @@ mod tests {
 
     use super::*;
     use crate::executor::test_support::{executor, patient_limits, test_task, SPIN};
-    use crate::executor::SlotPool;
+    use crate::executor::{SlotPool, Tracking};
 
     const PATIENCE: Duration = Duration::from_secs(60);
 
@@ -153,8 +153,7 @@ mod tests {
                 load,
                 args.into(),
                 patient_limits(),
-                cancel,
-                state,
+                Tracking::new(cancel, state),
                 move |report| {
                     let _ = tx.send((attempt, report));
                     held.finished(attempt, &mine);

@@ -450,7 +450,7 @@ async fn run_batch(
             })
         };
         let status = status.clone();
-        pool.submit_watched(
+        pool.submit_tracked(
             task,
             load,
             assignment.args,

@@ -73,6 +73,16 @@ pub struct Tracking {
     pub on_start: Option<StartHook>,
 }
 
+impl Tracking {
+    pub fn new(cancel: CancelFlag, state: TaskState) -> Self {
+        Tracking {
+            cancel,
+            state,
+            on_start: None,
+        }
+    }
+}
+
 pub struct SlotPool {
     jobs: Option<crossbeam_channel::Sender<Job>>,
     threads: Vec<thread::JoinHandle<()>>,
@@ -151,56 +161,23 @@ impl SlotPool {
         limits: TaskLimits,
         reply: impl FnOnce(TaskReport) + Send + 'static,
     ) {
-        self.submit_cancellable(task, load, args, limits, None, reply);
-    }
-
-    /// Like [`SlotPool::submit`]; setting `cancel` skips the task if it has
-    /// not started and stops it within an epoch tick if it has.
-    pub fn submit_cancellable(
-        &self,
-        task: Arc<PreparedTask>,
-        load: Load,
-        args: String,
-        limits: TaskLimits,
-        cancel: Option<CancelFlag>,
-        reply: impl FnOnce(TaskReport) + Send + 'static,
-    ) {
         self.enqueue(Job {
             task,
             load,
             args,
             limits,
-            cancel,
+            cancel: None,
             state: None,
             on_start: None,
             reply: Box::new(reply),
         });
     }
 
-    /// Like [`SlotPool::submit_cancellable`], and the task can be taken back
-    /// through `state` until a slot starts it; a task taken back is dropped
-    /// with its `reply` uncalled.
-    #[allow(clippy::too_many_arguments)]
+    /// Like [`SlotPool::submit`], and: setting the cancel flag skips the task
+    /// if it has not started and stops it within an epoch tick if it has; the
+    /// task can be taken back through its state until a slot starts it (then
+    /// it is dropped with `reply` uncalled); `on_start` tells when it starts.
     pub fn submit_tracked(
-        &self,
-        task: Arc<PreparedTask>,
-        load: Load,
-        args: String,
-        limits: TaskLimits,
-        cancel: CancelFlag,
-        state: TaskState,
-        reply: impl FnOnce(TaskReport) + Send + 'static,
-    ) {
-        let tracking = Tracking {
-            cancel,
-            state,
-            on_start: None,
-        };
-        self.submit_watched(task, load, args, limits, tracking, reply);
-    }
-
-    /// Like [`SlotPool::submit_tracked`], and also tells when a slot starts the task.
-    pub fn submit_watched(
         &self,
         task: Arc<PreparedTask>,
         load: Load,
@@ -287,8 +264,7 @@ mod tests {
                 load,
                 args.into(),
                 patient_limits(),
-                cancel,
-                state,
+                Tracking::new(cancel, state),
                 move |report| {
                     let _ = tx.send((i, report));
                 },
@@ -351,7 +327,7 @@ mod tests {
                     let _ = started.send((i, "started"));
                 })),
             };
-            pool.submit_watched(
+            pool.submit_tracked(
                 task.clone(),
                 load,
                 args.into(),
@@ -369,8 +345,7 @@ mod tests {
             load,
             SPIN.into(),
             patient_limits(),
-            spinner.clone(),
-            spin_state.clone(),
+            Tracking::new(spinner.clone(), spin_state.clone()),
             |_| {},
         );
         let queued = TaskState::new();
@@ -400,8 +375,7 @@ mod tests {
                     load,
                     "[]".into(),
                     patient_limits(),
-                    CancelFlag::default(),
-                    state.clone(),
+                    Tracking::new(CancelFlag::default(), state.clone()),
                     move |report| {
                         let _ = tx.send((i, report));
                     },
