@@ -121,11 +121,11 @@ pub(super) fn render(
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{app_state, call, get, worker_info};
+    use super::super::tests::{app_state, call, get, worker_and_job};
     use crate::model::{JobState, Record, Scheduler, TaskState};
-    use crate::store::{NewJob, WorkerRow, LATENCY_BUCKETS_MS};
+    use crate::store::LATENCY_BUCKETS_MS;
     use axum::http::StatusCode;
-    use wasmgrid_protocol::{Failure, FailureKind, TaskLimits, TaskReport, TaskTimings};
+    use wasmgrid_protocol::{Failure, FailureKind, TaskReport, TaskTimings};
 
     /// `/metrics` and the job's summary read the same run-time buckets and
     /// give what the scan of the attempts gave: 3 µs and 1.5 ms succeeded,
@@ -134,23 +134,7 @@ mod tests {
     async fn metrics_and_summary_share_the_run_time_histogram() {
         let (_dir, state) = app_state(1 << 20, Scheduler::Fifo).await;
         let store = state.store.clone();
-        let worker = store
-            .upsert_worker(&WorkerRow::joining(&worker_info("w")))
-            .unwrap();
-        store.put_module(&[9; 32], b"wasm").unwrap();
-        let job = store
-            .create_job(NewJob {
-                module: [9; 32],
-                limits: TaskLimits::default(),
-                max_retries: 0,
-                priority: 0,
-                scheduler: Scheduler::Fifo,
-                not_before_ms: None,
-                retry_deterministic: false,
-                args: vec!["[0]".into(), "[1]".into(), "[2]".into()],
-            })
-            .unwrap()
-            .id;
+        let (worker, job) = worker_and_job(&store, 3);
         let mut records = vec![Record::JobStateChanged {
             job,
             state: JobState::Running,

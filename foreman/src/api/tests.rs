@@ -125,6 +125,28 @@ pub(super) fn error_of(json: &serde_json::Value) -> (&str, &str) {
     )
 }
 
+/// A registered worker "w" and a stored fifo job of `tasks` tasks (`[0]`, `[1]`, ...).
+pub(super) fn worker_and_job(store: &crate::store::Store, tasks: u32) -> (WorkerId, JobId) {
+    let worker = store
+        .upsert_worker(&crate::store::WorkerRow::joining(&worker_info("w")))
+        .unwrap();
+    store.put_module(&[9; 32], b"wasm").unwrap();
+    let job = store
+        .create_job(NewJob {
+            module: [9; 32],
+            limits: TaskLimits::default(),
+            max_retries: 0,
+            priority: 0,
+            scheduler: Scheduler::Fifo,
+            not_before_ms: None,
+            retry_deterministic: false,
+            args: (0..tasks).map(|i| format!("[{i}]")).collect(),
+        })
+        .unwrap()
+        .id;
+    (worker, job)
+}
+
 pub(super) fn worker_info(name: &str) -> wasmgrid_protocol::wire::WorkerInfo {
     wasmgrid_protocol::wire::WorkerInfo {
         name: name.into(),
@@ -208,23 +230,7 @@ async fn jobs_take_the_named_scheduler_or_the_foremans_default_and_not_before() 
 async fn worker_failures_are_listed_newest_first_and_bad_requests_named() {
     let (_dir, state) = app_state(1 << 20, Scheduler::Fifo).await;
     let store = state.store.clone();
-    let worker = store
-        .upsert_worker(&crate::store::WorkerRow::joining(&worker_info("w")))
-        .unwrap();
-    store.put_module(&[9; 32], b"wasm").unwrap();
-    let job = store
-        .create_job(NewJob {
-            module: [9; 32],
-            limits: TaskLimits::default(),
-            max_retries: 0,
-            priority: 0,
-            scheduler: Scheduler::Fifo,
-            not_before_ms: None,
-            retry_deterministic: false,
-            args: vec!["[0]".into(), "[1]".into()],
-        })
-        .unwrap()
-        .id;
+    let (worker, job) = worker_and_job(&store, 2);
     for (attempt, task) in [(1u64, 0u32), (2, 1)] {
         store.record_all([
             crate::model::Record::AttemptStarted {

@@ -1,12 +1,12 @@
 //! The dashboard's endpoints: stats, task pages, summaries, workers' status,
 //! failures across workers, and their parameters.
 
-use super::tests::{app_state, call, error_of, get, worker_info};
+use super::tests::{app_state, call, error_of, get, worker_and_job, worker_info};
 use super::*;
 use crate::model::{JobState, Record, TaskState, WorkerId};
-use crate::store::{NewJob, WorkerRow};
+use crate::store::WorkerRow;
 use wasmgrid_protocol::{
-    CacheSource, CapturedOutput, Failure, FailureKind, TaskLimits, TaskReport, TaskTimings,
+    CacheSource, CapturedOutput, Failure, FailureKind, TaskReport, TaskTimings,
 };
 
 fn report(outcome: Result<String, Failure>, run_us: u64) -> Box<TaskReport> {
@@ -43,23 +43,7 @@ struct Grid {
 async fn grid() -> Grid {
     let (dir, state) = app_state(1 << 20, Scheduler::Fifo).await;
     let store = state.store.clone();
-    let worker = store
-        .upsert_worker(&WorkerRow::joining(&worker_info("w")))
-        .unwrap();
-    store.put_module(&[9; 32], b"wasm").unwrap();
-    let job = store
-        .create_job(NewJob {
-            module: [9; 32],
-            limits: TaskLimits::default(),
-            max_retries: 0,
-            priority: 0,
-            scheduler: Scheduler::Fifo,
-            not_before_ms: None,
-            retry_deterministic: false,
-            args: (0..4).map(|i| format!("[{i}]")).collect(),
-        })
-        .unwrap()
-        .id;
+    let (worker, job) = worker_and_job(&store, 4);
     let trap = Failure::new(FailureKind::Trap, "unreachable");
     let outcomes = [
         (0, Ok("{\"n\": 0}".to_owned()), 1_500),
