@@ -53,6 +53,24 @@ impl Core {
         }
     }
 
+    fn record_ended(
+        &mut self,
+        held: Held,
+        attempt: AttemptId,
+        report: TaskReport,
+        next: TaskState,
+    ) {
+        self.commands
+            .push_back(Command::Record(Record::AttemptEnded {
+                job: held.job,
+                task: held.task,
+                attempt,
+                worker: held.worker,
+                report: Box::new(report),
+                task_state: next,
+            }));
+    }
+
     /// Ends `attempt`, no longer live, without a report (its worker left or
     /// its lease ran out) if it was still its task's current attempt: the
     /// task is queued again or, out of retries, failed; the record is
@@ -103,15 +121,7 @@ impl Core {
         };
         task.state = next;
         job.progress.move_task(TaskState::Running, next);
-        self.commands
-            .push_back(Command::Record(Record::AttemptEnded {
-                job: held.job,
-                task: held.task,
-                attempt,
-                worker: held.worker,
-                report: Box::new(report),
-                task_state: next,
-            }));
+        self.record_ended(held, attempt, report, next);
         if next == TaskState::Queued {
             self.queued += 1;
             self.requeue_front(held.job, held.task);
@@ -169,15 +179,7 @@ impl Core {
                 });
             }
         }
-        self.commands
-            .push_back(Command::Record(Record::AttemptEnded {
-                job: held.job,
-                task: held.task,
-                attempt,
-                worker: held.worker,
-                report: Box::new(report),
-                task_state: next,
-            }));
+        self.record_ended(held, attempt, report, next);
         self.maybe_finish(held.job);
     }
 
