@@ -25,6 +25,9 @@ pub const SLOT_THREAD_STACK: usize = 8 << 20;
 pub enum Metering {
     Fuel,
     WallClockOnly,
+    /// No fuel and no epoch checks: nothing stops a runaway guest. Only for
+    /// measuring what the interruption checks cost (the benchmark's floor).
+    Unbounded,
 }
 
 /// Memory per pooled slot reset in place rather than returned to the kernel:
@@ -62,7 +65,7 @@ pub fn new_engine(metering: Metering, concurrency: u32) -> wasmtime::Result<Engi
     config
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
         .consume_fuel(metering == Metering::Fuel)
-        .epoch_interruption(true)
+        .epoch_interruption(metering != Metering::Unbounded)
         .max_wasm_stack(MAX_WASM_STACK)
         .cranelift_opt_level(OptLevel::Speed);
     Engine::new(&config)
