@@ -5,13 +5,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use wasmgrid_foreman::api::JobOptions;
 use wasmgrid_foreman::client::{self, Client, SubmitOptions};
 use wasmgrid_foreman::core::HealthPolicy;
 use wasmgrid_foreman::model::Scheduler;
 use wasmgrid_foreman::serve::{serve, ServeOptions};
-use wasmgrid_protocol::TaskLimits;
+use wasmgrid_jobspec::SubmitLimits;
 use wasmgrid_worker::cli_io::LogFormat;
 
 #[derive(Parser)]
@@ -44,6 +45,25 @@ enum Command {
         /// Largest job upload (module and args together), in MiB.
         #[arg(long, value_name = "MIB", default_value_t = 256)]
         max_upload_mib: usize,
+        /// Largest module a job may have (its wasm bytes), in MiB.
+        #[arg(long, value_name = "MIB", default_value_t = SubmitLimits::DEFAULT_MAX_MODULE_MIB)]
+        max_module_mib: u64,
+        /// Largest args JSON a job may have (all tasks together), in MiB.
+        #[arg(long, value_name = "MIB", default_value_t = SubmitLimits::DEFAULT_MAX_ARGS_MIB)]
+        max_args_mib: u64,
+        /// Most tasks in one job.
+        #[arg(long, value_name = "N", default_value_t = SubmitLimits::DEFAULT_MAX_TASKS_PER_JOB)]
+        max_tasks_per_job: u64,
+        /// Most fuel a job may give each task (a job asking none gets
+        /// the default, lowered to this).
+        #[arg(long, value_name = "N", default_value_t = SubmitLimits::DEFAULT_MAX_FUEL)]
+        max_fuel: u64,
+        /// Most memory a job may give each task, in MiB.
+        #[arg(long, value_name = "MIB", default_value_t = SubmitLimits::DEFAULT_MAX_MEMORY_MIB)]
+        max_memory_mib: u64,
+        /// Longest timeout a job may give each task, in seconds.
+        #[arg(long, value_name = "SECS", default_value_t = SubmitLimits::DEFAULT_MAX_TIMEOUT_SECS)]
+        max_timeout: f64,
         /// A worker silent this long is offline and its tasks are requeued.
         #[arg(long, value_name = "SECS", default_value_t = 15.0)]
         heartbeat_timeout: f64,
@@ -68,12 +88,15 @@ enum Command {
         args: PathBuf,
         #[arg(long, default_value = DEFAULT_FOREMAN)]
         foreman: String,
-        #[arg(long, default_value_t = TaskLimits::DEFAULT_FUEL)]
-        fuel: u64,
-        #[arg(long, value_name = "MIB", default_value_t = TaskLimits::DEFAULT_MEMORY_MIB)]
-        memory: u64,
-        #[arg(long, value_name = "SECS", default_value_t = TaskLimits::DEFAULT_TIMEOUT_SECS as f64)]
-        timeout: f64,
+        /// Per task (default: the foreman's, 10000000000 unless capped lower).
+        #[arg(long)]
+        fuel: Option<u64>,
+        /// Per task (default: the foreman's, 256 unless capped lower).
+        #[arg(long, value_name = "MIB")]
+        memory: Option<u64>,
+        /// Per task (default: the foreman's, 60 unless capped lower).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<f64>,
         #[arg(long, default_value_t = 3)]
         retries: u32,
         #[arg(long, default_value_t = 0)]
@@ -169,6 +192,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             http,
             local_workers,
             max_upload_mib,
+            max_module_mib,
+            max_args_mib,
+            max_tasks_per_job,
+            max_fuel,
+            max_memory_mib,
+            max_timeout,
             heartbeat_timeout,
             scheduler,
             cooldown_after,
@@ -187,6 +216,23 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 );
                 Ok((secs * 1000.0) as u64)
             };
+            anyhow::ensure!(
+                max_timeout.is_finite() && max_timeout > 0.0,
+                "--max-timeout must be a positive number of seconds"
+            );
+            let mib = |name: &str, n: u64| -> anyhow::Result<u64> {
+                n.checked_mul(1 << 20)
+                    .with_context(|| format!("--{name} is too large"))
+            };
+            let submit_limits = SubmitLimits {
+                max_module_bytes: mib("max-module-mib", max_module_mib)?,
+                max_args_bytes: mib("max-args-mib", max_args_mib)?,
+                max_tasks_per_job,
+                max_fuel,
+                max_memory_mib,
+                max_timeout_secs: max_timeout,
+            };
+            mib("max-memory-mib", max_memory_mib)?;
             let health = HealthPolicy {
                 lease_slack_ms: millis("lease-slack", lease_slack)?,
                 cooldown_after,
@@ -200,6 +246,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 http,
                 local_workers,
                 max_upload_bytes: max_upload_mib.saturating_mul(1 << 20),
+                submit_limits,
                 heartbeat_timeout: std::time::Duration::from_secs_f64(heartbeat_timeout),
                 default_scheduler: scheduler,
                 health,
