@@ -376,8 +376,9 @@ fn cancelling_a_job_stops_its_running_tasks_on_the_worker() {
         "submit",
         module,
         args_path,
+        // The foreman's default cap (foreman serve --max-fuel): hours of spinning.
         "--fuel",
-        "18446744073709551615",
+        "10000000000000",
         "--timeout",
         "600",
         "--detach",

@@ -12,6 +12,8 @@ mod workers;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_limits;
+#[cfg(test)]
 mod tests_stream;
 #[cfg(test)]
 mod tests_views;
