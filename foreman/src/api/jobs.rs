@@ -83,19 +83,22 @@ pub(super) async fn submit(
         ));
     }
     let submission = parse_submission(&body, &state.submit_limits).map_err(submit_error)?;
-    let hash = match submission.module {
+    // A module validated since start is taken by its hash, uploaded again or not.
+    let known = match &submission.module {
         ModuleRef::Inline {
             sha256: Some(hash), ..
         }
-        | ModuleRef::Stored(hash)
-            if state.validated_size(&hash).is_some() =>
-        {
-            let size = state.validated_size(&hash).unwrap_or(0);
+        | ModuleRef::Stored(hash) => state.validated_size(hash).map(|size| (*hash, size)),
+        ModuleRef::Inline { sha256: None, .. } => None,
+    };
+    let hash = match (known, submission.module) {
+        (Some((hash, size)), _) => {
+            // Stored under an earlier, larger cap: today's cap still applies.
             SubmitError::check_module_size(size, &state.submit_limits).map_err(submit_error)?;
             hash
         }
-        ModuleRef::Inline { wasm, .. } => validate_and_store(&state, wasm).await?,
-        ModuleRef::Stored(hash) => {
+        (None, ModuleRef::Inline { wasm, .. }) => validate_and_store(&state, wasm).await?,
+        (None, ModuleRef::Stored(hash)) => {
             let store = state.store.clone();
             let wasm = tokio::task::spawn_blocking(move || store.module(&hash))
                 .await??
@@ -106,7 +109,6 @@ pub(super) async fn submit(
                         "no module with that sha256 is stored",
                     )
                 })?;
-            // Stored under an earlier, larger cap: today's cap still applies.
             SubmitError::check_module_size(wasm.len() as u64, &state.submit_limits)
                 .map_err(submit_error)?;
             validate_and_store(&state, wasm).await?
