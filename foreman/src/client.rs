@@ -14,6 +14,7 @@ use serde_json::Value;
 use ureq::Agent;
 
 use crate::api::JobOptions;
+use wasmgrid_jobspec::{parse_submission, SubmitLimits};
 
 pub struct Client {
     base: String,
@@ -97,19 +98,8 @@ pub fn submit(client: &Client, options: SubmitOptions) -> anyhow::Result<ExitCod
     });
     let body = serde_json::to_vec(&body)?;
     // Refuse here what the foreman would refuse, while the message can still reach us.
-    if let Some(limit) = client
-        .get("/api/limits")
-        .ok()
-        .and_then(|l| l["max_upload_bytes"].as_u64())
-    {
-        if body.len() as u64 > limit {
-            bail!(
-                "the upload ({:.1} MiB) is larger than the foreman's limit of {} MiB \
-                 (foreman serve --max-upload-mib; the API answers 413)",
-                body.len() as f64 / (1024.0 * 1024.0),
-                limit >> 20
-            );
-        }
+    if let Ok(limits) = client.get("/api/limits") {
+        check_against_limits(&body, &limits)?;
     }
     let submitted = client.post_bytes("/api/jobs", body)?;
     let id = submitted["id"]
@@ -122,6 +112,29 @@ pub fn submit(client: &Client, options: SubmitOptions) -> anyhow::Result<ExitCod
     eprintln!("job {id}: {} tasks", submitted["tasks"]);
     let job = wait(client, id)?;
     print_results(client, id, &job, options.output.as_ref())
+}
+
+/// Refuses, before uploading, a body the foreman's `/api/limits` rules out:
+/// the upload size, then the same parser and caps the foreman applies.
+fn check_against_limits(body: &[u8], limits: &Value) -> anyhow::Result<()> {
+    if let Some(limit) = limits["max_upload_bytes"].as_u64() {
+        if body.len() as u64 > limit {
+            bail!(
+                "the upload ({:.1} MiB) is larger than the foreman's limit of {} MiB \
+                 (foreman serve --max-upload-mib; the API answers 413)",
+                body.len() as f64 / (1024.0 * 1024.0),
+                limit >> 20
+            );
+        }
+    }
+    // A foreman from before the per-job caps lists none: it checks what it has.
+    let Ok(caps) = serde_json::from_value::<SubmitLimits>(limits.clone()) else {
+        return Ok(());
+    };
+    if let Err(error) = parse_submission(body, &caps) {
+        bail!("the foreman would refuse this job: {error}");
+    }
+    Ok(())
 }
 
 /// Polls the job until it ends, with a progress bar on a terminal.

@@ -5,13 +5,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use wasmgrid_foreman::api::JobOptions;
 use wasmgrid_foreman::client::{self, Client, SubmitOptions};
 use wasmgrid_foreman::core::HealthPolicy;
 use wasmgrid_foreman::model::Scheduler;
 use wasmgrid_foreman::serve::{serve, ServeOptions};
-use wasmgrid_protocol::TaskLimits;
+use wasmgrid_jobspec::SubmitLimits;
 use wasmgrid_worker::cli_io::LogFormat;
 
 #[derive(Parser)]
@@ -44,6 +45,8 @@ enum Command {
         /// Largest job upload (module and args together), in MiB.
         #[arg(long, value_name = "MIB", default_value_t = 256)]
         max_upload_mib: usize,
+        #[command(flatten)]
+        caps: CapArgs,
         /// A worker silent this long is offline and its tasks are requeued.
         #[arg(long, value_name = "SECS", default_value_t = 15.0)]
         heartbeat_timeout: f64,
@@ -68,12 +71,15 @@ enum Command {
         args: PathBuf,
         #[arg(long, default_value = DEFAULT_FOREMAN)]
         foreman: String,
-        #[arg(long, default_value_t = TaskLimits::DEFAULT_FUEL)]
-        fuel: u64,
-        #[arg(long, value_name = "MIB", default_value_t = TaskLimits::DEFAULT_MEMORY_MIB)]
-        memory: u64,
-        #[arg(long, value_name = "SECS", default_value_t = TaskLimits::DEFAULT_TIMEOUT_SECS as f64)]
-        timeout: f64,
+        /// Per task (default: the foreman's, 10000000000 unless capped lower).
+        #[arg(long)]
+        fuel: Option<u64>,
+        /// Per task (default: the foreman's, 256 unless capped lower).
+        #[arg(long, value_name = "MIB")]
+        memory: Option<u64>,
+        /// Per task (default: the foreman's, 60 unless capped lower).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<f64>,
         #[arg(long, default_value_t = 3)]
         retries: u32,
         #[arg(long, default_value_t = 0)]
@@ -147,6 +153,52 @@ enum Command {
     },
 }
 
+/// `foreman serve`'s caps on each job, whatever it asks.
+#[derive(clap::Args)]
+struct CapArgs {
+    /// Largest module a job may have (its wasm bytes), in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = SubmitLimits::DEFAULT_MAX_MODULE_MIB)]
+    max_module_mib: u64,
+    /// Largest args JSON a job may have (all tasks together), in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = SubmitLimits::DEFAULT_MAX_ARGS_MIB)]
+    max_args_mib: u64,
+    /// Most tasks in one job.
+    #[arg(long, value_name = "N", default_value_t = SubmitLimits::DEFAULT_MAX_TASKS_PER_JOB)]
+    max_tasks_per_job: u64,
+    /// Most fuel a job may give each task (a job asking none gets the
+    /// default, lowered to this).
+    #[arg(long, value_name = "N", default_value_t = SubmitLimits::DEFAULT_MAX_FUEL)]
+    max_fuel: u64,
+    /// Most memory a job may give each task, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = SubmitLimits::DEFAULT_MAX_MEMORY_MIB)]
+    max_memory_mib: u64,
+    /// Longest timeout a job may give each task, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = SubmitLimits::DEFAULT_MAX_TIMEOUT_SECS)]
+    max_timeout: f64,
+}
+
+impl CapArgs {
+    fn to_limits(&self) -> anyhow::Result<SubmitLimits> {
+        anyhow::ensure!(
+            self.max_timeout.is_finite() && self.max_timeout > 0.0,
+            "--max-timeout must be a positive number of seconds"
+        );
+        let bytes = |name: &str, mib: u64| -> anyhow::Result<u64> {
+            mib.checked_mul(1 << 20)
+                .with_context(|| format!("--{name} is too large"))
+        };
+        bytes("max-memory-mib", self.max_memory_mib)?;
+        Ok(SubmitLimits {
+            max_module_bytes: bytes("max-module-mib", self.max_module_mib)?,
+            max_args_bytes: bytes("max-args-mib", self.max_args_mib)?,
+            max_tasks_per_job: self.max_tasks_per_job,
+            max_fuel: self.max_fuel,
+            max_memory_mib: self.max_memory_mib,
+            max_timeout_secs: self.max_timeout,
+        })
+    }
+}
+
 const DEFAULT_FOREMAN: &str = "http://127.0.0.1:8000";
 
 fn main() -> ExitCode {
@@ -169,6 +221,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             http,
             local_workers,
             max_upload_mib,
+            caps,
             heartbeat_timeout,
             scheduler,
             cooldown_after,
@@ -187,6 +240,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 );
                 Ok((secs * 1000.0) as u64)
             };
+            let submit_limits = caps.to_limits()?;
             let health = HealthPolicy {
                 lease_slack_ms: millis("lease-slack", lease_slack)?,
                 cooldown_after,
@@ -200,6 +254,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 http,
                 local_workers,
                 max_upload_bytes: max_upload_mib.saturating_mul(1 << 20),
+                submit_limits,
                 heartbeat_timeout: std::time::Duration::from_secs_f64(heartbeat_timeout),
                 default_scheduler: scheduler,
                 health,
@@ -295,6 +350,38 @@ mod tests {
         match parse(&["foreman", "serve", "--scheduler", "least-loaded"]) {
             Ok(Command::Serve { scheduler, .. }) => assert_eq!(scheduler, Scheduler::LeastLoaded),
             _ => panic!("serve --scheduler least-loaded"),
+        }
+        match parse(&["foreman", "serve"]) {
+            Ok(Command::Serve { caps, .. }) => {
+                assert_eq!(caps.to_limits().unwrap(), SubmitLimits::default())
+            }
+            _ => panic!("serve without caps"),
+        }
+        match parse(&[
+            "foreman",
+            "serve",
+            "--max-memory-mib",
+            "64",
+            "--max-timeout",
+            "2.5",
+        ]) {
+            Ok(Command::Serve { caps, .. }) => {
+                let limits = caps.to_limits().unwrap();
+                assert_eq!((limits.max_memory_mib, limits.max_timeout_secs), (64, 2.5));
+            }
+            _ => panic!("serve with caps"),
+        }
+        for flags in [
+            &["--max-timeout", "0"][..],
+            &["--max-timeout", "NaN"],
+            &["--max-module-mib", "18446744073709551615"],
+            &["--max-memory-mib", "18446744073709551615"],
+        ] {
+            let args = [&["foreman", "serve"][..], flags].concat();
+            match parse(&args) {
+                Ok(Command::Serve { caps, .. }) => assert!(caps.to_limits().is_err(), "{flags:?}"),
+                _ => panic!("{flags:?} did not parse"),
+            }
         }
         match parse(&["foreman", "submit", "m.wasm", "a.json"]) {
             Ok(Command::Submit {

@@ -15,6 +15,7 @@ use crate::identity;
 use crate::model::Scheduler;
 use crate::net::{self, NetContext};
 use crate::store::Store;
+use wasmgrid_jobspec::SubmitLimits;
 use wasmgrid_worker::executor::Executor;
 
 pub struct ServeOptions {
@@ -23,6 +24,8 @@ pub struct ServeOptions {
     pub http: SocketAddr,
     pub local_workers: u32,
     pub max_upload_bytes: usize,
+    /// Caps on each job, whatever it asks.
+    pub submit_limits: SubmitLimits,
     pub heartbeat_timeout: Duration,
     /// For jobs that name no scheduler.
     pub default_scheduler: Scheduler,
@@ -75,6 +78,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         driver: driver.clone(),
         validator,
         max_upload_bytes: options.max_upload_bytes,
+        submit_limits: options.submit_limits,
         validated: Default::default(),
         default_scheduler: options.default_scheduler,
         heartbeat_timeout: options.heartbeat_timeout,

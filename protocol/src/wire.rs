@@ -191,11 +191,19 @@ impl FrameDecoder {
     }
 
     pub fn push(&mut self, bytes: &[u8]) {
-        if self.consumed > 0 && self.consumed == self.buffer.len() {
-            self.buffer.clear();
+        // Drop what was decoded, so only one partial frame and this read are held.
+        if self.consumed > 0 {
+            self.buffer.drain(..self.consumed);
             self.consumed = 0;
         }
         self.buffer.extend_from_slice(bytes);
+    }
+
+    /// Bytes held: at most a frame's length prefix and [`MAX_FRAME_BYTES`]
+    /// plus the last push, when every push is followed by reading messages
+    /// until there is none or an error.
+    pub fn buffered(&self) -> usize {
+        self.buffer.len()
     }
 
     /// The next complete message, if one has arrived.

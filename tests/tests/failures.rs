@@ -201,7 +201,8 @@ fn cancelling_frees_the_workers_slots_within_two_seconds() {
         .arg("submit")
         .arg(guest_path("misbehave"))
         .arg(&args)
-        .args(["--fuel", "18446744073709551615", "--timeout", "600"])
+        // The foreman's default cap on fuel (foreman serve --max-fuel): hours of spinning.
+        .args(["--fuel", "10000000000000", "--timeout", "600"])
         .args(["--foreman", &foreman.http, "--detach"])
         .output()
         .unwrap();

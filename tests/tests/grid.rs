@@ -289,6 +289,46 @@ fn an_upload_over_the_limit_is_refused_naming_the_limit() {
 }
 
 #[test]
+fn a_job_over_a_cap_is_refused_before_uploading_naming_the_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let foreman = start_foreman(
+        &dir.path().join("data"),
+        &["--max-memory-mib", "64", "--max-tasks-per-job", "3"],
+    );
+    let submit = |extra: &[&str]| {
+        Command::new(binary("foreman"))
+            .arg("submit")
+            .arg(guest_path("add"))
+            .arg(example_args_path("add"))
+            .args(extra)
+            .args(["--foreman", &foreman.http])
+            .output()
+            .unwrap()
+    };
+    for (extra, expected) in [
+        (
+            &["--memory", "8192"][..],
+            "memory_mib 8192 exceeds this foreman's cap of 64 MiB (foreman serve --max-memory-mib)",
+        ),
+        (
+            &[],
+            "more than this foreman's cap of 3 (foreman serve --max-tasks-per-job)",
+        ),
+    ] {
+        let out = submit(extra);
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expected), "{err}");
+    }
+    let jobs = Command::new(binary("foreman"))
+        .args(["jobs", "--foreman", &foreman.http])
+        .output()
+        .unwrap();
+    let jobs: Value = serde_json::from_slice(&jobs.stdout).unwrap();
+    assert_eq!(jobs, serde_json::json!([]), "a refused job was stored");
+}
+
+#[test]
 fn a_silent_worker_goes_offline_and_its_tasks_run_elsewhere() {
     let dir = tempfile::tempdir().unwrap();
     let foreman = start_foreman(&dir.path().join("data"), &["--heartbeat-timeout", "1"]);
@@ -376,8 +416,9 @@ fn cancelling_a_job_stops_its_running_tasks_on_the_worker() {
         "submit",
         module,
         args_path,
+        // The foreman's default cap (foreman serve --max-fuel): hours of spinning.
         "--fuel",
-        "18446744073709551615",
+        "10000000000000",
         "--timeout",
         "600",
         "--detach",

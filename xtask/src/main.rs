@@ -4,11 +4,13 @@
 //! - `demo`: the main job, end to end, with its results;
 //! - `test`: the whole test suite (what CI runs; installs Chromium for the
 //!   dashboard's browser test when missing);
+//! - `fuzz`: the cargo-fuzz targets in `fuzz/`, each for a bounded time;
 //! - `bench`: the benchmarks, printed as tables;
 //! - `mandelbrot-png`: assembles Mandelbrot results into a picture.
 
 mod browser;
 mod demo;
+mod fuzz;
 mod guests;
 mod mandelbrot_png;
 
@@ -39,6 +41,19 @@ enum Task {
         /// Skip `cargo fmt --check` and clippy.
         #[arg(long)]
         no_lint: bool,
+        /// How long each fuzz target runs after the tests (0: not at all).
+        #[arg(long, value_name = "SECS", default_value_t = 20)]
+        fuzz_seconds: u64,
+    },
+    /// Runs each cargo-fuzz target (installing cargo-fuzz when missing);
+    /// fails on a crash, leaving the input in fuzz/artifacts/.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, value_name = "SECS", default_value_t = 30)]
+        seconds: u64,
+        /// Only this target (wire_frames or submission).
+        #[arg(long)]
+        target: Option<String>,
     },
     /// Builds in release mode and prints the benchmark tables.
     Bench,
@@ -55,13 +70,17 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Task::Guests { toolchain } => guests::build(toolchain),
         Task::Demo => demo::run_demo(),
-        Task::Test { no_lint } => test(no_lint),
+        Task::Test {
+            no_lint,
+            fuzz_seconds,
+        } => test(no_lint, fuzz_seconds),
+        Task::Fuzz { seconds, target } => fuzz::run_fuzz(seconds, target.as_deref()),
         Task::Bench => bench(),
         Task::MandelbrotPng { results, output } => mandelbrot_png::assemble(&results, &output),
     }
 }
 
-fn test(no_lint: bool) -> anyhow::Result<()> {
+fn test(no_lint: bool, fuzz_seconds: u64) -> anyhow::Result<()> {
     guests::build(guests::Toolchain::Auto)?;
     if !no_lint {
         run(cargo().args(["fmt", "--all", "--", "--check"]))
@@ -79,7 +98,11 @@ fn test(no_lint: bool) -> anyhow::Result<()> {
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     // The dashboard's test drives a headless Chromium.
     browser::ensure_installed()?;
-    run_tests(cargo().args(["test", "--workspace", "--no-fail-fast"]))
+    run_tests(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
+    if fuzz_seconds > 0 {
+        fuzz::run_fuzz(fuzz_seconds, None)?;
+    }
+    Ok(())
 }
 
 /// Runs `cargo test`, echoing its output, and ends with one line that sums

@@ -3,23 +3,25 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::rejection::JsonRejection;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use base64::Engine as _;
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use wasmgrid_protocol::{FailureKind, TaskLimits};
-use wasmgrid_worker::exec::split_args;
+pub use wasmgrid_jobspec::JobOptions;
+use wasmgrid_jobspec::{parse_submission, ModuleRef, SubmitError};
+use wasmgrid_protocol::FailureKind;
 use wasmgrid_worker::executor::ModuleId;
 
 use super::params::Params;
 use super::{ApiError, ApiState};
 use crate::driver::Input;
-use crate::model::{JobId, JobState, Scheduler, TaskState};
+use crate::model::{JobId, JobState, TaskState};
 use crate::store::{JobRow, NewJob};
 use utoipa::ToSchema;
 
@@ -37,65 +39,25 @@ pub struct SubmitRequest {
     pub options: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-#[serde(default)]
-pub struct JobOptions {
-    pub fuel: u64,
-    pub memory_mib: u64,
-    pub timeout_secs: f64,
-    pub retries: u32,
-    pub priority: i32,
-    /// The foreman's default (`foreman serve --scheduler`) when absent.
-    #[serde(
-        deserialize_with = "scheduler_by_name",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub scheduler: Option<Scheduler>,
-    /// Keep the job queued until this time (unix milliseconds).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub not_before_ms: Option<u64>,
-    /// Retry deterministic failures too, within `retries`.
-    pub retry_deterministic: bool,
-}
-
-/// Parses with `Scheduler`'s `FromStr`, whose error lists the valid names.
-fn scheduler_by_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Scheduler>, D::Error> {
-    Option::<String>::deserialize(d)?
-        .map(|name| name.parse().map_err(serde::de::Error::custom))
-        .transpose()
-}
-
-impl Default for JobOptions {
-    fn default() -> Self {
-        JobOptions {
-            fuel: TaskLimits::DEFAULT_FUEL,
-            memory_mib: TaskLimits::DEFAULT_MEMORY_MIB,
-            timeout_secs: TaskLimits::DEFAULT_TIMEOUT_SECS as f64,
-            retries: 3,
-            priority: 0,
-            scheduler: None,
-            not_before_ms: None,
-            retry_deterministic: false,
-        }
-    }
-}
-
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct Submitted {
     pub id: JobId,
     pub tasks: u32,
 }
 
-/// Accepts a job: its module (checked against the task world) and one argument set per task.
+/// Accepts a job: its module (checked against the task world) and one argument
+/// set per task, within the foreman's limits (`GET /api/limits`).
 #[utoipa::path(post, path = "/api/jobs", tag = "jobs", request_body = SubmitRequest,
     responses((status = 201, body = Submitted), (status = 400, body = super::ErrorBody),
-        (status = 404, description = "unknown_module"), (status = 413, description = "too_large"),
-        (status = 422, description = "invalid_module or wrong_world")))]
+        (status = 404, description = "unknown_module"),
+        (status = 413, description = "too_large, or limit_exceeded: module, args or tasks over a cap"),
+        (status = 422, description = "invalid_module or wrong_world, or limit_exceeded: fuel, memory or timeout over a cap")))]
 pub(super) async fn submit(
     State(state): State<Arc<ApiState>>,
-    request: Result<Json<SubmitRequest>, JsonRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Submitted>), ApiError> {
-    let Json(request) = request.map_err(|rejection| {
+    let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -109,51 +71,63 @@ pub(super) async fn submit(
             ApiError::new(StatusCode::BAD_REQUEST, "bad_request", rejection.body_text())
         }
     })?;
-    let bad =
-        |code: &'static str, message: String| ApiError::new(StatusCode::BAD_REQUEST, code, message);
-    let options: JobOptions = match request.options {
-        None => JobOptions::default(),
-        Some(value) => serde_json::from_value(value)
-            .map_err(|e| bad("bad_options", format!("options: {e}")))?,
-    };
-    if !(options.timeout_secs.is_finite() && options.timeout_secs > 0.0) {
-        return Err(bad(
-            "bad_options",
-            "timeout_secs must be a positive number".into(),
+    let json = headers
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/json"));
+    if !json {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "Expected request with `Content-Type: application/json`",
         ));
     }
-    let memory_bytes = options
-        .memory_mib
-        .checked_mul(1 << 20)
-        .ok_or_else(|| bad("bad_options", "memory_mib is too large".into()))?;
-    let args: Vec<String> = split_args(request.args.get())
-        .map_err(|e| bad("bad_args", e.to_string()))?
-        .into_iter()
-        .map(|raw| raw.get().to_owned())
-        .collect();
-    let known = request
-        .module_sha256
-        .as_deref()
-        .and_then(parse_hash)
-        .filter(|hash| state.is_validated(hash));
-    let hash = match known {
-        Some(hash) => hash,
-        None => validate_and_store(&state, request.module_base64, request.module_sha256).await?,
+    let submission = parse_submission(&body, &state.submit_limits).map_err(submit_error)?;
+    // A module validated since start is taken by its hash, uploaded again or not.
+    let known = match &submission.module {
+        ModuleRef::Inline {
+            sha256: Some(hash), ..
+        }
+        | ModuleRef::Stored(hash) => state.validated_size(hash).map(|size| (*hash, size)),
+        ModuleRef::Inline { sha256: None, .. } => None,
     };
+    let hash = match (known, submission.module) {
+        (Some((hash, size)), _) => {
+            // Stored under an earlier, larger cap: today's cap still applies.
+            SubmitError::check_module_size(size, &state.submit_limits).map_err(submit_error)?;
+            hash
+        }
+        (None, ModuleRef::Inline { wasm, .. }) => validate_and_store(&state, wasm).await?,
+        (None, ModuleRef::Stored(hash)) => {
+            let store = state.store.clone();
+            let wasm = tokio::task::spawn_blocking(move || store.module(&hash))
+                .await??
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        "unknown_module",
+                        "no module with that sha256 is stored",
+                    )
+                })?;
+            SubmitError::check_module_size(wasm.len() as u64, &state.submit_limits)
+                .map_err(submit_error)?;
+            validate_and_store(&state, wasm).await?
+        }
+    };
+    let options = submission.options;
     let new_job = NewJob {
         module: hash,
-        limits: TaskLimits {
-            fuel: options.fuel,
-            memory_bytes,
-            timeout_ms: (options.timeout_secs * 1000.0).ceil() as u64,
-            output_bytes: TaskLimits::DEFAULT_OUTPUT_BYTES,
-        },
+        limits: submission.task_limits,
         max_retries: options.retries,
         priority: options.priority,
         scheduler: options.scheduler.unwrap_or(state.default_scheduler),
         not_before_ms: options.not_before_ms,
         retry_deterministic: options.retry_deterministic,
-        args,
+        args: submission
+            .args
+            .iter()
+            .map(|raw| raw.get().to_owned())
+            .collect(),
     };
     let store = state.store.clone();
     let (spec, args) = tokio::task::spawn_blocking(move || {
@@ -169,39 +143,20 @@ pub(super) async fn submit(
     Ok((StatusCode::CREATED, Json(submitted)))
 }
 
-/// Checks a module against the task world and stores it; returns its sha256.
-async fn validate_and_store(
-    state: &Arc<ApiState>,
-    module_base64: Option<String>,
-    module_sha256: Option<String>,
-) -> Result<[u8; 32], ApiError> {
-    let bad =
-        |code: &'static str, message: String| ApiError::new(StatusCode::BAD_REQUEST, code, message);
-    let wasm = match (module_base64, module_sha256) {
-        (Some(encoded), _) => base64::engine::general_purpose::STANDARD
-            .decode(encoded.as_bytes())
-            .map_err(|e| bad("bad_module", format!("module_base64 is not base64: {e}")))?,
-        (None, Some(hash)) => {
-            let hash = parse_hash(&hash)
-                .ok_or_else(|| bad("bad_module", "module_sha256 is not 64 hex digits".into()))?;
-            let store = state.store.clone();
-            tokio::task::spawn_blocking(move || store.module(&hash))
-                .await??
-                .ok_or_else(|| {
-                    ApiError::new(
-                        StatusCode::NOT_FOUND,
-                        "unknown_module",
-                        "no module with that sha256 is stored",
-                    )
-                })?
+/// A refused submission: caps on what is sent are 413, caps on what a task uses 422.
+fn submit_error(error: SubmitError) -> ApiError {
+    let status = match &error {
+        SubmitError::LimitExceeded { limit, .. } if limit.is_size() => {
+            StatusCode::PAYLOAD_TOO_LARGE
         }
-        (None, None) => {
-            return Err(bad(
-                "bad_module",
-                "give module_base64 or module_sha256".into(),
-            ))
-        }
+        SubmitError::LimitExceeded { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        _ => StatusCode::BAD_REQUEST,
     };
+    ApiError::new(status, error.code(), error.to_string())
+}
+
+/// Checks a module against the task world and stores it; returns its sha256.
+async fn validate_and_store(state: &Arc<ApiState>, wasm: Vec<u8>) -> Result<[u8; 32], ApiError> {
     let validator = state.validator.clone();
     let checked =
         tokio::task::spawn_blocking(move || validator.load(&wasm).map(|(task, _)| (task.id, wasm)))
@@ -214,17 +169,13 @@ async fn validate_and_store(
         };
         ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, failure.to_string())
     })?;
+    let size = wasm.len() as u64;
     let store = state.store.clone();
     tokio::task::spawn_blocking(move || store.put_module(&hash, &wasm)).await??;
     if let Ok(mut validated) = state.validated.lock() {
-        validated.insert(hash);
+        validated.insert(hash, size);
     }
     Ok(hash)
-}
-
-fn parse_hash(text: &str) -> Option<[u8; 32]> {
-    let bytes = hex::decode(text).ok()?;
-    bytes.try_into().ok()
 }
 
 /// Jobs, newest first.

@@ -12,6 +12,8 @@ mod workers;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_limits;
+#[cfg(test)]
 mod tests_stream;
 #[cfg(test)]
 mod tests_views;
@@ -26,6 +28,7 @@ use axum::{Extension, Json, Router};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
+use wasmgrid_jobspec::SubmitLimits;
 use wasmgrid_worker::executor::Executor;
 
 use crate::driver::Driver;
@@ -44,8 +47,11 @@ pub struct ApiState {
     /// Validates modules against the task world before a job is accepted.
     pub validator: Arc<Executor>,
     pub max_upload_bytes: usize,
-    /// Modules stored and validated since start: a job naming one by hash skips both.
-    pub validated: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
+    /// Caps on each job (`foreman serve --max-…`), whatever it asks.
+    pub submit_limits: SubmitLimits,
+    /// Modules stored and validated since start, with their sizes: a job
+    /// naming one by hash skips both.
+    pub validated: std::sync::Mutex<std::collections::HashMap<[u8; 32], u64>>,
     /// For jobs that name none (`foreman serve --scheduler`).
     pub default_scheduler: Scheduler,
     /// The foreman's (`foreman serve --heartbeat-timeout`): workers beat
@@ -54,11 +60,12 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    fn is_validated(&self, hash: &[u8; 32]) -> bool {
+    /// The size of a module stored and validated since start.
+    fn validated_size(&self, hash: &[u8; 32]) -> Option<u64> {
         self.validated
             .lock()
-            .map(|set| set.contains(hash))
-            .unwrap_or(false)
+            .ok()
+            .and_then(|map| map.get(hash).copied())
     }
 }
 
@@ -184,11 +191,27 @@ impl From<tokio::task::JoinError> for ApiError {
 /// before sending it (a server that stops reading mid-upload can only reset
 /// the connection, and the client would never see the 413).
 #[utoipa::path(get, path = "/api/limits", tag = "meta",
-    responses((status = 200, body = Object, description = "{max_upload_bytes, max_upload_mib}")))]
+    responses((status = 200, body = Object,
+        description = "{max_upload_bytes, max_upload_mib, max_module_bytes, max_module_mib, max_args_bytes, max_args_mib, max_tasks_per_job, max_fuel, max_memory_mib, max_timeout_secs, defaults: {fuel, memory_mib, timeout_secs}}")))]
 async fn limits(State(state): State<Arc<ApiState>>) -> Response {
+    let caps = &state.submit_limits;
     Json(serde_json::json!({
         "max_upload_bytes": state.max_upload_bytes,
         "max_upload_mib": state.max_upload_bytes >> 20,
+        "max_module_bytes": caps.max_module_bytes,
+        "max_module_mib": caps.max_module_bytes >> 20,
+        "max_args_bytes": caps.max_args_bytes,
+        "max_args_mib": caps.max_args_bytes >> 20,
+        "max_tasks_per_job": caps.max_tasks_per_job,
+        "max_fuel": caps.max_fuel,
+        "max_memory_mib": caps.max_memory_mib,
+        "max_timeout_secs": caps.max_timeout_secs,
+        // What a job that asks for none of these gets.
+        "defaults": {
+            "fuel": caps.default_fuel(),
+            "memory_mib": caps.default_memory_mib(),
+            "timeout_secs": caps.default_timeout_secs(),
+        },
     }))
     .into_response()
 }

@@ -26,6 +26,7 @@ pub(super) async fn app_state(
         driver,
         validator: Arc::new(Executor::new(None).unwrap()),
         max_upload_bytes,
+        submit_limits: wasmgrid_jobspec::SubmitLimits::default(),
         validated: Default::default(),
         default_scheduler,
         heartbeat_timeout: Duration::from_secs(3),
@@ -169,7 +170,7 @@ pub(super) fn worker_info(name: &str) -> wasmgrid_protocol::wire::WorkerInfo {
 pub(super) fn known_module(state: &ApiState) -> String {
     let hash = [9u8; 32];
     state.store.put_module(&hash, b"wasm").unwrap();
-    state.validated.lock().unwrap().insert(hash);
+    state.validated.lock().unwrap().insert(hash, 4);
     hex::encode(hash)
 }
 
