@@ -11,3 +11,4 @@ pub mod model;
 pub mod net;
 pub mod serve;
 pub mod store;
+pub mod tokens;

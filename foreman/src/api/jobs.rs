@@ -8,7 +8,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use base64::Engine as _;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
@@ -17,7 +17,7 @@ use wasmgrid_worker::exec::split_args;
 use wasmgrid_worker::executor::ModuleId;
 
 use super::params::Params;
-use super::{ApiError, ApiState};
+use super::{ApiError, ApiState, Caller};
 use crate::driver::Input;
 use crate::model::{JobId, JobState, Scheduler, TaskState};
 use crate::store::{JobRow, NewJob};
@@ -93,6 +93,7 @@ pub struct Submitted {
         (status = 422, description = "invalid_module or wrong_world")))]
 pub(super) async fn submit(
     State(state): State<Arc<ApiState>>,
+    caller: Option<Extension<Caller>>,
     request: Result<Json<SubmitRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Submitted>), ApiError> {
     let Json(request) = request.map_err(|rejection| {
@@ -158,7 +159,9 @@ pub(super) async fn submit(
     let store = state.store.clone();
     let (spec, args) = tokio::task::spawn_blocking(move || {
         let args: Vec<Arc<str>> = new_job.args.iter().map(|a| Arc::from(a.as_str())).collect();
-        store.create_job(new_job).map(|spec| (spec, args))
+        store
+            .create_job_for(new_job, caller.map(|Extension(c)| c.token_id))
+            .map(|spec| (spec, args))
     })
     .await??;
     let submitted = Submitted {

@@ -2,10 +2,12 @@
 //! drain workers; the dashboard's views, an event stream, Prometheus
 //! metrics, and an OpenAPI document of all of it.
 
+mod auth;
 mod events;
 mod jobs;
 mod metrics;
 mod params;
+mod tokens;
 mod views;
 mod workers;
 
@@ -13,6 +15,8 @@ mod workers;
 mod tests;
 #[cfg(test)]
 mod tests_stream;
+#[cfg(test)]
+mod tests_tokens;
 #[cfg(test)]
 mod tests_views;
 
@@ -32,6 +36,7 @@ use crate::driver::Driver;
 use crate::model::{JobId, Scheduler};
 use crate::store::{Store, StoreError};
 
+pub use auth::Caller;
 pub use jobs::{JobOptions, SubmitRequest, Submitted};
 pub use workers::{WorkerStatus, WorkerView};
 
@@ -51,6 +56,17 @@ pub struct ApiState {
     /// The foreman's (`foreman serve --heartbeat-timeout`): workers beat
     /// three times within it, which tells a healthy worker from a late one.
     pub heartbeat_timeout: Duration,
+    /// Tokens and who needs one.
+    pub security: Security,
+}
+
+/// The API's side of security (see `auth`).
+pub struct Security {
+    pub tokens: Arc<crate::tokens::Tokens>,
+    /// The certificate fingerprint join tokens are handed out with.
+    pub fingerprint: String,
+    /// Reads need a token too (the API listens beyond loopback).
+    pub protect_reads: bool,
 }
 
 impl ApiState {
@@ -92,6 +108,8 @@ fn routes() -> (Router<Arc<ApiState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(workers::failure_stats))
         .routes(routes!(events::events))
         .routes(routes!(metrics::metrics))
+        .routes(routes!(tokens::create, tokens::list))
+        .routes(routes!(tokens::revoke))
         .routes(routes!(limits))
         .routes(routes!(openapi))
         .split_for_parts()
@@ -107,6 +125,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
     let (router, document) = routes();
     router
         .merge(crate::dashboard::router())
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ))
         .layer(Extension(Arc::new(document)))
         .layer(DefaultBodyLimit::max(max_upload))
         .with_state(state)
