@@ -1,6 +1,7 @@
 //! The wasmgrid foreman: accepts jobs, splits them into tasks, dispatches
 //! them to workers over QUIC and keeps everything in SQLite.
 
+pub mod admin;
 pub mod api;
 pub mod client;
 pub mod core;

@@ -29,6 +29,8 @@ pub struct ServeOptions {
     pub default_scheduler: Scheduler,
     /// Leases and cooldowns.
     pub health: HealthPolicy,
+    /// Reads need a client token even on loopback (beyond it they always do).
+    pub require_token_for_reads: bool,
 }
 
 pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
@@ -84,7 +86,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         security: Security {
             tokens: tokens.clone(),
             fingerprint: identity.fingerprint.clone(),
-            protect_reads: !options.http.ip().is_loopback(),
+            protect_reads: options.require_token_for_reads || !options.http.ip().is_loopback(),
         },
     }));
     let listener = tokio::net::TcpListener::bind(options.http)
@@ -116,7 +118,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         ),
         Err(why) => format!("(none: {why}; make one with `foreman token create --kind client`)"),
     };
-    let needs = if options.http.ip().is_loopback() {
+    let needs = if !options.require_token_for_reads && options.http.ip().is_loopback() {
         "changes need a client token"
     } else {
         "every call needs a client token"

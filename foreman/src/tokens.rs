@@ -286,8 +286,13 @@ mod tests {
             join.row.id
         );
         assert_eq!(
-            ok(&client.token, TokenKind::Worker).unwrap_err().to_string(),
-            format!("token {} is a client token, not a join token", client.row.id)
+            ok(&client.token, TokenKind::Worker)
+                .unwrap_err()
+                .to_string(),
+            format!(
+                "token {} is a client token, not a join token",
+                client.row.id
+            )
         );
         let mut wrong = join.token.clone();
         wrong.pop();
@@ -313,7 +318,9 @@ mod tests {
         let revoked = tokens.revoke(client.row.id).unwrap().unwrap();
         assert!(revoked.revoked_at_ms.is_some());
         assert_eq!(
-            ok(&client.token, TokenKind::Client).unwrap_err().to_string(),
+            ok(&client.token, TokenKind::Client)
+                .unwrap_err()
+                .to_string(),
             format!("client token {} was revoked", client.row.id)
         );
         assert!(tokens.revoke(4242).unwrap().is_none());

@@ -1,6 +1,6 @@
 //! Who may call: a bearer client token for every mutating call, and for
 //! every data read (`/api/*`, `/metrics`) when the API listens beyond
-//! loopback. The dashboard's static files stay public: they hold no data.
+//! loopback; `/api/tokens` always. The dashboard's static files stay public: they hold no data.
 //! Event streams (EventSource sends no headers) may carry the token as
 //! `?access_token=` instead.
 
@@ -32,7 +32,9 @@ pub async fn require_token(
     let path = request.uri().path();
     let mutating = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
     let data = path.starts_with("/api/") || path == "/metrics";
-    let needed = mutating || (state.security.protect_reads && data);
+    // Token administration is never open, even to reads on loopback.
+    let admin = path == "/api/tokens" || path.starts_with("/api/tokens/");
+    let needed = mutating || admin || (state.security.protect_reads && data);
     let presented = bearer(&request).or_else(|| {
         // Only streams: a token in a URL ends up in logs and histories.
         (method == Method::GET && path.ends_with("/events"))
@@ -64,7 +66,11 @@ pub async fn require_token(
 }
 
 fn bearer(request: &Request) -> Option<String> {
-    let value = request.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let value = request
+        .headers()
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
     let (scheme, token) = value.trim().split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")

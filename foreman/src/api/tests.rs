@@ -50,13 +50,21 @@ thread_local! {
 
 /// The fixture's client token (made by [`app_state`]).
 pub(super) fn fixture_token() -> String {
-    FIXTURE_TOKEN.with(|t| t.borrow().clone()).expect("app_state made a token")
+    FIXTURE_TOKEN
+        .with(|t| t.borrow().clone())
+        .expect("app_state made a token")
 }
 
 /// Sends a request, as the fixture's client unless it names its own `Authorization`.
-pub(super) async fn call(app: Router, mut request: Request<Body>) -> (StatusCode, serde_json::Value) {
+pub(super) async fn call(
+    app: Router,
+    mut request: Request<Body>,
+) -> (StatusCode, serde_json::Value) {
     if let Some(token) = FIXTURE_TOKEN.with(|t| t.borrow().clone()) {
-        if !request.headers().contains_key(axum::http::header::AUTHORIZATION) {
+        if !request
+            .headers()
+            .contains_key(axum::http::header::AUTHORIZATION)
+        {
             request.headers_mut().insert(
                 axum::http::header::AUTHORIZATION,
                 format!("Bearer {token}").parse().unwrap(),

@@ -35,7 +35,11 @@ async fn changes_need_a_client_token_and_the_reason_is_named() {
         "{json}"
     );
     // Reads on loopback need none.
-    let (status, _) = send(app.clone(), Request::get("/api/jobs").body(Body::empty()).unwrap()).await;
+    let (status, _) = send(
+        app.clone(),
+        Request::get("/api/jobs").body(Body::empty()).unwrap(),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
 
     let admin = fixture_token();
@@ -60,7 +64,10 @@ async fn changes_need_a_client_token_and_the_reason_is_named() {
     .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(list["fingerprint"], "ab".repeat(32));
-    assert!(!list.to_string().contains(&token[token.len() - 32..]), "no secrets: {list}");
+    assert!(
+        !list.to_string().contains(&token[token.len() - 32..]),
+        "no secrets: {list}"
+    );
     assert_eq!(list["tokens"].as_array().unwrap().len(), 2);
 
     let (status, revoked) = send(
@@ -121,11 +128,8 @@ async fn a_join_token_is_no_client_token_and_expired_ones_are_refused() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(
         json["error"]["message"],
-        format!(
-            "token {} is a worker token, not a client token",
-            made["id"]
-        )
-        .replace("worker token", "join token")
+        format!("token {} is a worker token, not a client token", made["id"])
+            .replace("worker token", "join token")
     );
 
     let expired = state
@@ -169,7 +173,8 @@ async fn beyond_loopback_reads_need_a_token_too_but_the_dashboard_does_not() {
     });
     let app = router(state);
     for path in ["/api/jobs", "/api/workers", "/metrics", "/api/events"] {
-        let (status, json) = send(app.clone(), Request::get(path).body(Body::empty()).unwrap()).await;
+        let (status, json) =
+            send(app.clone(), Request::get(path).body(Body::empty()).unwrap()).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}: {json}");
     }
     let token = fixture_token();
@@ -200,14 +205,14 @@ async fn beyond_loopback_reads_need_a_token_too_but_the_dashboard_does_not() {
     )
     .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let response = tower::ServiceExt::oneshot(
-        app,
-        Request::get("/").body(Body::empty()).unwrap(),
-    )
-    .await
-    .unwrap();
+    let response = tower::ServiceExt::oneshot(app, Request::get("/").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    assert!(response.headers().get("access-control-allow-origin").is_none());
+    assert!(response
+        .headers()
+        .get("access-control-allow-origin")
+        .is_none());
 }
 
 #[tokio::test]

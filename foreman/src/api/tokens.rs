@@ -58,10 +58,9 @@ pub(super) async fn create(
     };
     let tokens = state.security.tokens.clone();
     let name = request.name;
-    let issued = tokio::task::spawn_blocking(move || {
-        tokens.issue(kind, &name, request.expires_at_ms)
-    })
-    .await??;
+    let issued =
+        tokio::task::spawn_blocking(move || tokens.issue(kind, &name, request.expires_at_ms))
+            .await??;
     let token = match kind {
         TokenKind::Worker => format!("{}:{}", issued.token, state.security.fingerprint),
         TokenKind::Client => issued.token,

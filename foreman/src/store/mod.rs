@@ -396,7 +396,11 @@ impl Store {
     }
 
     /// [`Store::upsert_worker`], recording the join token it joined with.
-    pub fn register_worker(&self, w: &WorkerRow, token: Option<u64>) -> Result<WorkerId, StoreError> {
+    pub fn register_worker(
+        &self,
+        w: &WorkerRow,
+        token: Option<u64>,
+    ) -> Result<WorkerId, StoreError> {
         let w = w.clone();
         let id = self.call(false, move |conn| queries::upsert_worker(conn, &w, token))?;
         self.announce_worker(id);
