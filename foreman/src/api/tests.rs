@@ -156,8 +156,15 @@ fn post_json(uri: &str, body: &str) -> Request<Body> {
         .unwrap()
 }
 
+/// A GET as the fixture's client (see [`call`]).
 pub(super) fn get(uri: &str) -> Request<Body> {
-    Request::get(uri).body(Body::empty()).unwrap()
+    let request = Request::get(uri);
+    match FIXTURE_TOKEN.with(|t| t.borrow().clone()) {
+        Some(token) => request.header(axum::http::header::AUTHORIZATION, format!("Bearer {token}")),
+        None => request,
+    }
+    .body(Body::empty())
+    .unwrap()
 }
 
 pub(super) fn error_of(json: &serde_json::Value) -> (&str, &str) {
