@@ -230,6 +230,35 @@ fn revoking_a_token_cuts_off_its_worker_while_another_finishes_the_job() {
 }
 
 #[test]
+fn a_worker_is_cut_off_when_its_token_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let foreman = start_foreman(&dir.path().join("data"), &[]);
+    // Long enough to join (a worker benchmarks itself first), short enough to wait for.
+    let token = create_token(&foreman, &["--name", "brief", "--expires", "+10s"]);
+    let mut worker = logged_worker(&foreman, &token, "brief", dir.path());
+    wait_until("the worker online", 10, || {
+        online(&foreman) == ["brief".to_owned()]
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = worker.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the worker outlived its token");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(2));
+    let log = std::fs::read_to_string(dir.path().join("brief.log")).unwrap();
+    assert!(
+        log.contains(&format!("join token {} expired at", token_id(&token))),
+        "{log}"
+    );
+    wait_until("the worker shown offline", 30, || {
+        online(&foreman).is_empty()
+    });
+}
+
+#[test]
 fn rest_calls_need_a_good_client_token() {
     let dir = tempfile::tempdir().unwrap();
     let foreman = start_foreman(&dir.path().join("data"), &[]);
