@@ -51,7 +51,7 @@ pub fn list(client: &Client, json: bool) -> anyhow::Result<ExitCode> {
     for token in listed["tokens"].as_array().into_iter().flatten() {
         println!(
             "{:>4}  {:<6}  {:<20}  {:<20}  {:<20}  {:<20}  {:<20}",
-            token["id"],
+            token["id"].to_string(),
             token["kind"].as_str().unwrap_or("?"),
             token["name"].as_str().unwrap_or(""),
             time(&token["created_at_ms"]),

@@ -1,6 +1,7 @@
 //! The REST API: submit jobs, follow them, fetch their results; see and
-//! drain workers; the dashboard's views, an event stream, Prometheus
-//! metrics, and an OpenAPI document of all of it.
+//! drain workers; manage tokens; the dashboard's views, an event stream,
+//! Prometheus metrics, and an OpenAPI document of all of it. Who may call
+//! what is `auth`'s job (client tokens).
 
 mod auth;
 mod events;
