@@ -72,6 +72,10 @@ enum Command {
         /// loopback they always do; changes always do).
         #[arg(long)]
         require_token_for_reads: bool,
+        /// Let pages from this one origin (https://example.org) call the API
+        /// from a browser (CORS); by default none may.
+        #[arg(long, value_name = "ORIGIN")]
+        cors_origin: Option<String>,
     },
     /// Submits a job and waits for its results (printed as a JSON array in argument order).
     Submit {
@@ -232,6 +236,7 @@ fn run(command: Command, token: Option<String>) -> anyhow::Result<ExitCode> {
             cooldown,
             lease_slack,
             require_token_for_reads,
+            cors_origin,
         } => {
             anyhow::ensure!(
                 heartbeat_timeout.is_finite() && heartbeat_timeout >= 0.05,
@@ -261,6 +266,7 @@ fn run(command: Command, token: Option<String>) -> anyhow::Result<ExitCode> {
                 default_scheduler: scheduler,
                 health,
                 require_token_for_reads,
+                cors_origin,
             }))?;
             Ok(ExitCode::SUCCESS)
         }

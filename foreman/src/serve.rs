@@ -31,6 +31,8 @@ pub struct ServeOptions {
     pub health: HealthPolicy,
     /// Reads need a client token even on loopback (beyond it they always do).
     pub require_token_for_reads: bool,
+    /// The one other origin whose pages may call the API (CORS); none by default.
+    pub cors_origin: Option<String>,
 }
 
 pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
@@ -87,6 +89,12 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
             tokens: tokens.clone(),
             fingerprint: identity.fingerprint.clone(),
             protect_reads: options.require_token_for_reads || !options.http.ip().is_loopback(),
+            cors_origin: options
+                .cors_origin
+                .as_deref()
+                .map(axum::http::HeaderValue::from_str)
+                .transpose()
+                .context("--cors-origin is not a valid header value")?,
         },
     }));
     let listener = tokio::net::TcpListener::bind(options.http)

@@ -4,6 +4,7 @@
 //! what is `auth`'s job (client tokens).
 
 mod auth;
+mod cors;
 mod events;
 mod jobs;
 mod metrics;
@@ -68,6 +69,8 @@ pub struct Security {
     pub fingerprint: String,
     /// Reads need a token too (the API listens beyond loopback).
     pub protect_reads: bool,
+    /// The one other origin allowed to call from a browser (`--cors-origin`); none by default.
+    pub cors_origin: Option<axum::http::HeaderValue>,
 }
 
 impl ApiState {
@@ -129,6 +132,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,
+        ))
+        // Outside auth: a preflight carries no token.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            cors::allow_origin,
         ))
         .layer(Extension(Arc::new(document)))
         .layer(DefaultBodyLimit::max(max_upload))

@@ -38,6 +38,7 @@ pub(super) async fn app_state(
             tokens,
             fingerprint: "ab".repeat(32),
             protect_reads: false,
+            cors_origin: None,
         },
     };
     (dir, Arc::new(state))

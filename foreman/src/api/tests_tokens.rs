@@ -162,6 +162,7 @@ async fn beyond_loopback_reads_need_a_token_too_but_the_dashboard_does_not() {
             tokens: state.security.tokens.clone(),
             fingerprint: String::new(),
             protect_reads: true,
+            cors_origin: None,
         },
         store: state.store.clone(),
         driver: state.driver.clone(),
@@ -232,4 +233,75 @@ async fn a_job_remembers_the_token_that_submitted_it() {
     let expected = crate::tokens::parse(&fixture_token()).unwrap().1;
     let job = json["id"].as_u64().unwrap();
     assert_eq!(state.store.job_token(job).unwrap(), Some(expected));
+}
+
+#[tokio::test]
+async fn cors_is_off_unless_one_origin_is_named() {
+    let (_dir, state) = app_state(1 << 20, Scheduler::Fifo).await;
+    let preflight = || {
+        Request::options("/api/jobs/1/cancel")
+            .header("origin", "http://dash.example")
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "authorization")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let response = tower::ServiceExt::oneshot(router(state.clone()), preflight())
+        .await
+        .unwrap();
+    assert!(response
+        .headers()
+        .get("access-control-allow-origin")
+        .is_none());
+
+    let named = Arc::new(ApiState {
+        security: Security {
+            tokens: state.security.tokens.clone(),
+            fingerprint: String::new(),
+            protect_reads: false,
+            cors_origin: Some(axum::http::HeaderValue::from_static("http://dash.example")),
+        },
+        store: state.store.clone(),
+        driver: state.driver.clone(),
+        validator: state.validator.clone(),
+        max_upload_bytes: state.max_upload_bytes,
+        validated: Default::default(),
+        default_scheduler: state.default_scheduler,
+        heartbeat_timeout: state.heartbeat_timeout,
+    });
+    let response = tower::ServiceExt::oneshot(router(named.clone()), preflight())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        response.headers()["access-control-allow-origin"],
+        "http://dash.example"
+    );
+    assert!(response.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .contains("authorization"));
+    // The origin may ask, but still needs a token to act.
+    let (status, _) = send(
+        router(named.clone()),
+        Request::post("/api/jobs/1/cancel")
+            .header("origin", "http://dash.example")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let response = tower::ServiceExt::oneshot(
+        router(named),
+        Request::get("/api/jobs")
+            .header("origin", "http://other.example")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert!(response
+        .headers()
+        .get("access-control-allow-origin")
+        .is_none());
 }
