@@ -11,6 +11,29 @@ fn bearer(request: axum::http::request::Builder, token: &str) -> axum::http::req
     request.header("authorization", format!("Bearer {token}"))
 }
 
+/// The same state with other access rules.
+fn with_security(
+    state: &ApiState,
+    protect_reads: bool,
+    cors_origin: Option<axum::http::HeaderValue>,
+) -> Arc<ApiState> {
+    Arc::new(ApiState {
+        security: Security {
+            tokens: state.security.tokens.clone(),
+            fingerprint: String::new(),
+            protect_reads,
+            cors_origin,
+        },
+        store: state.store.clone(),
+        driver: state.driver.clone(),
+        validator: state.validator.clone(),
+        max_upload_bytes: state.max_upload_bytes,
+        validated: Default::default(),
+        default_scheduler: state.default_scheduler,
+        heartbeat_timeout: state.heartbeat_timeout,
+    })
+}
+
 fn create(kind: &str) -> Body {
     Body::from(format!(r#"{{"kind": "{kind}", "name": "t"}}"#))
 }
@@ -157,21 +180,7 @@ async fn a_join_token_is_no_client_token_and_expired_ones_are_refused() {
 #[tokio::test]
 async fn beyond_loopback_reads_need_a_token_too_but_the_dashboard_does_not() {
     let (_dir, state) = app_state(1 << 20, Scheduler::Fifo).await;
-    let state = Arc::new(ApiState {
-        security: Security {
-            tokens: state.security.tokens.clone(),
-            fingerprint: String::new(),
-            protect_reads: true,
-            cors_origin: None,
-        },
-        store: state.store.clone(),
-        driver: state.driver.clone(),
-        validator: state.validator.clone(),
-        max_upload_bytes: state.max_upload_bytes,
-        validated: Default::default(),
-        default_scheduler: state.default_scheduler,
-        heartbeat_timeout: state.heartbeat_timeout,
-    });
+    let state = with_security(&state, true, None);
     let app = router(state);
     for path in ["/api/jobs", "/api/workers", "/metrics", "/api/events"] {
         let (status, json) =
@@ -254,21 +263,11 @@ async fn cors_is_off_unless_one_origin_is_named() {
         .get("access-control-allow-origin")
         .is_none());
 
-    let named = Arc::new(ApiState {
-        security: Security {
-            tokens: state.security.tokens.clone(),
-            fingerprint: String::new(),
-            protect_reads: false,
-            cors_origin: Some(axum::http::HeaderValue::from_static("http://dash.example")),
-        },
-        store: state.store.clone(),
-        driver: state.driver.clone(),
-        validator: state.validator.clone(),
-        max_upload_bytes: state.max_upload_bytes,
-        validated: Default::default(),
-        default_scheduler: state.default_scheduler,
-        heartbeat_timeout: state.heartbeat_timeout,
-    });
+    let named = with_security(
+        &state,
+        false,
+        Some(axum::http::HeaderValue::from_static("http://dash.example")),
+    );
     let response = tower::ServiceExt::oneshot(router(named.clone()), preflight())
         .await
         .unwrap();

@@ -178,3 +178,59 @@ impl Store {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn tokens_are_stored_as_hashes_listed_revoked_once_and_expire() {
+        use crate::tokens::Tokens;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("foreman.db")).unwrap();
+        let tokens = Tokens::new(store.clone());
+        let join = tokens.issue(TokenKind::Worker, "w", None).unwrap();
+        let client = tokens
+            .issue(TokenKind::Client, "c", Some(4_000_000_000_000))
+            .unwrap();
+        let listed = store.tokens().unwrap();
+        assert_eq!(
+            listed
+                .iter()
+                .map(|t| (t.id, t.kind, t.name.as_str(), t.expires_at_ms))
+                .collect::<Vec<_>>(),
+            vec![
+                (join.row.id, TokenKind::Worker, "w", None),
+                (
+                    client.row.id,
+                    TokenKind::Client,
+                    "c",
+                    Some(4_000_000_000_000)
+                ),
+            ]
+        );
+        let first = store.revoke_token(join.row.id).unwrap().unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        let again = store.revoke_token(join.row.id).unwrap().unwrap();
+        assert_eq!(first.revoked_at_ms, again.revoked_at_ms);
+        assert!(store.revoke_token(999).unwrap().is_none());
+
+        store.token_used(client.row.id, 1234);
+        store.flush().unwrap();
+        let used = store.token_with_hash(client.row.id).unwrap().unwrap();
+        assert_eq!(used.0.last_used_ms, Some(1234));
+        assert_eq!(used.1.len(), 32);
+
+        // Only hashes: no secret is anywhere in the database file.
+        drop((tokens, store));
+        let mut bytes = Vec::new();
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            bytes.extend(std::fs::read(entry.unwrap().path()).unwrap());
+        }
+        for issued in [&join, &client] {
+            let secret = crate::tokens::parse(&issued.token).unwrap().2;
+            assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()));
+        }
+    }
+}
