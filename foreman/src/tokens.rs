@@ -150,7 +150,11 @@ impl Tokens {
         if !same(&hash(secret), &stored) {
             return Ok(Err(Refusal::Invalid(what)));
         }
-        if row.kind != kind || claimed != kind {
+        // A prefix that disagrees with the stored kind is a doctored string.
+        if claimed != row.kind {
+            return Ok(Err(Refusal::Invalid(what)));
+        }
+        if row.kind != kind {
             return Ok(Err(Refusal::WrongKind {
                 what,
                 id,
@@ -304,6 +308,11 @@ mod tests {
         assert_eq!(
             ok("wgw_999_00", TokenKind::Worker).unwrap_err(),
             Refusal::Invalid("join")
+        );
+        let relabelled = join.token.replacen("wgw_", "wgc_", 1);
+        assert_eq!(
+            ok(&relabelled, TokenKind::Client).unwrap_err(),
+            Refusal::Invalid("client")
         );
 
         let old = tokens
