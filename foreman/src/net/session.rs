@@ -67,6 +67,9 @@ async fn serve(connection: &quinn::Connection, ctx: Arc<NetContext>) -> anyhow::
         connection.close(close::PROTOCOL_ERROR.into(), b"expected hello");
         bail!("the worker did not start with hello");
     };
+    // Held before the check, so a revoke racing with this join still reaches it.
+    let _held =
+        crate::tokens::parse(&token).map(|(_, id, _)| ctx.tokens.hold(id, connection.clone()));
     let checker = ctx.tokens.clone();
     let checked =
         tokio::task::spawn_blocking(move || checker.check(&token, TokenKind::Worker)).await??;
@@ -81,8 +84,6 @@ async fn serve(connection: &quinn::Connection, ctx: Arc<NetContext>) -> anyhow::
             );
         }
     };
-    // Registered before the worker is: a revoke from now on reaches this connection.
-    let _held = ctx.tokens.hold(token.id, connection.clone());
     let _expiry = token.expires_at_ms.map(|at| {
         let connection = connection.clone();
         let reason = Refusal::Expired {
