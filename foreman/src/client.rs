@@ -19,10 +19,19 @@ use wasmgrid_jobspec::{parse_submission, SubmitLimits};
 pub struct Client {
     base: String,
     agent: Agent,
+    /// A client token, sent as `Authorization: Bearer`.
+    token: Option<String>,
 }
+
+/// Where `foreman serve` keeps its data unless told (`--data-dir`).
+pub const DEFAULT_DATA_DIR: &str = "wasmgrid-data";
 
 impl Client {
     pub fn new(base: &str) -> Self {
+        Self::with_token(base, None)
+    }
+
+    pub fn with_token(base: &str, token: Option<String>) -> Self {
         let agent: Agent = Agent::config_builder()
             .http_status_as_error(false)
             .build()
@@ -30,6 +39,29 @@ impl Client {
         Client {
             base: base.trim_end_matches('/').to_owned(),
             agent,
+            token: token.map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()),
+        }
+    }
+
+    /// A client with `token`, or when none is given and the foreman is on
+    /// this machine, the one in the default data dir's `client-token` file.
+    pub fn for_cli(base: &str, token: Option<String>) -> Self {
+        let token = token.or_else(|| {
+            is_loopback(base)
+                .then(|| {
+                    let path = std::path::Path::new(DEFAULT_DATA_DIR)
+                        .join(crate::identity::CLIENT_TOKEN_FILE);
+                    std::fs::read_to_string(path).ok()
+                })
+                .flatten()
+        });
+        Self::with_token(base, token)
+    }
+
+    fn authorized<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.token {
+            Some(token) => request.header("authorization", format!("Bearer {token}")),
+            None => request,
         }
     }
 
@@ -47,6 +79,13 @@ impl Client {
             .with_context(|| format!("the foreman answered {status} without JSON"))?;
         if !status.is_success() {
             let message = body["error"]["message"].as_str().unwrap_or("no message");
+            if status == ureq::http::StatusCode::UNAUTHORIZED {
+                bail!(
+                    "{message} (HTTP {status}): pass a client token with --token or the \
+                     WASMGRID_TOKEN environment variable (the foreman's data dir has one in \
+                     its client-token file; `foreman token create --kind client` makes more)"
+                );
+            }
             bail!("{message} (HTTP {status})");
         }
         Ok(body)
@@ -54,8 +93,7 @@ impl Client {
 
     pub fn get(&self, path: &str) -> anyhow::Result<Value> {
         let response = self
-            .agent
-            .get(&self.url(path))
+            .authorized(self.agent.get(&self.url(path)))
             .call()
             .with_context(|| format!("cannot reach the foreman at {}", self.base))?;
         self.read(response)
@@ -67,8 +105,7 @@ impl Client {
 
     fn post_bytes(&self, path: &str, body: Vec<u8>) -> anyhow::Result<Value> {
         let response = self
-            .agent
-            .post(&self.url(path))
+            .authorized(self.agent.post(&self.url(path)))
             .header("content-type", "application/json")
             .send(body)
             .with_context(|| format!("cannot reach the foreman at {}", self.base))?;
@@ -249,6 +286,23 @@ fn not_before_at(text: &str, now: SystemTime) -> Result<u64, String> {
     u64::try_from(ms).map_err(|_| format!("{text:?} is too far in the future"))
 }
 
+/// Whether a `http://HOST:PORT` URL names this machine.
+fn is_loopback(base: &str) -> bool {
+    let rest = base
+        .trim_start_matches("http://")
+        .trim_start_matches("https://");
+    let host = rest.split('/').next().unwrap_or("");
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 pub fn print_json(value: &Value) -> anyhow::Result<ExitCode> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(ExitCode::SUCCESS)
@@ -284,6 +338,25 @@ pub fn workers(
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn loopback_foremen_are_recognised() {
+        for yes in [
+            "http://127.0.0.1:8000",
+            "http://localhost:8000/",
+            "http://[::1]:80",
+            "127.0.0.2",
+        ] {
+            assert!(is_loopback(yes), "{yes}");
+        }
+        for no in [
+            "http://10.0.0.1:8000",
+            "http://example.org",
+            "http://[2001:db8::1]:80",
+        ] {
+            assert!(!is_loopback(no), "{no}");
+        }
+    }
 
     #[test]
     fn not_before_takes_rfc3339_or_a_delay_from_now() {

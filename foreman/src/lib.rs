@@ -1,6 +1,7 @@
 //! The wasmgrid foreman: accepts jobs, splits them into tasks, dispatches
 //! them to workers over QUIC and keeps everything in SQLite.
 
+pub mod admin;
 pub mod api;
 pub mod client;
 pub mod core;
@@ -11,3 +12,4 @@ pub mod model;
 pub mod net;
 pub mod serve;
 pub mod store;
+pub mod tokens;

@@ -1,5 +1,6 @@
 //! `foreman`: runs the grid's coordinator (`serve`) and talks to it (`submit`,
-//! `status`, `results`, `cancel`, `jobs`, `workers`, `drain`, `failures`).
+//! `status`, `results`, `cancel`, `jobs`, `workers`, `drain`, `failures`,
+//! `token`), and rotates its certificate (`cert rotate`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,12 +8,14 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use wasmgrid_foreman::admin;
 use wasmgrid_foreman::api::JobOptions;
 use wasmgrid_foreman::client::{self, Client, SubmitOptions};
 use wasmgrid_foreman::core::HealthPolicy;
 use wasmgrid_foreman::model::Scheduler;
 use wasmgrid_foreman::serve::{serve, ServeOptions};
 use wasmgrid_jobspec::SubmitLimits;
+use wasmgrid_foreman::store::TokenKind;
 use wasmgrid_worker::cli_io::LogFormat;
 
 #[derive(Parser)]
@@ -27,13 +30,17 @@ struct Cli {
     /// How log lines on stderr look: text for people, json for collectors.
     #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
+    /// A client token for the REST API (default: the client-token file of
+    /// ./wasmgrid-data when --foreman is on this machine).
+    #[arg(long, env = "WASMGRID_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Runs the foreman: QUIC for workers, REST for users, SQLite for everything.
     Serve {
-        #[arg(long, default_value = "wasmgrid-data")]
+        #[arg(long, default_value = client::DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
         #[arg(long, default_value = "0.0.0.0:9000")]
         quic: SocketAddr,
@@ -64,6 +71,14 @@ enum Command {
         /// Added to a task's timeout before the foreman gives up on its report.
         #[arg(long, value_name = "SECS", default_value_t = 10.0)]
         lease_slack: f64,
+        /// Reads need a client token even when --http is on loopback (beyond
+        /// loopback they always do; changes always do).
+        #[arg(long)]
+        require_token_for_reads: bool,
+        /// Let pages from this one origin (https://example.org) call the API
+        /// from a browser (CORS); by default none may.
+        #[arg(long, value_name = "ORIGIN")]
+        cors_origin: Option<String>,
     },
     /// Submits a job and waits for its results (printed as a JSON array in argument order).
     Submit {
@@ -151,6 +166,50 @@ enum Command {
         #[arg(long, default_value = DEFAULT_FOREMAN)]
         foreman: String,
     },
+    /// Join tokens (workers) and client tokens (REST API): create, list, revoke.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+        #[arg(long, default_value = DEFAULT_FOREMAN, global = true)]
+        foreman: String,
+    },
+    /// The foreman's TLS certificate.
+    Cert {
+        #[command(subcommand)]
+        action: CertAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Makes a token and prints it (the only time it is shown).
+    Create {
+        /// worker (joins workers) or client (calls the REST API).
+        #[arg(long, default_value = "worker", value_parser = clap::value_parser!(TokenKind))]
+        kind: TokenKind,
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Refused from then on: an RFC 3339 UTC time or from now (+30d, +12h).
+        #[arg(long, value_name = "TIME", value_parser = client::parse_not_before)]
+        expires: Option<u64>,
+    },
+    /// Lists tokens (never their secrets) and the certificate fingerprint join tokens pair with.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revokes a token: calls with it are refused, workers that joined with it are disconnected.
+    Revoke { id: u64 },
+}
+
+#[derive(Subcommand)]
+enum CertAction {
+    /// With the foreman stopped: a new key and certificate (the old pair kept as
+    /// *.previous); prints the new fingerprint.
+    Rotate {
+        #[arg(long, default_value = client::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
 }
 
 /// `foreman serve`'s caps on each job, whatever it asks.
@@ -204,7 +263,7 @@ const DEFAULT_FOREMAN: &str = "http://127.0.0.1:8000";
 fn main() -> ExitCode {
     let cli = Cli::parse();
     wasmgrid_worker::cli_io::init_logging("info", cli.log_format);
-    match run(cli.command) {
+    match run(cli.command, cli.token) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -213,7 +272,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(command: Command) -> anyhow::Result<ExitCode> {
+fn run(command: Command, token: Option<String>) -> anyhow::Result<ExitCode> {
+    let connect = |foreman: &str| Client::for_cli(foreman, token.clone());
     match command {
         Command::Serve {
             data_dir,
@@ -228,6 +288,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             cooldown_window,
             cooldown,
             lease_slack,
+            require_token_for_reads,
+            cors_origin,
         } => {
             anyhow::ensure!(
                 heartbeat_timeout.is_finite() && heartbeat_timeout >= 0.05,
@@ -258,6 +320,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 heartbeat_timeout: std::time::Duration::from_secs_f64(heartbeat_timeout),
                 default_scheduler: scheduler,
                 health,
+                require_token_for_reads,
+                cors_origin,
             }))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -287,7 +351,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 retry_deterministic,
             };
             client::submit(
-                &Client::new(&foreman),
+                &connect(&foreman),
                 SubmitOptions {
                     module,
                     args,
@@ -298,21 +362,20 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             )
         }
         Command::Status { job, foreman } => {
-            client::print_json(&Client::new(&foreman).get(&format!("/api/jobs/{job}"))?)
+            client::print_json(&connect(&foreman).get(&format!("/api/jobs/{job}"))?)
         }
         Command::Results { job, foreman } => {
-            client::print_json(&Client::new(&foreman).get(&format!("/api/jobs/{job}/results"))?)
+            client::print_json(&connect(&foreman).get(&format!("/api/jobs/{job}/results"))?)
         }
         Command::Cancel { job, foreman } => client::print_json(
-            &Client::new(&foreman)
-                .post(&format!("/api/jobs/{job}/cancel"), &serde_json::json!({}))?,
+            &connect(&foreman).post(&format!("/api/jobs/{job}/cancel"), &serde_json::json!({}))?,
         ),
-        Command::Jobs { foreman } => client::print_json(&Client::new(&foreman).get("/api/jobs")?),
+        Command::Jobs { foreman } => client::print_json(&connect(&foreman).get("/api/jobs")?),
         Command::Workers {
             foreman,
             wait,
             timeout,
-        } => client::workers(&Client::new(&foreman), wait, timeout),
+        } => client::workers(&connect(&foreman), wait, timeout),
         Command::Drain {
             worker,
             grace,
@@ -323,15 +386,30 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 None => serde_json::json!({}),
             };
             client::print_json(
-                &Client::new(&foreman).post(&format!("/api/workers/{worker}/drain"), &body)?,
+                &connect(&foreman).post(&format!("/api/workers/{worker}/drain"), &body)?,
             )
         }
+        Command::Token { action, foreman } => {
+            let client = connect(&foreman);
+            match action {
+                TokenAction::Create {
+                    kind,
+                    name,
+                    expires,
+                } => admin::create(&client, kind, &name, expires),
+                TokenAction::List { json } => admin::list(&client, json),
+                TokenAction::Revoke { id } => admin::revoke(&client, id),
+            }
+        }
+        Command::Cert {
+            action: CertAction::Rotate { data_dir },
+        } => admin::rotate(&data_dir),
         Command::Failures {
             worker,
             limit,
             foreman,
         } => client::print_json(
-            &Client::new(&foreman).get(&format!("/api/workers/{worker}/failures?limit={limit}"))?,
+            &connect(&foreman).get(&format!("/api/workers/{worker}/failures?limit={limit}"))?,
         ),
     }
 }

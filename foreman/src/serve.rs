@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::api::{self, ApiState};
+use crate::api::{self, ApiState, Security};
 use crate::core::{Core, HealthPolicy};
 use crate::driver::Driver;
 use crate::identity;
@@ -16,6 +16,7 @@ use crate::model::Scheduler;
 use crate::net::{self, NetContext};
 use crate::store::Store;
 use wasmgrid_jobspec::SubmitLimits;
+use crate::tokens::Tokens;
 use wasmgrid_worker::executor::Executor;
 
 pub struct ServeOptions {
@@ -31,12 +32,18 @@ pub struct ServeOptions {
     pub default_scheduler: Scheduler,
     /// Leases and cooldowns.
     pub health: HealthPolicy,
+    /// Reads need a client token even on loopback (beyond it they always do).
+    pub require_token_for_reads: bool,
+    /// The one other origin whose pages may call the API (CORS); none by default.
+    pub cors_origin: Option<String>,
 }
 
 pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     let identity = identity::load_or_create(&options.data_dir)?;
     let db = options.data_dir.join("foreman.db");
     let store = tokio::task::spawn_blocking(move || Store::open(&db)).await??;
+    let tokens = Arc::new(Tokens::new(store.clone()));
+    let bootstrap = identity::bootstrap(&options.data_dir, &tokens, &identity.fingerprint)?;
 
     let mut core = Core::with_policy(store.next_attempt_id()?, options.health);
     let unfinished = store.unfinished_jobs()?;
@@ -63,7 +70,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     tokio::spawn(net::accept(
         endpoint,
         Arc::new(NetContext {
-            secret: identity.secret.clone(),
+            tokens: tokens.clone(),
             heartbeat_timeout: options.heartbeat_timeout,
             store: store.clone(),
             driver: driver.clone(),
@@ -82,6 +89,17 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         validated: Default::default(),
         default_scheduler: options.default_scheduler,
         heartbeat_timeout: options.heartbeat_timeout,
+        security: Security {
+            tokens: tokens.clone(),
+            fingerprint: identity.fingerprint.clone(),
+            protect_reads: options.require_token_for_reads || !options.http.ip().is_loopback(),
+            cors_origin: options
+                .cors_origin
+                .as_deref()
+                .map(axum::http::HeaderValue::from_str)
+                .transpose()
+                .context("--cors-origin is not a valid header value")?,
+        },
     }));
     let listener = tokio::net::TcpListener::bind(options.http)
         .await
@@ -93,15 +111,34 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     } else {
         quic_addr
     };
-    let worker_command = format!(
-        "worker --foreman {join_host} --token {}",
-        identity.join_token()
-    );
+    // Scripts read the lines in capitals; TOKEN is left out when the join token is unusable.
+    let (join_with, token_line) = match &bootstrap.join {
+        Ok(token) => (
+            format!("worker --foreman {join_host} --token {token}"),
+            format!("TOKEN {token}\n"),
+        ),
+        Err(why) => (
+            format!("(none: {why}; make one with `foreman token create`)"),
+            String::new(),
+        ),
+    };
+    // The client token itself stays in its file: stdout often ends up in logs.
+    let client = match &bootstrap.client {
+        Ok(path) => format!(
+            "in {} (give it to the CLI with --token or WASMGRID_TOKEN)",
+            path.display()
+        ),
+        Err(why) => format!("(none: {why}; make one with `foreman token create --kind client`)"),
+    };
+    let needs = if !options.require_token_for_reads && options.http.ip().is_loopback() {
+        "changes need a client token"
+    } else {
+        "every call needs a client token"
+    };
     // The banner must not take the foreman down if nobody reads stdout any more.
     let banner = format!(
-        "wasmgrid foreman\n  REST API:  http://{http_addr}\n  workers:   {quic_addr}/udp (QUIC, certificate sha256 {})\n  join with: {worker_command}\nHTTP {http_addr}\nQUIC {join_host}\nTOKEN {}\n",
+        "wasmgrid foreman\n  REST API:  http://{http_addr} ({needs})\n  workers:   {quic_addr}/udp (QUIC, certificate sha256 {})\n  join with: {join_with}\n  client token: {client}\nHTTP {http_addr}\nQUIC {join_host}\n{token_line}",
         identity.fingerprint,
-        identity.join_token()
     );
     {
         use std::io::Write;
@@ -112,10 +149,13 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     }
 
     if options.local_workers > 0 {
+        let token = bootstrap.join.as_ref().map_err(|why| {
+            anyhow::anyhow!("--local-workers needs the bootstrap join token, but {why}")
+        })?;
         tokio::spawn(supervise_local_workers(
             options.local_workers,
             join_host,
-            identity.join_token(),
+            token.clone(),
             options.data_dir.join("local-worker-cache"),
         ));
     }

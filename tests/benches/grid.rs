@@ -63,10 +63,16 @@ impl Grid {
         grid
     }
 
+    /// Every call carries the client token, as a real client beyond loopback would.
+    fn bearer(&self) -> String {
+        format!("Bearer {}", self.foreman.client_token)
+    }
+
     fn get(&self, path: &str) -> Value {
         let mut response = self
             .agent
             .get(&format!("{}{path}", self.http))
+            .header("authorization", self.bearer())
             .call()
             .expect("GET");
         response
@@ -81,6 +87,7 @@ impl Grid {
         let mut response = self
             .agent
             .post(&format!("{}{path}", self.http))
+            .header("authorization", self.bearer())
             .send_json(body)
             .expect("POST");
         response

@@ -3,12 +3,11 @@
 //! one slot each, a real foreman on 127.0.0.1. The same job, the same
 //! workers, one fresh grid per scheduler.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use wasmgrid_tests::guest_path;
 use wasmgrid_tests::processes::{start_foreman, start_worker_with, Foreman};
-use wasmgrid_tests::{binary, guest_path};
 
 /// Tasks in the job and the width of each one's range.
 const TASKS: u64 = 24;
@@ -91,7 +90,8 @@ fn counts(foreman: &Foreman) -> (u64, u64) {
 }
 
 fn submit(foreman: &Foreman, args: &std::path::Path, extra: &[&str]) {
-    let out = Command::new(binary("foreman"))
+    let out = foreman
+        .cli()
         .arg("submit")
         .arg(guest_path("primes"))
         .arg(args)
@@ -107,7 +107,8 @@ fn submit(foreman: &Foreman, args: &std::path::Path, extra: &[&str]) {
 }
 
 fn cli(foreman: &Foreman, args: &[&str]) -> Value {
-    let out = Command::new(binary("foreman"))
+    let out = foreman
+        .cli()
         .args(args)
         .args(["--foreman", &foreman.http])
         .output()

@@ -1,8 +1,10 @@
 //! Real `foreman` and `worker` processes on 127.0.0.1 for tests and benchmarks.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 
 use crate::binary;
 
@@ -23,7 +25,43 @@ pub struct Foreman {
     pub http: String,
     /// `127.0.0.1:PORT` (UDP)
     pub quic: String,
+    /// The bootstrap join token (`wgw_ID_SECRET:FINGERPRINT`).
     pub token: String,
+    /// The bootstrap client token (`wgc_ID_SECRET`) from the data dir's `client-token`.
+    pub client_token: String,
+}
+
+/// Client tokens of the foremen started by this process, by their `http`,
+/// so helpers given only a URL can authenticate.
+static CLIENT_TOKENS: Mutex<Option<HashMap<String, String>>> = Mutex::new(None);
+
+/// The client token of the foreman this process started at `http`, if any.
+pub fn client_token_for(http: &str) -> Option<String> {
+    CLIENT_TOKENS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()?
+        .get(http)
+        .cloned()
+}
+
+/// The `foreman` CLI, with the client token of the foreman at `http` in
+/// `WASMGRID_TOKEN` (add `--foreman http` yourself).
+pub fn foreman_cli(http: &str) -> Command {
+    let mut command = Command::new(binary("foreman"));
+    if let Some(token) = client_token_for(http) {
+        command.env("WASMGRID_TOKEN", token);
+    }
+    command
+}
+
+impl Foreman {
+    /// The `foreman` CLI authenticated with this foreman's client token.
+    pub fn cli(&self) -> Command {
+        let mut command = Command::new(binary("foreman"));
+        command.env("WASMGRID_TOKEN", &self.client_token);
+        command
+    }
 }
 
 /// Starts `foreman serve` on free loopback ports; returns once it has printed its addresses.
@@ -67,11 +105,23 @@ pub fn start_foreman_at(data_dir: &Path, quic: &str, extra: &[&str]) -> Foreman 
     }
     // Keep draining stdout so the foreman never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
+    let http = http.unwrap_or_default();
+    // Written before the banner is printed.
+    let client_token = std::fs::read_to_string(data_dir.join("client-token"))
+        .expect("the foreman wrote its client token")
+        .trim()
+        .to_owned();
+    CLIENT_TOKENS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(HashMap::new)
+        .insert(http.clone(), client_token.clone());
     Foreman {
         process: Running(child),
-        http: http.unwrap_or_default(),
+        http,
         quic: quic.unwrap_or_default(),
         token: token.unwrap_or_default(),
+        client_token,
     }
 }
 

@@ -56,11 +56,22 @@ fn the_dashboard_follows_a_job_live_and_shows_its_tasks() {
     };
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    let foreman = start_foreman(&dir.path().join("data"), &[]);
+    // Reads need a token too, as beyond loopback: the page must ask for it.
+    let foreman = start_foreman(&dir.path().join("data"), &["--require-token-for-reads"]);
     let _worker = start_worker(&foreman, "dash-worker", &dir.path().join("cache"));
     let browser = Browser::start(&chromedriver, 1400, 1100, WAIT);
 
     browser.goto(&format!("{}/", foreman.http));
+    browser.wait_for("the page to ask for a client token", WAIT, |b| {
+        b.text("#token-reason")
+            .filter(|reason| reason.contains("client token"))
+    });
+    browser.screenshot(&artifacts().join("token-form.png"));
+    browser.execute(
+        "document.querySelector('#token-input').value = arguments[0];",
+        json!([foreman.client_token]),
+    );
+    browser.click("#token-form button[type=submit]");
     browser.wait_for("the worker in the workers table", WAIT, |b| {
         b.text("#workers tbody")
             .filter(|text| text.contains("dash-worker"))
@@ -89,6 +100,15 @@ fn the_dashboard_follows_a_job_live_and_shows_its_tasks() {
     );
     assert_eq!(browser.count(&format!("{row} button[data-cancel]")), 1);
     browser.screenshot(&artifacts().join("dashboard.png"));
+
+    assert_eq!(
+        browser.execute(
+            "return [document.querySelector('#token-form').hidden, document.querySelector('#forget-token').hidden];",
+            json!([])
+        ),
+        json!([true, false]),
+        "asked once, and the token can be forgotten"
+    );
 
     browser.click(&format!("{row} a[data-route]"));
     browser.wait_for("the job's tasks", WAIT, |b| {
@@ -119,6 +139,7 @@ fn the_dashboard_follows_a_job_live_and_shows_its_tasks() {
         &example_args_path("mandelbrot"),
     );
     wait_for_state(&foreman.http, &mandelbrot, "completed", 120);
+    // A new page load: the kept token is used, nothing is asked.
     browser.goto(&format!("{}/jobs/{mandelbrot}", foreman.http));
     browser.wait_for("the Mandelbrot picture", WAIT, |b| {
         let shown = b.execute(
@@ -132,6 +153,14 @@ fn the_dashboard_follows_a_job_live_and_shows_its_tasks() {
         json!([]),
     );
     assert_eq!(size, json!([640, 480]));
+    assert_eq!(
+        browser.execute(
+            "return document.querySelector('#token-form').hidden;",
+            json!([])
+        ),
+        json!(true),
+        "asked again after a page load"
+    );
     browser.screenshot(&artifacts().join("mandelbrot-job.png"));
 
     // A 100,000-task job: its page shows one page of tasks, never all of them.

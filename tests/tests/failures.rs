@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use common::{cli_json, submit_slow_primes, wait_for_state};
 use serde_json::Value;
+use wasmgrid_tests::guest_path;
 use wasmgrid_tests::processes::{start_foreman, start_worker, start_worker_with, Foreman};
-use wasmgrid_tests::{binary, guest_path};
 
 /// Blocks until `n` workers are online (`foreman workers --wait`).
 fn wait_for_workers(foreman: &Foreman, n: usize) -> Value {
@@ -147,7 +147,8 @@ fn foreman_drain_sends_a_worker_away_gracefully() {
         expected
     );
     // Draining a worker that has gone is refused with the reason.
-    let out = Command::new(binary("foreman"))
+    let out = foreman
+        .cli()
         .args(["drain", &leaving_id, "--foreman", &foreman.http])
         .output()
         .unwrap();
@@ -197,7 +198,8 @@ fn cancelling_frees_the_workers_slots_within_two_seconds() {
         r#"[["loop", 0], ["loop", 0], ["loop", 0], ["loop", 0]]"#,
     )
     .unwrap();
-    let submitted = Command::new(binary("foreman"))
+    let submitted = foreman
+        .cli()
         .arg("submit")
         .arg(guest_path("misbehave"))
         .arg(&args)
@@ -303,7 +305,8 @@ fn every_scheduler_gets_the_right_answers_and_a_delayed_job_waits() {
         "performance",
         "priority",
     ] {
-        let out = Command::new(binary("foreman"))
+        let out = foreman
+            .cli()
             .arg("submit")
             .arg(guest_path("primes"))
             .arg(&args)
@@ -320,7 +323,8 @@ fn every_scheduler_gets_the_right_answers_and_a_delayed_job_waits() {
         assert_eq!(results, Value::Array(expected.clone()), "{scheduler}");
     }
     let id = {
-        let out = Command::new(binary("foreman"))
+        let out = foreman
+            .cli()
             .arg("submit")
             .arg(guest_path("primes"))
             .arg(&args)

@@ -12,7 +12,8 @@ use wasmgrid_tests::processes::{start_foreman, start_foreman_at, start_worker, F
 use wasmgrid_tests::{binary, example_args_path, guest_path, json_elements};
 
 fn submit(foreman: &Foreman, name: &str) -> Output {
-    Command::new(binary("foreman"))
+    foreman
+        .cli()
         .arg("submit")
         .arg(guest_path(name))
         .arg(example_args_path(name))
@@ -102,7 +103,8 @@ fn a_job_submitted_before_any_worker_runs_when_one_joins_and_survives_a_restart(
 fn serve_with_local_workers_is_a_whole_grid() {
     let dir = tempfile::tempdir().unwrap();
     let foreman = start_foreman(&dir.path().join("data"), &["--local-workers", "2"]);
-    let waited = Command::new(binary("foreman"))
+    let waited = foreman
+        .cli()
         .args([
             "workers",
             "--wait",
@@ -121,7 +123,8 @@ fn serve_with_local_workers_is_a_whole_grid() {
     );
     let listed: Value = serde_json::from_slice(&waited.stdout).unwrap();
     assert_eq!(listed.as_array().map(Vec::len), Some(2));
-    let too_many = Command::new(binary("foreman"))
+    let too_many = foreman
+        .cli()
         .args([
             "workers",
             "--wait",
@@ -154,7 +157,8 @@ fn bad_submissions_are_refused_with_the_reason() {
         ),
         (guest_path("add").as_path(), empty.clone(), "empty array"),
     ] {
-        let out = Command::new(binary("foreman"))
+        let out = foreman
+            .cli()
             .arg("submit")
             .arg(module)
             .arg(&args)
@@ -165,7 +169,8 @@ fn bad_submissions_are_refused_with_the_reason() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(expected), "{err}");
     }
-    let unknown = Command::new(binary("foreman"))
+    let unknown = foreman
+        .cli()
         .args(["status", "999", "--foreman", &foreman.http])
         .output()
         .unwrap();
@@ -273,7 +278,8 @@ fn an_upload_over_the_limit_is_refused_naming_the_limit() {
     let element = format!("[\"{}\"]", "x".repeat(1000));
     let all: Vec<&str> = std::iter::repeat_n(element.as_str(), 2000).collect();
     std::fs::write(&big_args, format!("[{}]", all.join(","))).unwrap();
-    let out = Command::new(binary("foreman"))
+    let out = foreman
+        .cli()
         .arg("submit")
         .arg(guest_path("wordcount"))
         .arg(&big_args)
@@ -400,7 +406,8 @@ fn cancelling_a_job_stops_its_running_tasks_on_the_worker() {
     let foreman = start_foreman(&dir.path().join("data"), &[]);
     let _worker = start_worker(&foreman, "only", &dir.path().join("cache"));
     let cli = |args: &[&str]| -> Output {
-        Command::new(binary("foreman"))
+        foreman
+            .cli()
             .args(args)
             .args(["--foreman", &foreman.http])
             .output()

@@ -22,6 +22,7 @@ use crate::executor::{Executor, ExecutorOptions, ModuleId, SlotPool, Tracking};
 use crate::outgoing::{self, Outgoing};
 use crate::status::{Connection, StaticInfo, Status};
 pub use crate::tls::client_config;
+use crate::tls::pinned_client_config;
 
 /// The name in the foreman's certificate.
 pub const SERVER_NAME: &str = "wasmgrid-foreman";
@@ -57,7 +58,7 @@ pub async fn run(options: JoinOptions) -> anyhow::Result<()> {
     let (secret, fingerprint) = options
         .token
         .split_once(':')
-        .context("the token must look like SECRET:FINGERPRINT (as printed by `foreman serve`)")?;
+        .context("the token must look like wgw_ID_SECRET:FINGERPRINT (as printed by `foreman serve` or `foreman token create`)")?;
     let mut terminate = Terminate::install();
     let executor = Arc::new(Executor::with_options(ExecutorOptions {
         cache_dir: options.cache_dir.clone(),
@@ -221,11 +222,23 @@ async fn join(
     status: &Status,
 ) -> anyhow::Result<Joined> {
     let endpoint = quinn::Endpoint::client(SocketAddr::new([0, 0, 0, 0].into(), 0))?;
-    let connecting =
-        endpoint.connect_with(client_config(fingerprint)?, options.foreman, SERVER_NAME)?;
-    let connection = tokio::time::timeout(FOREMAN_SILENCE, connecting)
+    let (config, mismatch) = pinned_client_config(fingerprint)?;
+    let connecting = endpoint.connect_with(config, options.foreman, SERVER_NAME)?;
+    let connected = tokio::time::timeout(FOREMAN_SILENCE, connecting)
         .await
-        .map_err(|_| anyhow::anyhow!("the foreman at {} did not answer", options.foreman))?
+        .map_err(|_| anyhow::anyhow!("the foreman at {} did not answer", options.foreman))?;
+    let seen = mismatch.lock().ok().and_then(|mut seen| seen.take());
+    if let Some(seen) = seen {
+        // Another certificate will not turn into the pinned one by retrying.
+        return Err(Refused(format!(
+            "the certificate of the foreman at {} has sha256 {seen}, but the token pins {fingerprint} \
+             (fingerprint mismatch: if the foreman's certificate was rotated, use the token's \
+             secret with the new fingerprint, or a new token)",
+            options.foreman
+        ))
+        .into());
+    }
+    let connection = connected
         .with_context(|| format!("cannot connect to the foreman at {}", options.foreman))?;
     let (mut send, mut recv) = connection.open_bi().await?;
     send.write_all(&Preamble::ours().encode()).await?;

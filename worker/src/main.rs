@@ -35,7 +35,8 @@ struct JoinArgs {
     /// The foreman's QUIC address, as printed by `foreman serve`.
     #[arg(long)]
     foreman: Option<std::net::SocketAddr>,
-    /// The join token printed by `foreman serve` (secret and certificate fingerprint).
+    /// The join token printed by `foreman serve` or `foreman token create`:
+    /// wgw_ID_SECRET:FINGERPRINT (the secret, and the certificate fingerprint to pin).
     #[arg(long)]
     token: Option<String>,
     /// Tasks run at once; defaults to the number of cores.

@@ -63,6 +63,10 @@ pub fn run_demo() -> anyhow::Result<()> {
     let Some(http) = http else {
         bail!("the foreman exited before it was ready");
     };
+    // Submitting needs a client token; the foreman made one in its data dir.
+    let token = std::fs::read_to_string(data.join("client-token"))
+        .context("the foreman wrote no client-token")?;
+    println!("(client token: foreman-data/client-token, passed as WASMGRID_TOKEN)");
 
     for (name, dir) in guests::guest_crates()?
         .into_iter()
@@ -71,6 +75,7 @@ pub fn run_demo() -> anyhow::Result<()> {
         let results = out.join(format!("{name}.json"));
         println!("\n== foreman submit target/wasm/{name}.wasm examples/{name}/args.json");
         run(Command::new(bin.join("foreman"))
+            .env("WASMGRID_TOKEN", token.trim())
             .arg("submit")
             .arg(guests::output_dir().join(format!("{name}.wasm")))
             .arg(dir.join("args.json"))

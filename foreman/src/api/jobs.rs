@@ -10,7 +10,7 @@ use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 pub use wasmgrid_jobspec::JobOptions;
@@ -19,7 +19,7 @@ use wasmgrid_protocol::FailureKind;
 use wasmgrid_worker::executor::ModuleId;
 
 use super::params::Params;
-use super::{ApiError, ApiState};
+use super::{ApiError, ApiState, Caller};
 use crate::driver::Input;
 use crate::model::{JobId, JobState, TaskState};
 use crate::store::{JobRow, NewJob};
@@ -54,6 +54,7 @@ pub struct Submitted {
         (status = 422, description = "invalid_module or wrong_world, or limit_exceeded: fuel, memory or timeout over a cap")))]
 pub(super) async fn submit(
     State(state): State<Arc<ApiState>>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Submitted>), ApiError> {
@@ -132,7 +133,9 @@ pub(super) async fn submit(
     let store = state.store.clone();
     let (spec, args) = tokio::task::spawn_blocking(move || {
         let args: Vec<Arc<str>> = new_job.args.iter().map(|a| Arc::from(a.as_str())).collect();
-        store.create_job(new_job).map(|spec| (spec, args))
+        store
+            .create_job_for(new_job, caller.map(|Extension(c)| c.token_id))
+            .map(|spec| (spec, args))
     })
     .await??;
     let submitted = Submitted {

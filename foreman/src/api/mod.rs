@@ -1,11 +1,15 @@
 //! The REST API: submit jobs, follow them, fetch their results; see and
-//! drain workers; the dashboard's views, an event stream, Prometheus
-//! metrics, and an OpenAPI document of all of it.
+//! drain workers; manage tokens; the dashboard's views, an event stream,
+//! Prometheus metrics, and an OpenAPI document of all of it. Who may call
+//! what is `auth`'s job (client tokens).
 
+mod auth;
+mod cors;
 mod events;
 mod jobs;
 mod metrics;
 mod params;
+mod tokens;
 mod views;
 mod workers;
 
@@ -15,6 +19,8 @@ mod tests;
 mod tests_limits;
 #[cfg(test)]
 mod tests_stream;
+#[cfg(test)]
+mod tests_tokens;
 #[cfg(test)]
 mod tests_views;
 
@@ -35,6 +41,7 @@ use crate::driver::Driver;
 use crate::model::{JobId, Scheduler};
 use crate::store::{Store, StoreError};
 
+pub use auth::Caller;
 pub use jobs::{JobOptions, SubmitRequest, Submitted};
 pub use workers::{WorkerStatus, WorkerView};
 
@@ -57,6 +64,19 @@ pub struct ApiState {
     /// The foreman's (`foreman serve --heartbeat-timeout`): workers beat
     /// three times within it, which tells a healthy worker from a late one.
     pub heartbeat_timeout: Duration,
+    /// Tokens and who needs one.
+    pub security: Security,
+}
+
+/// The API's side of security (see `auth`).
+pub struct Security {
+    pub tokens: Arc<crate::tokens::Tokens>,
+    /// The certificate fingerprint join tokens are handed out with.
+    pub fingerprint: String,
+    /// Reads need a token too (the API listens beyond loopback).
+    pub protect_reads: bool,
+    /// The one other origin allowed to call from a browser (`--cors-origin`); none by default.
+    pub cors_origin: Option<axum::http::HeaderValue>,
 }
 
 impl ApiState {
@@ -99,6 +119,8 @@ fn routes() -> (Router<Arc<ApiState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(workers::failure_stats))
         .routes(routes!(events::events))
         .routes(routes!(metrics::metrics))
+        .routes(routes!(tokens::create, tokens::list))
+        .routes(routes!(tokens::revoke))
         .routes(routes!(limits))
         .routes(routes!(openapi))
         .split_for_parts()
@@ -114,6 +136,15 @@ pub fn router(state: Arc<ApiState>) -> Router {
     let (router, document) = routes();
     router
         .merge(crate::dashboard::router())
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ))
+        // Outside auth: a preflight carries no token.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            cors::allow_origin,
+        ))
         .layer(Extension(Arc::new(document)))
         .layer(DefaultBodyLimit::max(max_upload))
         .with_state(state)

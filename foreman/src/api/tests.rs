@@ -21,6 +21,11 @@ pub(super) async fn app_state(
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("foreman.db")).unwrap();
     let driver = Driver::spawn(crate::core::Core::new(1), store.clone());
+    let tokens = Arc::new(crate::tokens::Tokens::new(store.clone()));
+    let client = tokens
+        .issue(crate::store::TokenKind::Client, "tests", None)
+        .unwrap();
+    FIXTURE_TOKEN.with(|t| *t.borrow_mut() = Some(client.token));
     let state = ApiState {
         store,
         driver,
@@ -30,11 +35,49 @@ pub(super) async fn app_state(
         validated: Default::default(),
         default_scheduler,
         heartbeat_timeout: Duration::from_secs(3),
+        security: Security {
+            tokens,
+            fingerprint: "ab".repeat(32),
+            protect_reads: false,
+            cors_origin: None,
+        },
     };
     (dir, Arc::new(state))
 }
 
-pub(super) async fn call(app: Router, request: Request<Body>) -> (StatusCode, serde_json::Value) {
+thread_local! {
+    /// The client token of the fixture made last on this thread (each test has its own).
+    static FIXTURE_TOKEN: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The fixture's client token (made by [`app_state`]).
+pub(super) fn fixture_token() -> String {
+    FIXTURE_TOKEN
+        .with(|t| t.borrow().clone())
+        .expect("app_state made a token")
+}
+
+/// Sends a request, as the fixture's client unless it names its own `Authorization`.
+pub(super) async fn call(
+    app: Router,
+    mut request: Request<Body>,
+) -> (StatusCode, serde_json::Value) {
+    if let Some(token) = FIXTURE_TOKEN.with(|t| t.borrow().clone()) {
+        if !request
+            .headers()
+            .contains_key(axum::http::header::AUTHORIZATION)
+        {
+            request.headers_mut().insert(
+                axum::http::header::AUTHORIZATION,
+                format!("Bearer {token}").parse().unwrap(),
+            );
+        }
+    }
+    send(app, request).await
+}
+
+/// Sends a request as it is.
+pub(super) async fn send(app: Router, request: Request<Body>) -> (StatusCode, serde_json::Value) {
     let response = app.oneshot(request).await.unwrap();
     let status = response.status();
     let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
@@ -115,8 +158,15 @@ fn post_json(uri: &str, body: &str) -> Request<Body> {
         .unwrap()
 }
 
+/// A GET as the fixture's client (see [`call`]).
 pub(super) fn get(uri: &str) -> Request<Body> {
-    Request::get(uri).body(Body::empty()).unwrap()
+    let request = Request::get(uri);
+    match FIXTURE_TOKEN.with(|t| t.borrow().clone()) {
+        Some(token) => request.header(axum::http::header::AUTHORIZATION, format!("Bearer {token}")),
+        None => request,
+    }
+    .body(Body::empty())
+    .unwrap()
 }
 
 pub(super) fn error_of(json: &serde_json::Value) -> (&str, &str) {

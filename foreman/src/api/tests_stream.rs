@@ -25,6 +25,9 @@ const ROUTES: &[(&str, &str)] = &[
     ("/api/worker-failure-stats", "get"),
     ("/api/events", "get"),
     ("/api/limits", "get"),
+    ("/api/tokens", "get"),
+    ("/api/tokens", "post"),
+    ("/api/tokens/{id}/revoke", "post"),
     ("/api/openapi.json", "get"),
     ("/metrics", "get"),
 ];

@@ -13,6 +13,7 @@ use wasmgrid_protocol::wire::{ALPN_ANY_VERSION, ALPN_VERSIONED};
 use crate::driver::Driver;
 use crate::identity::Identity;
 use crate::store::Store;
+use crate::tokens::Tokens;
 
 /// QUIC application close codes, with a reason for people.
 pub mod close {
@@ -23,7 +24,8 @@ pub mod close {
 }
 
 pub struct NetContext {
-    pub secret: String,
+    /// Checks join tokens and cuts off workers whose token is revoked.
+    pub tokens: Arc<Tokens>,
     /// A worker silent this long is offline: its connection is closed and
     /// its tasks go back to the queue.
     pub heartbeat_timeout: Duration,

@@ -15,7 +15,8 @@ use wasmgrid_protocol::wire::{
 use super::{close, NetContext};
 use crate::core::WorkerSpec;
 use crate::driver::Input;
-use crate::store::WorkerRow;
+use crate::store::{TokenKind, WorkerRow};
+use crate::tokens::Refusal;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -66,17 +67,42 @@ async fn serve(connection: &quinn::Connection, ctx: Arc<NetContext>) -> anyhow::
         connection.close(close::PROTOCOL_ERROR.into(), b"expected hello");
         bail!("the worker did not start with hello");
     };
-    if token != ctx.secret {
-        connection.close(close::BAD_TOKEN.into(), b"invalid join token");
-        bail!(
-            "refused worker {} ({}): invalid join token",
-            info.name,
-            info.hostname
-        );
-    }
+    // Held before the check, so a revoke racing with this join still reaches it.
+    let _held =
+        crate::tokens::parse(&token).map(|(_, id, _)| ctx.tokens.hold(id, connection.clone()));
+    let checker = ctx.tokens.clone();
+    let checked =
+        tokio::task::spawn_blocking(move || checker.check(&token, TokenKind::Worker)).await??;
+    let token = match checked {
+        Ok(token) => token,
+        Err(refusal) => {
+            connection.close(close::BAD_TOKEN.into(), refusal.to_string().as_bytes());
+            bail!(
+                "refused worker {} ({}): {refusal}",
+                info.name,
+                info.hostname
+            );
+        }
+    };
+    let _expiry = token.expires_at_ms.map(|at| {
+        let connection = connection.clone();
+        let reason = Refusal::Expired {
+            what: "join",
+            id: token.id,
+            at: crate::tokens::rfc3339(at),
+        }
+        .to_string();
+        AbortOnDrop(tokio::spawn(async move {
+            let left = at.saturating_sub(crate::tokens::now_ms());
+            tokio::time::sleep(Duration::from_millis(left)).await;
+            connection.close(close::BAD_TOKEN.into(), reason.as_bytes());
+        }))
+    });
     let store = ctx.store.clone();
     let row = WorkerRow::joining(&info);
-    let worker = tokio::task::spawn_blocking(move || store.upsert_worker(&row)).await??;
+    let token_id = token.id;
+    let worker =
+        tokio::task::spawn_blocking(move || store.register_worker(&row, Some(token_id))).await??;
     // Three heartbeats fit in the timeout, so one lost or late beat is no death.
     let heartbeat_ms = (ctx.heartbeat_timeout.as_millis() / 3).max(1) as u64;
     send.write_all(&encode_frame(&ToWorker::Welcome {
@@ -177,5 +203,14 @@ async fn serve_modules(connection: quinn::Connection, ctx: Arc<NetContext>) {
             send.finish()?;
             anyhow::Ok(())
         });
+    }
+}
+
+/// Aborts a task when dropped (a session's side jobs end with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -14,6 +14,7 @@
 
 mod queries;
 mod schema;
+mod tokens;
 mod views;
 mod writer;
 
@@ -34,6 +35,7 @@ use crate::model::{JobId, JobSpec, JobState, Record, Scheduler, TaskIndex, TaskS
 
 use writer::{Change, Command};
 
+pub use tokens::{TokenKind, TokenRow};
 pub use views::{
     FailureRow, FailureStats, JobSummary, LatencyBucket, RunTimeHistogram, Stats, TaskPage,
     TaskRow, TaskTimingsRow, WorkerFailureCount, WorkerShare, LATENCY_BUCKETS_MS,
@@ -320,7 +322,12 @@ impl Store {
     /// Accepts a job: allocates its id, stores the job and one task per
     /// argument set in one transaction. Durable when it returns.
     pub fn create_job(&self, job: NewJob) -> Result<JobSpec, StoreError> {
-        let spec = self.call(false, move |conn| queries::create_job(conn, job))?;
+        self.create_job_for(job, None)
+    }
+
+    /// [`Store::create_job`], recording the client token that submitted it.
+    pub fn create_job_for(&self, job: NewJob, token: Option<u64>) -> Result<JobSpec, StoreError> {
+        let spec = self.call(false, move |conn| queries::create_job(conn, job, token))?;
         self.announce(Changes {
             job_states: vec![spec.id],
             ..Changes::default()
@@ -385,8 +392,17 @@ impl Store {
     /// used (the store keeps the rest); a worker joining again is no longer
     /// draining and its last load is forgotten.
     pub fn upsert_worker(&self, w: &WorkerRow) -> Result<WorkerId, StoreError> {
+        self.register_worker(w, None)
+    }
+
+    /// [`Store::upsert_worker`], recording the join token it joined with.
+    pub fn register_worker(
+        &self,
+        w: &WorkerRow,
+        token: Option<u64>,
+    ) -> Result<WorkerId, StoreError> {
         let w = w.clone();
-        let id = self.call(false, move |conn| queries::upsert_worker(conn, &w))?;
+        let id = self.call(false, move |conn| queries::upsert_worker(conn, &w, token))?;
         self.announce_worker(id);
         Ok(id)
     }
@@ -504,6 +520,22 @@ impl Store {
             }),
         })?;
         answer.recv().map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `f` on the writer thread after everything queued before, without
+    /// waiting; a failure is logged.
+    fn exec_later(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<(), StoreError> + Send + 'static,
+    ) {
+        self.send(Command::Exec {
+            durable: false,
+            run: Box::new(move |conn| {
+                if let Err(error) = f(conn) {
+                    tracing::warn!("store: {error}");
+                }
+            }),
+        });
     }
 
     /// Runs `f` on a pooled read connection.

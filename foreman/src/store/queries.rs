@@ -43,7 +43,11 @@ pub(super) fn put_module(
     Ok(())
 }
 
-pub(super) fn create_job(conn: &mut Connection, job: NewJob) -> Result<JobSpec, StoreError> {
+pub(super) fn create_job(
+    conn: &mut Connection,
+    job: NewJob,
+    token: Option<u64>,
+) -> Result<JobSpec, StoreError> {
     let task_count = u32::try_from(job.args.len())
         .map_err(|_| StoreError::InvalidJob(format!("{} tasks is too many", job.args.len())))?;
     let started = Instant::now();
@@ -62,8 +66,8 @@ pub(super) fn create_job(conn: &mut Connection, job: NewJob) -> Result<JobSpec, 
     tx.execute(
         "INSERT INTO jobs (module, state, priority, scheduler, fuel, memory_bytes, timeout_ms,
              output_bytes, max_retries, total, queued, created_at_ms, not_before_ms,
-             retry_deterministic)
-         VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10, ?11, ?12)",
+             retry_deterministic, token_id)
+         VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10, ?11, ?12, ?13)",
         params![
             &job.module[..],
             job.priority,
@@ -77,6 +81,7 @@ pub(super) fn create_job(conn: &mut Connection, job: NewJob) -> Result<JobSpec, 
             now_ms(),
             job.not_before_ms.map(to_sql),
             job.retry_deterministic,
+            token.map(to_sql),
         ],
     )?;
     let id = schema::from_sql(tx.last_insert_rowid());
@@ -102,21 +107,25 @@ pub(super) fn create_job(conn: &mut Connection, job: NewJob) -> Result<JobSpec, 
     })
 }
 
-pub(super) fn upsert_worker(conn: &mut Connection, w: &WorkerRow) -> Result<WorkerId, StoreError> {
+pub(super) fn upsert_worker(
+    conn: &mut Connection,
+    w: &WorkerRow,
+    token: Option<u64>,
+) -> Result<WorkerId, StoreError> {
     let i = &w.info;
     // A worker that joins again starts afresh: not draining, its old load gone.
     let id: i64 = conn.query_row(
         "INSERT INTO workers (name, hostname, os, arch, cores, memory_bytes, slots,
              wasmtime_version, engine_hash, cpu_model, benchmark_fuel_per_sec, cpu_limit_percent,
-             online, first_seen_ms, last_seen_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14)
+             online, first_seen_ms, last_seen_ms, token_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14, ?15)
          ON CONFLICT (name, hostname) DO UPDATE SET os = excluded.os, arch = excluded.arch,
              cores = excluded.cores, memory_bytes = excluded.memory_bytes,
              slots = excluded.slots, wasmtime_version = excluded.wasmtime_version,
              engine_hash = excluded.engine_hash, cpu_model = excluded.cpu_model,
              benchmark_fuel_per_sec = excluded.benchmark_fuel_per_sec,
              cpu_limit_percent = excluded.cpu_limit_percent, online = excluded.online,
-             last_seen_ms = excluded.last_seen_ms, draining = 0, running = 0,
+             last_seen_ms = excluded.last_seen_ms, token_id = excluded.token_id, draining = 0, running = 0,
              cpu_permille = 0, memory_used_bytes = 0, worker_rss_bytes = 0,
              last_heartbeat_ms = NULL
          RETURNING id",
@@ -135,6 +144,7 @@ pub(super) fn upsert_worker(conn: &mut Connection, w: &WorkerRow) -> Result<Work
             i.cpu_limit_percent,
             w.online,
             now_ms(),
+            token.map(to_sql),
         ],
         |row| row.get(0),
     )?;

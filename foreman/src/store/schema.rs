@@ -15,7 +15,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `MIGRATIONS[n]` takes the schema from version `n` to `n + 1`
 /// (`PRAGMA user_version`). Append only; never edit a shipped migration.
-pub(super) const MIGRATIONS: &[&str] = &[V1, V2];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 /// The schema version this code reads and writes.
 pub(super) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -206,6 +206,27 @@ INSERT INTO run_time_buckets (job_id, bucket, count, sum_us)
     GROUP BY job_id, b;
 INSERT INTO run_time_buckets (job_id, bucket, count, sum_us)
     SELECT 0, bucket, sum(count), sum(sum_us) FROM run_time_buckets GROUP BY bucket;
+";
+
+/// Security: join (`worker`) and REST (`client`) tokens, and who used which.
+/// - `hash` is the sha256 of the token's secret; the secret itself is never stored.
+/// - `expires_at_ms`, `revoked_at_ms` are NULL while they do not apply;
+///   `last_used_ms` is coarse (updated at most every few seconds per token).
+/// - `workers.token_id` is the token a worker last joined with;
+///   `jobs.token_id` the client token that submitted the job (NULL before v3).
+const V3: &str = "
+CREATE TABLE tokens (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind          TEXT NOT NULL CHECK (kind IN ('worker', 'client')),
+    name          TEXT NOT NULL,
+    hash          BLOB NOT NULL CHECK (length(hash) = 32),
+    created_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER,
+    revoked_at_ms INTEGER,
+    last_used_ms  INTEGER
+);
+ALTER TABLE workers ADD COLUMN token_id INTEGER;
+ALTER TABLE jobs ADD COLUMN token_id INTEGER;
 ";
 
 /// Opens the writing connection: WAL, settings, schema up to date, workers

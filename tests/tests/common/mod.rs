@@ -2,12 +2,11 @@
 //! polling a job's state, and a slow `primes` job with its native answers.
 #![allow(dead_code)]
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use wasmgrid_tests::processes::Foreman;
-use wasmgrid_tests::{binary, guest_path};
+use wasmgrid_tests::guest_path;
+use wasmgrid_tests::processes::{foreman_cli, Foreman};
 
 /// Submits, detached, eight `primes` tasks of ~0.1–0.4 s each; returns the
 /// job id and the native answers.
@@ -31,7 +30,7 @@ pub fn submit_slow_primes(foreman: &Foreman, dir: &std::path::Path) -> (String, 
 
 /// `foreman ARGS --foreman URL`, its stdout as JSON (`null` when it is not).
 pub fn cli_json(http: &str, args: &[&str]) -> Value {
-    let out = Command::new(binary("foreman"))
+    let out = foreman_cli(http)
         .args(args)
         .args(["--foreman", http])
         .output()
@@ -61,7 +60,8 @@ pub fn submit_detached(
     module: &std::path::Path,
     args: &std::path::Path,
 ) -> String {
-    let detached = Command::new(binary("foreman"))
+    let detached = foreman
+        .cli()
         .arg("submit")
         .arg(module)
         .arg(args)

@@ -10,8 +10,90 @@ export class NotFound extends Error {
   }
 }
 
+// The client token: asked for once (when a call is refused with 401), kept
+// in localStorage, sent on every call; streams carry it as ?access_token=
+// because EventSource cannot send headers.
+const TOKEN_KEY = "wasmgrid-token";
+
+export function token() {
+  try {
+    return localStorage.getItem(TOKEN_KEY);
+  } catch {
+    return null;
+  }
+}
+
+/** Forgets the stored token (the "forget token" link). */
+export function forgetToken() {
+  try {
+    localStorage.removeItem(TOKEN_KEY);
+  } catch {
+    // No storage: nothing was kept.
+  }
+  window.dispatchEvent(new CustomEvent("wasmgrid-token"));
+}
+
+/** A stream's address, with the token when there is one. */
+export function streamUrl(path) {
+  const t = token();
+  if (!t) return path;
+  return `${path}${path.includes("?") ? "&" : "?"}access_token=${encodeURIComponent(t)}`;
+}
+
+let asking = null;
+
+/** Shows the token form (once, however many calls were refused) and
+ *  resolves when a token was entered. */
+function askForToken(reason) {
+  const form = document.querySelector("#token-form");
+  document.querySelector("#token-reason").textContent = reason;
+  form.hidden = false;
+  if (asking) return asking;
+  asking = new Promise((resolve) => {
+    form.onsubmit = (event) => {
+      event.preventDefault();
+      const value = document.querySelector("#token-input").value.trim();
+      if (!value) return;
+      try {
+        localStorage.setItem(TOKEN_KEY, value);
+      } catch {
+        // No storage: this page load still uses it through the retry below.
+      }
+      sessionToken = value;
+      form.hidden = true;
+      document.querySelector("#token-input").value = "";
+      asking = null;
+      window.dispatchEvent(new CustomEvent("wasmgrid-token"));
+      resolve();
+    };
+  });
+  document.querySelector("#token-input").focus();
+  return asking;
+}
+
+/** For browsers that refuse localStorage: the token entered on this page. */
+let sessionToken = null;
+
+/** `fetch` with the token; a 401 asks for one and tries again. */
+async function authorizedFetch(path, init = {}) {
+  for (;;) {
+    const t = token() ?? sessionToken;
+    const headers = { ...(init.headers ?? {}) };
+    if (t) headers.authorization = `Bearer ${t}`;
+    const response = await fetch(path, { ...init, headers });
+    if (response.status !== 401) return response;
+    let reason = "This foreman needs a client token.";
+    try {
+      reason = (await response.json()).error.message;
+    } catch {
+      // Not the API's JSON: keep the general reason.
+    }
+    await askForToken(reason);
+  }
+}
+
 export async function getJson(path) {
-  const response = await fetch(path, { headers: { accept: "application/json" } });
+  const response = await authorizedFetch(path, { headers: { accept: "application/json" } });
   if (response.status === 404) {
     const body = await response.text();
     throw new NotFound(path, !body.includes('"error"'));
@@ -21,7 +103,7 @@ export async function getJson(path) {
 }
 
 export async function postJson(path, body = {}) {
-  const response = await fetch(path, {
+  const response = await authorizedFetch(path, {
     method: "POST",
     headers: { "content-type": "application/json" },
     body: JSON.stringify(body),
@@ -75,7 +157,8 @@ export class Feed extends EventTarget {
   start() {
     if (!window.EventSource) return this.poll();
     let opened = false;
-    const source = new EventSource("/api/events");
+    const source = new EventSource(streamUrl("/api/events"));
+    this.source = source;
     for (const type of ["job", "worker", "stats"]) {
       source.addEventListener(type, (event) => {
         try {
@@ -104,6 +187,14 @@ export class Feed extends EventTarget {
         this.setMode("reconnecting");
       }
     };
+  }
+
+  /** A new token: a stream refused without one may open now. */
+  retry() {
+    if (this.mode === "live") return;
+    this.source?.close();
+    this.stopPolling();
+    this.start();
   }
 
   poll() {

@@ -1,7 +1,7 @@
 // One job: its progress, its tasks a page at a time, who ran them, how long
 // they took, and for Mandelbrot jobs the picture the results make.
 
-import { NotFound, getJson, optional, postJson, support } from "./api.js";
+import { NotFound, getJson, optional, postJson, streamUrl, support } from "./api.js";
 import { barChart, histogram } from "./charts.js";
 import { $, done, duration, esc, finished, micros, si } from "./format.js";
 import { Picture, isBand } from "./picture.js";
@@ -59,7 +59,7 @@ export class JobPage {
     this.refreshJob().then(() => this.refreshAll());
     // The per-job stream, when the grid-wide one is missing.
     if (!support.events && window.EventSource) {
-      this.source = new EventSource(`/api/jobs/${id}/events`);
+      this.source = new EventSource(streamUrl(`/api/jobs/${id}/events`));
       this.source.addEventListener("progress", (e) => this.applyJob(JSON.parse(e.data)));
       this.source.onerror = () => this.source?.close();
     }

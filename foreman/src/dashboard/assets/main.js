@@ -1,7 +1,7 @@
 // The dashboard's entry: follows the foreman and shows the overview at `/`
 // or a job at `/jobs/{id}` (also `#/jobs/{id}`), without reloading the page.
 
-import { Feed } from "./api.js";
+import { Feed, forgetToken, token } from "./api.js";
 import { $, Rates } from "./format.js";
 import { JobPage } from "./job.js";
 import { Overview } from "./overview.js";
@@ -17,6 +17,19 @@ const MODES = {
   polling: "● live (polling every second)",
   reconnecting: "○ reconnecting…",
 };
+function showForget() {
+  $("#forget-token").hidden = !token();
+}
+$("#forget-token").addEventListener("click", (event) => {
+  event.preventDefault();
+  forgetToken();
+});
+window.addEventListener("wasmgrid-token", () => {
+  showForget();
+  feed.retry();
+});
+showForget();
+
 feed.on("mode", (mode) => {
   $("#feed").textContent = MODES[mode] ?? mode;
   $("#feed").dataset.mode = mode;

@@ -1,0 +1,307 @@
+//! Who may call the API: tokens for changes everywhere, for reads beyond loopback.
+
+use super::tests::{app_state, call, fixture_token, send};
+use super::*;
+use crate::model::Scheduler;
+use crate::store::TokenKind;
+use axum::body::Body;
+use axum::http::Request;
+
+fn bearer(request: axum::http::request::Builder, token: &str) -> axum::http::request::Builder {
+    request.header("authorization", format!("Bearer {token}"))
+}
+
+/// The same state with other access rules.
+fn with_security(
+    state: &ApiState,
+    protect_reads: bool,
+    cors_origin: Option<axum::http::HeaderValue>,
+) -> Arc<ApiState> {
+    Arc::new(ApiState {
+        security: Security {
+            tokens: state.security.tokens.clone(),
+            fingerprint: String::new(),
+            protect_reads,
+            cors_origin,
+        },
+        store: state.store.clone(),
+        driver: state.driver.clone(),
+        validator: state.validator.clone(),
+        max_upload_bytes: state.max_upload_bytes,
+        submit_limits: state.submit_limits.clone(),
+        validated: Default::default(),
+        default_scheduler: state.default_scheduler,
+        heartbeat_timeout: state.heartbeat_timeout,
+    })
+}
+
+fn create(kind: &str) -> Body {
+    Body::from(format!(r#"{{"kind": "{kind}", "name": "t"}}"#))
+}
+
+#[tokio::test]
+async fn changes_need_a_client_token_and_the_reason_is_named() {
+    let (_dir, state) = app_state(1 << 20, Scheduler::Fifo).await;
+    let app = router(state.clone());
+
+    let (status, json) = send(
+        app.clone(),
+        Request::post("/api/tokens").body(create("client")).unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{json}");
+    assert_eq!(json["error"]["code"], "unauthorized");
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Authorization: Bearer"),
+        "{json}"
+    );
+    // Reads on loopback need none.
+    let (status, _) = send(
+        app.clone(),
+        Request::get("/api/jobs").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+
+    let admin = fixture_token();
+    let (status, made) = send(
+        app.clone(),
+        bearer(Request::post("/api/tokens"), &admin)
+            .body(create("client"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{made}");
+    let token = made["token"].as_str().unwrap().to_owned();
+    let id = made["id"].as_u64().unwrap();
+    assert!(token.starts_with(&format!("wgc_{id}_")), "{made}");
+
+    let (status, list) = send(
+        app.clone(),
+        bearer(Request::get("/api/tokens"), &token)
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["fingerprint"], "ab".repeat(32));
+    assert!(
+        !list.to_string().contains(&token[token.len() - 32..]),
+        "no secrets: {list}"
+    );
+    assert_eq!(list["tokens"].as_array().unwrap().len(), 2);
+
+    let (status, revoked) = send(
+        app.clone(),
+        bearer(Request::post(format!("/api/tokens/{id}/revoke")), &admin)
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{revoked}");
+    assert!(revoked["revoked_at_ms"].is_u64());
+    let (status, json) = send(
+        app.clone(),
+        bearer(Request::post("/api/workers/1/drain"), &token)
+            .body(Body::from("{}"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        json["error"]["message"],
+        format!("client token {id} was revoked")
+    );
+
+    let (status, json) = send(
+        app.clone(),
+        bearer(Request::post("/api/tokens"), "wgc_1_0123")
+            .body(create("client"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, json["error"]["message"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid client token"))
+    );
+}
+
+#[tokio::test]
+async fn a_join_token_is_no_client_token_and_expired_ones_are_refused() {
+    let (_dir, state) = app_state(1 << 20, Scheduler::Fifo).await;
+    let app = router(state.clone());
+    let (status, made) = call(
+        app.clone(),
+        Request::post("/api/tokens").body(create("worker")).unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let join = made["token"].as_str().unwrap();
+    // One string to paste: the secret and the fingerprint to pin.
+    assert!(join.ends_with(&format!(":{}", "ab".repeat(32))), "{join}");
+    let (status, json) = send(
+        app.clone(),
+        bearer(Request::post("/api/tokens"), join)
+            .body(create("client"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        json["error"]["message"],
+        format!("token {} is a worker token, not a client token", made["id"])
+            .replace("worker token", "join token")
+    );
+
+    let expired = state
+        .security
+        .tokens
+        .issue(TokenKind::Client, "old", Some(1_000))
+        .unwrap();
+    let (status, json) = send(
+        app.clone(),
+        bearer(Request::post("/api/tokens"), &expired.token)
+            .body(create("client"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        json["error"]["message"],
+        format!(
+            "client token {} expired at 1970-01-01T00:00:01Z",
+            expired.row.id
+        )
+    );
+}
+
+#[tokio::test]
+async fn beyond_loopback_reads_need_a_token_too_but_the_dashboard_does_not() {
+    let (_dir, state) = app_state(1 << 20, Scheduler::Fifo).await;
+    let state = with_security(&state, true, None);
+    let app = router(state);
+    for path in ["/api/jobs", "/api/workers", "/metrics", "/api/events"] {
+        let (status, json) =
+            send(app.clone(), Request::get(path).body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}: {json}");
+    }
+    let token = fixture_token();
+    let (status, _) = send(
+        app.clone(),
+        bearer(Request::get("/api/jobs"), &token)
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    // EventSource cannot send headers: streams take the token in the query.
+    let response = tower::ServiceExt::oneshot(
+        app.clone(),
+        Request::get(format!("/api/events?access_token={token}"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // ...and only streams.
+    let (status, _) = send(
+        app.clone(),
+        Request::get(format!("/api/jobs?access_token={token}"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let response = tower::ServiceExt::oneshot(app, Request::get("/").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response
+        .headers()
+        .get("access-control-allow-origin")
+        .is_none());
+}
+
+#[tokio::test]
+async fn a_job_remembers_the_token_that_submitted_it() {
+    let (_dir, state) = app_state(1 << 20, Scheduler::Fifo).await;
+    let module = super::tests::known_module(&state);
+    let body = serde_json::json!({ "module_sha256": module, "args": [[1]] });
+    let (status, json) = call(
+        router(state.clone()),
+        Request::post("/api/jobs")
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{json}");
+    let expected = crate::tokens::parse(&fixture_token()).unwrap().1;
+    let job = json["id"].as_u64().unwrap();
+    assert_eq!(state.store.job_token(job).unwrap(), Some(expected));
+}
+
+#[tokio::test]
+async fn cors_is_off_unless_one_origin_is_named() {
+    let (_dir, state) = app_state(1 << 20, Scheduler::Fifo).await;
+    let preflight = || {
+        Request::options("/api/jobs/1/cancel")
+            .header("origin", "http://dash.example")
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "authorization")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let response = tower::ServiceExt::oneshot(router(state.clone()), preflight())
+        .await
+        .unwrap();
+    assert!(response
+        .headers()
+        .get("access-control-allow-origin")
+        .is_none());
+
+    let named = with_security(
+        &state,
+        false,
+        Some(axum::http::HeaderValue::from_static("http://dash.example")),
+    );
+    let response = tower::ServiceExt::oneshot(router(named.clone()), preflight())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        response.headers()["access-control-allow-origin"],
+        "http://dash.example"
+    );
+    assert!(response.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .contains("authorization"));
+    // The origin may ask, but still needs a token to act.
+    let (status, _) = send(
+        router(named.clone()),
+        Request::post("/api/jobs/1/cancel")
+            .header("origin", "http://dash.example")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let response = tower::ServiceExt::oneshot(
+        router(named),
+        Request::get("/api/jobs")
+            .header("origin", "http://other.example")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert!(response
+        .headers()
+        .get("access-control-allow-origin")
+        .is_none());
+}
