@@ -14,8 +14,8 @@ use wasmgrid_foreman::client::{self, Client, SubmitOptions};
 use wasmgrid_foreman::core::HealthPolicy;
 use wasmgrid_foreman::model::Scheduler;
 use wasmgrid_foreman::serve::{serve, ServeOptions};
-use wasmgrid_jobspec::SubmitLimits;
 use wasmgrid_foreman::store::TokenKind;
+use wasmgrid_jobspec::SubmitLimits;
 use wasmgrid_worker::cli_io::LogFormat;
 
 #[derive(Parser)]
@@ -234,6 +234,9 @@ struct CapArgs {
     /// Longest timeout a job may give each task, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = SubmitLimits::DEFAULT_MAX_TIMEOUT_SECS)]
     max_timeout: f64,
+    /// Most jobs one client token may have queued or running at once.
+    #[arg(long, value_name = "N", default_value_t = SubmitLimits::DEFAULT_MAX_UNFINISHED_JOBS_PER_TOKEN)]
+    max_queued_jobs_per_token: u64,
 }
 
 impl CapArgs {
@@ -254,6 +257,7 @@ impl CapArgs {
             max_fuel: self.max_fuel,
             max_memory_mib: self.max_memory_mib,
             max_timeout_secs: self.max_timeout,
+            max_unfinished_jobs_per_token: self.max_queued_jobs_per_token,
         })
     }
 }

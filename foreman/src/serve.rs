@@ -15,8 +15,8 @@ use crate::identity;
 use crate::model::Scheduler;
 use crate::net::{self, NetContext};
 use crate::store::Store;
-use wasmgrid_jobspec::SubmitLimits;
 use crate::tokens::Tokens;
+use wasmgrid_jobspec::SubmitLimits;
 use wasmgrid_worker::executor::Executor;
 
 pub struct ServeOptions {

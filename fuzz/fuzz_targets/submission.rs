@@ -13,6 +13,7 @@ fuzz_target!(|data: &[u8]| {
         max_fuel: 1000,
         max_memory_mib: 16,
         max_timeout_secs: 2.5,
+        max_unfinished_jobs_per_token: 1,
     };
     for caps in [SubmitLimits::default(), tight] {
         let Ok(submission) = parse_submission(data, &caps) else {

@@ -19,6 +19,9 @@ pub struct SubmitLimits {
     pub max_fuel: u64,
     pub max_memory_mib: u64,
     pub max_timeout_secs: f64,
+    /// Jobs one client token may have queued or running at once.
+    #[serde(default = "SubmitLimits::default_max_unfinished_jobs_per_token")]
+    pub max_unfinished_jobs_per_token: u64,
 }
 
 impl SubmitLimits {
@@ -29,6 +32,11 @@ impl SubmitLimits {
     pub const DEFAULT_MAX_FUEL: u64 = 1_000 * TaskLimits::DEFAULT_FUEL;
     pub const DEFAULT_MAX_MEMORY_MIB: u64 = 4096;
     pub const DEFAULT_MAX_TIMEOUT_SECS: f64 = 3600.0;
+    pub const DEFAULT_MAX_UNFINISHED_JOBS_PER_TOKEN: u64 = 1_000;
+
+    fn default_max_unfinished_jobs_per_token() -> u64 {
+        Self::DEFAULT_MAX_UNFINISHED_JOBS_PER_TOKEN
+    }
 
     /// What a job that asks for no fuel gets.
     pub fn default_fuel(&self) -> u64 {
@@ -53,6 +61,7 @@ impl Default for SubmitLimits {
             max_fuel: Self::DEFAULT_MAX_FUEL,
             max_memory_mib: Self::DEFAULT_MAX_MEMORY_MIB,
             max_timeout_secs: Self::DEFAULT_MAX_TIMEOUT_SECS,
+            max_unfinished_jobs_per_token: Self::DEFAULT_MAX_UNFINISHED_JOBS_PER_TOKEN,
         }
     }
 }
@@ -66,6 +75,7 @@ pub enum Limit {
     Fuel,
     MemoryMib,
     TimeoutSecs,
+    UnfinishedJobsPerToken,
 }
 
 impl Limit {
@@ -78,6 +88,7 @@ impl Limit {
             Limit::Fuel => "--max-fuel",
             Limit::MemoryMib => "--max-memory-mib",
             Limit::TimeoutSecs => "--max-timeout",
+            Limit::UnfinishedJobsPerToken => "--max-queued-jobs-per-token",
         }
     }
 

@@ -24,6 +24,7 @@ fn caps() -> impl Strategy<Value = SubmitLimits> {
                 max_fuel: fuel,
                 max_memory_mib: memory,
                 max_timeout_secs: timeout,
+                max_unfinished_jobs_per_token: 1,
             },
         )
 }

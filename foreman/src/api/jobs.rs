@@ -131,10 +131,12 @@ pub(super) async fn submit(
             .collect(),
     };
     let store = state.store.clone();
+    let cap = state.submit_limits.max_unfinished_jobs_per_token;
+    let quota = caller.map(|Extension(c)| (c.token_id, cap));
     let (spec, args) = tokio::task::spawn_blocking(move || {
         let args: Vec<Arc<str>> = new_job.args.iter().map(|a| Arc::from(a.as_str())).collect();
         store
-            .create_job_for(new_job, caller.map(|Extension(c)| c.token_id))
+            .create_job_within(new_job, quota)
             .map(|spec| (spec, args))
     })
     .await??;

@@ -199,6 +199,13 @@ impl IntoResponse for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
+        if let StoreError::TooManyUnfinishedJobs { .. } = error {
+            return Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "limit_exceeded",
+                error.to_string(),
+            );
+        }
         tracing::error!("store: {error}");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -237,6 +244,7 @@ async fn limits(State(state): State<Arc<ApiState>>) -> Response {
         "max_fuel": caps.max_fuel,
         "max_memory_mib": caps.max_memory_mib,
         "max_timeout_secs": caps.max_timeout_secs,
+        "max_unfinished_jobs_per_token": caps.max_unfinished_jobs_per_token,
         // What a job that asks for none of these gets.
         "defaults": {
             "fuel": caps.default_fuel(),

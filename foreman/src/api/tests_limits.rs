@@ -16,6 +16,7 @@ const CAPS: SubmitLimits = SubmitLimits {
     max_fuel: 1_000_000,
     max_memory_mib: 64,
     max_timeout_secs: 10.0,
+    max_unfinished_jobs_per_token: 2,
 };
 
 /// A router whose foreman has `CAPS`, and its state for looking behind it.
@@ -57,6 +58,7 @@ async fn the_limits_endpoint_lists_every_cap_and_the_defaults_within_them() {
     assert_eq!(json["max_fuel"], 1_000_000);
     assert_eq!(json["max_memory_mib"], 64);
     assert_eq!(json["max_timeout_secs"], 10.0);
+    assert_eq!(json["max_unfinished_jobs_per_token"], 2);
     assert_eq!(
         json["defaults"],
         json!({ "fuel": 1_000_000, "memory_mib": 64, "timeout_secs": 10.0 })
@@ -201,4 +203,59 @@ async fn nothing_is_stored_when_a_job_is_refused() {
     let (status, json) = call(app.clone(), post(&body)).await;
     assert_eq!(status, StatusCode::CREATED, "{json}");
     assert_eq!(state.store.module(&hash).unwrap(), Some(wasm));
+}
+
+#[tokio::test]
+async fn a_token_may_have_only_so_many_unfinished_jobs_and_others_are_not_held_back() {
+    let (_dir, _state, app) = capped_app().await;
+    let wasm = add_component();
+    let body = json!({
+        "module_base64": base64::engine::general_purpose::STANDARD.encode(&wasm),
+        "args": [[1, 2]],
+    });
+    // No worker: both jobs stay queued.
+    for _ in 0..2 {
+        let (status, json) = call(app.clone(), post(&body)).await;
+        assert_eq!(status, StatusCode::CREATED, "{json}");
+    }
+    let (status, json) = call(app.clone(), post(&body)).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{json}");
+    assert_eq!(json["error"]["code"], "limit_exceeded");
+    let message = json["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("2 queued or running jobs")
+            && message.contains("--max-queued-jobs-per-token 2"),
+        "{message}"
+    );
+
+    // Another client's token has a quota of its own.
+    let (status, created) = call(
+        app.clone(),
+        Request::post("/api/tokens")
+            .header("content-type", "application/json")
+            .body(Body::from(r#"{"kind": "client", "name": "other"}"#))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let other = created["token"].as_str().expect("the new token");
+    let mut request = post(&body);
+    request.headers_mut().insert(
+        axum::http::header::AUTHORIZATION,
+        format!("Bearer {other}").parse().unwrap(),
+    );
+    let (status, json) = call(app.clone(), request).await;
+    assert_eq!(status, StatusCode::CREATED, "{json}");
+
+    // A finished (here: cancelled) job frees its place.
+    let (status, json) = call(
+        app.clone(),
+        Request::post("/api/jobs/1/cancel")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert!(status.is_success(), "{json}");
+    let (status, json) = call(app.clone(), post(&body)).await;
+    assert_eq!(status, StatusCode::CREATED, "{json}");
 }

@@ -61,6 +61,12 @@ pub enum StoreError {
     UnknownWorker(WorkerId),
     #[error("invalid job: {0}")]
     InvalidJob(String),
+    #[error("client token {token} already has {unfinished} queued or running jobs, this foreman's cap (foreman serve --max-queued-jobs-per-token {cap})")]
+    TooManyUnfinishedJobs {
+        token: u64,
+        unfinished: u64,
+        cap: u64,
+    },
     #[error("database schema version {found} is newer than this foreman supports ({supported})")]
     SchemaTooNew { found: i64, supported: i64 },
     #[error("unexpected value in the database: {0}")]
@@ -327,7 +333,17 @@ impl Store {
 
     /// [`Store::create_job`], recording the client token that submitted it.
     pub fn create_job_for(&self, job: NewJob, token: Option<u64>) -> Result<JobSpec, StoreError> {
-        let spec = self.call(false, move |conn| queries::create_job(conn, job, token))?;
+        self.create_job_within(job, token.map(|token| (token, u64::MAX)))
+    }
+
+    /// [`Store::create_job_for`], refused when the token (first) already has
+    /// as many queued or running jobs as its cap (second).
+    pub fn create_job_within(
+        &self,
+        job: NewJob,
+        quota: Option<(u64, u64)>,
+    ) -> Result<JobSpec, StoreError> {
+        let spec = self.call(false, move |conn| queries::create_job(conn, job, quota))?;
         self.announce(Changes {
             job_states: vec![spec.id],
             ..Changes::default()

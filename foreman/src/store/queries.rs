@@ -43,15 +43,32 @@ pub(super) fn put_module(
     Ok(())
 }
 
+/// `quota`: the submitting token and how many unfinished jobs it may have;
+/// counted in the insert's transaction, so concurrent submits cannot overshoot.
 pub(super) fn create_job(
     conn: &mut Connection,
     job: NewJob,
-    token: Option<u64>,
+    quota: Option<(u64, u64)>,
 ) -> Result<JobSpec, StoreError> {
     let task_count = u32::try_from(job.args.len())
         .map_err(|_| StoreError::InvalidJob(format!("{} tasks is too many", job.args.len())))?;
     let started = Instant::now();
     let tx = conn.transaction()?;
+    let token = quota.map(|(token, _)| token);
+    if let Some((token, cap)) = quota {
+        let unfinished: i64 = tx.query_row(
+            "SELECT count(*) FROM jobs WHERE token_id = ?1 AND state IN ('queued', 'running')",
+            [to_sql(token)],
+            |row| row.get(0),
+        )?;
+        if unfinished as u64 >= cap {
+            return Err(StoreError::TooManyUnfinishedJobs {
+                token,
+                unfinished: unfinished as u64,
+                cap,
+            });
+        }
+    }
     let known = tx
         .query_row(
             "SELECT 1 FROM modules WHERE hash = ?1",
