@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use wasmgrid_foreman::api::JobOptions;
+use wasmgrid_foreman::api::{JobOptions, OutputLimits};
 use wasmgrid_foreman::client::{self, Client, SubmitOptions};
 use wasmgrid_foreman::core::HealthPolicy;
 use wasmgrid_foreman::model::Scheduler;
@@ -61,6 +61,15 @@ enum Command {
         /// Added to a task's timeout before the foreman gives up on its report.
         #[arg(long, value_name = "SECS", default_value_t = 10.0)]
         lease_slack: f64,
+        /// Largest result JSON a task may return, in KiB (a longer one fails
+        /// the task as ResultTooLarge).
+        #[arg(long, value_name = "KIB", default_value_t = TaskLimits::DEFAULT_RESULT_BYTES / 1024,
+              value_parser = clap::value_parser!(u32).range(1..=(64 * 1024)))]
+        max_result_kib: u32,
+        /// Most stdout (and stderr) a job may ask to keep per task, in KiB.
+        #[arg(long, value_name = "KIB", default_value_t = TaskLimits::DEFAULT_OUTPUT_BYTES / 1024,
+              value_parser = clap::value_parser!(u32).range(0..=(16 * 1024)))]
+        max_output_kib: u32,
     },
     /// Submits a job and waits for its results (printed as a JSON array in argument order).
     Submit {
@@ -89,6 +98,10 @@ enum Command {
         /// within --retries, for guests that are not as deterministic as they should be.
         #[arg(long)]
         retry_deterministic: bool,
+        /// Stdout (and stderr) kept per task, in KiB (default 64, at most the
+        /// foreman's --max-output-kib).
+        #[arg(long, value_name = "KIB")]
+        output_kib: Option<u32>,
         #[arg(long, short)]
         output: Option<PathBuf>,
         /// Print the job id and return at once.
@@ -175,6 +188,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             cooldown_window,
             cooldown,
             lease_slack,
+            max_result_kib,
+            max_output_kib,
         } => {
             anyhow::ensure!(
                 heartbeat_timeout.is_finite() && heartbeat_timeout >= 0.05,
@@ -203,6 +218,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 heartbeat_timeout: std::time::Duration::from_secs_f64(heartbeat_timeout),
                 default_scheduler: scheduler,
                 health,
+                output_limits: OutputLimits {
+                    result_bytes: max_result_kib * 1024,
+                    max_output_bytes: max_output_kib * 1024,
+                },
             }))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -218,6 +237,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             scheduler,
             not_before,
             retry_deterministic,
+            output_kib,
             output,
             detach,
         } => {
@@ -230,6 +250,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 scheduler,
                 not_before_ms: not_before,
                 retry_deterministic,
+                output_kib,
             };
             client::submit(
                 &Client::new(&foreman),

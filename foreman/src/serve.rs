@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::api::{self, ApiState};
+use crate::api::{self, ApiState, OutputLimits};
 use crate::core::{Core, HealthPolicy};
 use crate::driver::Driver;
 use crate::identity;
@@ -28,6 +28,7 @@ pub struct ServeOptions {
     pub default_scheduler: Scheduler,
     /// Leases and cooldowns.
     pub health: HealthPolicy,
+    pub output_limits: OutputLimits,
 }
 
 pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
@@ -48,7 +49,10 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
             .map(|(i, (state, _))| (i as u32, *state))
             .collect();
         let attempts = job.tasks.iter().map(|(_, attempts)| *attempts).collect();
-        core.restore_job(job.spec, args, done, attempts);
+        let mut spec = job.spec;
+        // Not stored: the limit of this run applies.
+        spec.limits.result_bytes = options.output_limits.result_bytes;
+        core.restore_job(spec, args, done, attempts);
     }
     let driver = Driver::spawn(core, store.clone());
     if resumed > 0 {
@@ -64,6 +68,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
             heartbeat_timeout: options.heartbeat_timeout,
             store: store.clone(),
             driver: driver.clone(),
+            max_worker_frame: options.output_limits.max_worker_frame(),
         }),
     ));
 
@@ -78,6 +83,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         validated: Default::default(),
         default_scheduler: options.default_scheduler,
         heartbeat_timeout: options.heartbeat_timeout,
+        output_limits: options.output_limits,
     }));
     let listener = tokio::net::TcpListener::bind(options.http)
         .await

@@ -17,7 +17,7 @@ use wasmgrid_worker::exec::split_args;
 use wasmgrid_worker::executor::ModuleId;
 
 use super::params::Params;
-use super::{ApiError, ApiState};
+use super::{ApiError, ApiState, OutputLimits};
 use crate::driver::Input;
 use crate::model::{JobId, JobState, Scheduler, TaskState};
 use crate::store::{JobRow, NewJob};
@@ -56,6 +56,25 @@ pub struct JobOptions {
     pub not_before_ms: Option<u64>,
     /// Retry deterministic failures too, within `retries`.
     pub retry_deterministic: bool,
+    /// Stdout (and stderr) kept per task, in KiB: 64 unless given, at most
+    /// the foreman's `--max-output-kib`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_kib: Option<u32>,
+}
+
+/// The stdout/stderr bytes a job keeps: what it asks, within the foreman's cap.
+fn output_bytes(asked_kib: Option<u32>, limits: &OutputLimits) -> Result<u32, String> {
+    let Some(kib) = asked_kib else {
+        return Ok(TaskLimits::DEFAULT_OUTPUT_BYTES.min(limits.max_output_bytes));
+    };
+    let bytes = kib.saturating_mul(1024);
+    if bytes > limits.max_output_bytes {
+        return Err(format!(
+            "output_kib {kib} is over this foreman's limit of {} KiB per stream (foreman serve --max-output-kib)",
+            limits.max_output_bytes / 1024
+        ));
+    }
+    Ok(bytes)
 }
 
 /// Parses with `Scheduler`'s `FromStr`, whose error lists the valid names.
@@ -76,6 +95,7 @@ impl Default for JobOptions {
             scheduler: None,
             not_before_ms: None,
             retry_deterministic: false,
+            output_kib: None,
         }
     }
 }
@@ -146,7 +166,9 @@ pub(super) async fn submit(
             fuel: options.fuel,
             memory_bytes,
             timeout_ms: (options.timeout_secs * 1000.0).ceil() as u64,
-            output_bytes: TaskLimits::DEFAULT_OUTPUT_BYTES,
+            output_bytes: output_bytes(options.output_kib, &state.output_limits)
+                .map_err(|m| bad("bad_options", m))?,
+            result_bytes: state.output_limits.result_bytes,
         },
         max_retries: options.retries,
         priority: options.priority,

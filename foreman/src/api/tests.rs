@@ -29,6 +29,7 @@ pub(super) async fn app_state(
         validated: Default::default(),
         default_scheduler,
         heartbeat_timeout: Duration::from_secs(3),
+        output_limits: Default::default(),
     };
     (dir, Arc::new(state))
 }
@@ -303,11 +304,11 @@ async fn drain_reaches_a_connected_worker_and_names_the_others() {
     let connected = store.upsert_worker(&row).unwrap();
     let row = crate::store::WorkerRow::joining(&worker_info("away"));
     let away = store.upsert_worker(&row).unwrap();
-    let (outbox, mut to_worker) = tokio::sync::mpsc::unbounded_channel();
+    let (link, mut to_worker) = crate::driver::WorkerLink::new(Box::new(|_| {}));
     state.driver.send(crate::driver::Input::WorkerJoined {
         worker: connected,
         spec: crate::core::WorkerSpec::with_slots(2),
-        outbox,
+        link,
     });
     let app = router(state);
     let drain =

@@ -373,6 +373,8 @@ fn job_row(row: &Row<'_>) -> Result<JobRow, StoreError> {
             memory_bytes: from_sql(row.get(6)?),
             timeout_ms: from_sql(row.get(7)?),
             output_bytes: u32_from_sql(row.get(8)?)?,
+            // Not stored: `serve` sets the limit of the running foreman.
+            result_bytes: TaskLimits::DEFAULT_RESULT_BYTES,
         },
         max_retries: u32_from_sql(row.get(9)?)?,
         total: u32_from_sql(row.get(10)?)?,
