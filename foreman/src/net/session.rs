@@ -28,10 +28,12 @@ pub async fn run(incoming: quinn::Incoming, ctx: Arc<NetContext>) -> anyhow::Res
     let result = serve(&connection, ctx).await;
     if let Err(error) = &result {
         // Tell the peer why; a close already sent with a better reason wins.
-        connection.close(
-            close::PROTOCOL_ERROR.into(),
-            format!("{error:#}").as_bytes(),
-        );
+        let code = if error.downcast_ref::<Violation>().is_some() {
+            close::PROTOCOL_VIOLATION
+        } else {
+            close::PROTOCOL_ERROR
+        };
+        connection.close(code.into(), format!("{error:#}").as_bytes());
     }
     result
 }
