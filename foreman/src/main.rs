@@ -62,7 +62,7 @@ enum Command {
         #[arg(long, value_name = "SECS", default_value_t = 10.0)]
         lease_slack: f64,
         /// Largest result JSON a task may return, in KiB (a longer one fails
-        /// the task as ResultTooLarge).
+        /// the task as ResultTooLarge): the default, and the most a job may ask.
         #[arg(long, value_name = "KIB", default_value_t = TaskLimits::DEFAULT_RESULT_BYTES / 1024,
               value_parser = clap::value_parser!(u32).range(1..=(64 * 1024)))]
         max_result_kib: u32,
@@ -102,6 +102,10 @@ enum Command {
         /// foreman's --max-output-kib).
         #[arg(long, value_name = "KIB")]
         output_kib: Option<u32>,
+        /// Largest result per task, in KiB (default and at most the
+        /// foreman's --max-result-kib).
+        #[arg(long, value_name = "KIB")]
+        result_kib: Option<u32>,
         #[arg(long, short)]
         output: Option<PathBuf>,
         /// Print the job id and return at once.
@@ -238,6 +242,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             not_before,
             retry_deterministic,
             output_kib,
+            result_kib,
             output,
             detach,
         } => {
@@ -251,6 +256,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 not_before_ms: not_before,
                 retry_deterministic,
                 output_kib,
+                result_kib,
             };
             client::submit(
                 &Client::new(&foreman),

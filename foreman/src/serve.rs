@@ -49,10 +49,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
             .map(|(i, (state, _))| (i as u32, *state))
             .collect();
         let attempts = job.tasks.iter().map(|(_, attempts)| *attempts).collect();
-        let mut spec = job.spec;
-        // Not stored: the limit of this run applies.
-        spec.limits.result_bytes = options.output_limits.result_bytes;
-        core.restore_job(spec, args, done, attempts);
+        core.restore_job(job.spec, args, done, attempts);
     }
     let driver = Driver::spawn(core, store.clone());
     if resumed > 0 {

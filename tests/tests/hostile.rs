@@ -282,7 +282,7 @@ async fn random_bytes_from_peers_leave_the_foreman_serving_others() {
     let pairs: Vec<(i64, i64)> = (0..200).map(|i| (i, 1000 - i)).collect();
     let during = submit_add(&foreman, dir.path(), &pairs);
     let before = rss_bytes(pid).unwrap();
-    let seed = 0x5eed_0f_ba_d_b17e5;
+    let seed = 0x5eed_0fba_db17_e5e5;
     let mut rng = Rng(seed);
     for round in 0..CONNECTIONS / AT_ONCE {
         let mut peers = Vec::new();

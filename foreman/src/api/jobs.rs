@@ -60,6 +60,10 @@ pub struct JobOptions {
     /// the foreman's `--max-output-kib`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output_kib: Option<u32>,
+    /// Largest result JSON per task, in KiB: the foreman's
+    /// `--max-result-kib` unless given, and at most that.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result_kib: Option<u32>,
 }
 
 /// The stdout/stderr bytes a job keeps: what it asks, within the foreman's cap.
@@ -72,6 +76,21 @@ fn output_bytes(asked_kib: Option<u32>, limits: &OutputLimits) -> Result<u32, St
         return Err(format!(
             "output_kib {kib} is over this foreman's limit of {} KiB per stream (foreman serve --max-output-kib)",
             limits.max_output_bytes / 1024
+        ));
+    }
+    Ok(bytes)
+}
+
+/// The result limit of a job: what it asks, within the foreman's cap.
+fn result_bytes(asked_kib: Option<u32>, limits: &OutputLimits) -> Result<u32, String> {
+    let Some(kib) = asked_kib else {
+        return Ok(limits.result_bytes);
+    };
+    let bytes = kib.saturating_mul(1024);
+    if kib == 0 || bytes > limits.result_bytes {
+        return Err(format!(
+            "result_kib {kib} is not between 1 and this foreman's limit of {} KiB (foreman serve --max-result-kib)",
+            limits.result_bytes / 1024
         ));
     }
     Ok(bytes)
@@ -96,6 +115,7 @@ impl Default for JobOptions {
             not_before_ms: None,
             retry_deterministic: false,
             output_kib: None,
+            result_kib: None,
         }
     }
 }
@@ -168,7 +188,8 @@ pub(super) async fn submit(
             timeout_ms: (options.timeout_secs * 1000.0).ceil() as u64,
             output_bytes: output_bytes(options.output_kib, &state.output_limits)
                 .map_err(|m| bad("bad_options", m))?,
-            result_bytes: state.output_limits.result_bytes,
+            result_bytes: result_bytes(options.result_kib, &state.output_limits)
+                .map_err(|m| bad("bad_options", m))?,
         },
         max_retries: options.retries,
         priority: options.priority,

@@ -44,7 +44,7 @@ pub const DEFAULT_MAX_UPLOAD_BYTES: usize = 256 << 20;
 /// `--max-output-kib`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutputLimits {
-    /// Every job's result limit.
+    /// The largest result limit a job may ask for, and the default.
     pub result_bytes: u32,
     /// The most stdout (and stderr) a job may ask to keep per task.
     pub max_output_bytes: u32,

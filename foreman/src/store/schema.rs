@@ -15,7 +15,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `MIGRATIONS[n]` takes the schema from version `n` to `n + 1`
 /// (`PRAGMA user_version`). Append only; never edit a shipped migration.
-pub(super) const MIGRATIONS: &[&str] = &[V1, V2];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 /// The schema version this code reads and writes.
 pub(super) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -206,6 +206,13 @@ INSERT INTO run_time_buckets (job_id, bucket, count, sum_us)
     GROUP BY job_id, b;
 INSERT INTO run_time_buckets (job_id, bucket, count, sum_us)
     SELECT 0, bucket, sum(count), sum(sum_us) FROM run_time_buckets GROUP BY bucket;
+";
+
+/// Protocol 3: each job's result limit (jobs from before get the 1 MiB
+/// default). Violations not tied to an attempt are kept in
+/// `worker_failures` under negative keys, below every attempt id.
+const V3: &str = "
+ALTER TABLE jobs ADD COLUMN result_bytes INTEGER NOT NULL DEFAULT 1048576;
 ";
 
 /// Opens the writing connection: WAL, settings, schema up to date, workers
