@@ -313,6 +313,18 @@ async fn random_bytes_from_peers_leave_the_foreman_serving_others() {
         bounded.await.expect("a round of peers finished in time");
     }
     assert!(foreman_alive(pid), "the foreman died (seed {seed:#x})");
+    // Peers that joined and then sent garbage were cut off and recorded.
+    let url = format!(
+        "{}/api/worker-failures?kind=ProtocolViolation",
+        foreman.http
+    );
+    let recorded = ureq::get(&url)
+        .call()
+        .ok()
+        .and_then(|mut r| r.body_mut().read_json::<Value>().ok())
+        .and_then(|v| v.as_array().map(Vec::len))
+        .unwrap_or(0);
+    assert!(recorded > 0, "no violation recorded (seed {seed:#x})");
     wait_for_state(&foreman.http, &during, "completed", 120);
     assert_eq!(
         cli_json(&foreman.http, &["results", &during])["results"],
