@@ -347,3 +347,24 @@ async fn random_bytes_from_peers_leave_the_foreman_serving_others() {
 fn foreman_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| !s.contains("State:\tZ"))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stalls_mid_frame_is_dropped_at_the_heartbeat_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let foreman = start_foreman(&dir.path().join("data"), &["--heartbeat-timeout", "2"]);
+    let mut peer = Peer::join(&foreman.quic, &foreman.token, "staller", 1)
+        .await
+        .unwrap();
+    // A frame announcing 1000 bytes, then 3 of them and silence.
+    let mut partial = 1000u32.to_le_bytes().to_vec();
+    partial.extend_from_slice(&[1, 2, 3]);
+    peer.send_raw(&partial).await.unwrap();
+    let (code, reason) = peer
+        .closed_by_foreman(CLOSE_WAIT)
+        .await
+        .expect("the foreman closed the connection");
+    assert!(
+        reason.contains("no heartbeat for 2.0 s"),
+        "{code}: {reason}"
+    );
+}
