@@ -13,6 +13,9 @@ use crate::store::Store;
 
 /// Most inputs applied before the core dispatches, so bursts are batched.
 const MAX_INPUTS_PER_ROUND: usize = 4096;
+/// Messages waiting for one worker's writer; a worker that stops reading
+/// fills this and is cut off, so its queue cannot grow without bound.
+pub const OUTBOX_CAPACITY: usize = 1024;
 /// How often the core is told the time when nothing else happens (delayed
 /// jobs, leases and cooldowns are checked then).
 const TICK: std::time::Duration = std::time::Duration::from_millis(250);
@@ -25,7 +28,12 @@ pub enum Input {
     WorkerJoined {
         worker: WorkerId,
         spec: WorkerSpec,
-        outbox: mpsc::UnboundedSender<ToWorker>,
+        link: WorkerLink,
+    },
+    /// The worker broke the protocol (seen by its session): cut it off.
+    Violation {
+        worker: WorkerId,
+        message: String,
     },
     /// The worker is leaving and takes no more tasks.
     Draining {
@@ -57,6 +65,22 @@ pub enum Input {
         grace_ms: u64,
         reply: oneshot::Sender<bool>,
     },
+}
+
+/// How the driver reaches one connected worker.
+pub struct WorkerLink {
+    /// Bounded by [`OUTBOX_CAPACITY`].
+    pub outbox: mpsc::Sender<ToWorker>,
+    /// Closes the worker's connection, telling it why.
+    pub cut_off: Box<dyn Fn(&str) + Send>,
+}
+
+impl WorkerLink {
+    /// A link with a fresh outbox; its receiving end is returned too.
+    pub fn new(cut_off: Box<dyn Fn(&str) + Send>) -> (WorkerLink, mpsc::Receiver<ToWorker>) {
+        let (outbox, receiver) = mpsc::channel(OUTBOX_CAPACITY);
+        (WorkerLink { outbox, cut_off }, receiver)
+    }
 }
 
 /// Where everything that changes the grid's state is sent.
@@ -97,7 +121,7 @@ impl Driver {
 }
 
 async fn run(mut core: Core, store: Store, mut inputs: mpsc::UnboundedReceiver<Input>) {
-    let mut outboxes: HashMap<WorkerId, mpsc::UnboundedSender<ToWorker>> = HashMap::new();
+    let mut outboxes: HashMap<WorkerId, WorkerLink> = HashMap::new();
     // Answers are sent once the round's records are queued at the store, so
     // a caller that flushes the store then sees what it asked for.
     let mut answers: Vec<(oneshot::Sender<bool>, bool)> = Vec::new();
@@ -128,9 +152,14 @@ async fn run(mut core: Core, store: Store, mut inputs: mpsc::UnboundedReceiver<I
                 Command::Send {
                     worker,
                     assignments,
-                } => send_to(&outboxes, worker, ToWorker::Run(assignments)),
+                } => send_to(&mut core, &outboxes, worker, ToWorker::Run(assignments)),
                 Command::Cancel { worker, attempts } => {
-                    send_to(&outboxes, worker, ToWorker::Cancel(attempts))
+                    send_to(&mut core, &outboxes, worker, ToWorker::Cancel(attempts))
+                }
+                Command::CutOff { worker, reason } => {
+                    if let Some(link) = outboxes.remove(&worker) {
+                        (link.cut_off)(&reason);
+                    }
                 }
                 Command::Record(record) => {
                     trace_record(&record);
@@ -149,20 +178,17 @@ async fn run(mut core: Core, store: Store, mut inputs: mpsc::UnboundedReceiver<I
 
 fn apply(
     core: &mut Core,
-    outboxes: &mut HashMap<WorkerId, mpsc::UnboundedSender<ToWorker>>,
+    outboxes: &mut HashMap<WorkerId, WorkerLink>,
     answers: &mut Vec<(oneshot::Sender<bool>, bool)>,
     input: Input,
 ) {
     match input {
         Input::Submit { spec, args } => core.submit_job(spec, args),
-        Input::WorkerJoined {
-            worker,
-            spec,
-            outbox,
-        } => {
-            outboxes.insert(worker, outbox);
+        Input::WorkerJoined { worker, spec, link } => {
+            outboxes.insert(worker, link);
             core.worker_joined(worker, spec);
         }
+        Input::Violation { worker, message } => core.protocol_violation(worker, message),
         Input::Draining { worker } => core.worker_draining(worker),
         Input::Returned { worker, attempts } => core.attempts_returned(worker, &attempts),
         Input::Credit { worker, n } => core.grant_credit(worker, n),
@@ -182,19 +208,28 @@ fn apply(
             reply,
         } => {
             let connected = outboxes.contains_key(&worker);
-            send_to(outboxes, worker, ToWorker::Drain { grace_ms });
+            send_to(core, outboxes, worker, ToWorker::Drain { grace_ms });
             answers.push((reply, connected));
         }
     }
 }
 
+/// A worker whose outbox is full has stopped reading: it is cut off (the
+/// core's `CutOff` then closes its connection).
 fn send_to(
-    outboxes: &HashMap<WorkerId, mpsc::UnboundedSender<ToWorker>>,
+    core: &mut Core,
+    outboxes: &HashMap<WorkerId, WorkerLink>,
     worker: WorkerId,
     message: ToWorker,
 ) {
-    if let Some(outbox) = outboxes.get(&worker) {
-        let _ = outbox.send(message);
+    let Some(link) = outboxes.get(&worker) else {
+        return;
+    };
+    if let Err(mpsc::error::TrySendError::Full(_)) = link.outbox.try_send(message) {
+        core.protocol_violation(
+            worker,
+            format!("stopped reading: {OUTBOX_CAPACITY} messages to it are waiting to be written"),
+        );
     }
 }
 
@@ -266,5 +301,8 @@ fn trace_record(record: &Record) {
             until_ms,
             recent_failures,
         } => tracing::info!(worker, until_ms, recent_failures, "worker cooling down"),
+        Record::WorkerViolation { worker, message } => {
+            tracing::warn!(worker, %message, "worker cut off for a protocol violation")
+        }
     }
 }

@@ -9,13 +9,14 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use wasmgrid_foreman::admin;
-use wasmgrid_foreman::api::JobOptions;
+use wasmgrid_foreman::api::{JobOptions, OutputLimits};
 use wasmgrid_foreman::client::{self, Client, SubmitOptions};
 use wasmgrid_foreman::core::HealthPolicy;
 use wasmgrid_foreman::model::Scheduler;
 use wasmgrid_foreman::serve::{serve, ServeOptions};
 use wasmgrid_foreman::store::TokenKind;
 use wasmgrid_jobspec::SubmitLimits;
+use wasmgrid_protocol::TaskLimits;
 use wasmgrid_worker::cli_io::LogFormat;
 
 #[derive(Parser)]
@@ -79,6 +80,15 @@ enum Command {
         /// from a browser (CORS); by default none may.
         #[arg(long, value_name = "ORIGIN")]
         cors_origin: Option<String>,
+        /// Largest result JSON a task may return, in KiB (a longer one fails
+        /// the task as ResultTooLarge): the default, and the most a job may ask.
+        #[arg(long, value_name = "KIB", default_value_t = TaskLimits::DEFAULT_RESULT_BYTES / 1024,
+              value_parser = clap::value_parser!(u32).range(1..=(64 * 1024)))]
+        max_result_kib: u32,
+        /// Most stdout (and stderr) a job may ask to keep per task, in KiB.
+        #[arg(long, value_name = "KIB", default_value_t = TaskLimits::DEFAULT_OUTPUT_BYTES / 1024,
+              value_parser = clap::value_parser!(u32).range(0..=(16 * 1024)))]
+        max_output_kib: u32,
     },
     /// Submits a job and waits for its results (printed as a JSON array in argument order).
     Submit {
@@ -110,6 +120,14 @@ enum Command {
         /// within --retries, for guests that are not as deterministic as they should be.
         #[arg(long)]
         retry_deterministic: bool,
+        /// Stdout (and stderr) kept per task, in KiB (default 64, at most the
+        /// foreman's --max-output-kib).
+        #[arg(long, value_name = "KIB")]
+        output_kib: Option<u32>,
+        /// Largest result per task, in KiB (default and at most the
+        /// foreman's --max-result-kib).
+        #[arg(long, value_name = "KIB")]
+        result_kib: Option<u32>,
         #[arg(long, short)]
         output: Option<PathBuf>,
         /// Print the job id and return at once.
@@ -294,6 +312,8 @@ fn run(command: Command, token: Option<String>) -> anyhow::Result<ExitCode> {
             lease_slack,
             require_token_for_reads,
             cors_origin,
+            max_result_kib,
+            max_output_kib,
         } => {
             anyhow::ensure!(
                 heartbeat_timeout.is_finite() && heartbeat_timeout >= 0.05,
@@ -326,6 +346,10 @@ fn run(command: Command, token: Option<String>) -> anyhow::Result<ExitCode> {
                 health,
                 require_token_for_reads,
                 cors_origin,
+                output_limits: OutputLimits {
+                    result_bytes: max_result_kib * 1024,
+                    max_output_bytes: max_output_kib * 1024,
+                },
             }))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -341,6 +365,8 @@ fn run(command: Command, token: Option<String>) -> anyhow::Result<ExitCode> {
             scheduler,
             not_before,
             retry_deterministic,
+            output_kib,
+            result_kib,
             output,
             detach,
         } => {
@@ -353,6 +379,8 @@ fn run(command: Command, token: Option<String>) -> anyhow::Result<ExitCode> {
                 scheduler,
                 not_before_ms: not_before,
                 retry_deterministic,
+                output_kib,
+                result_kib,
             };
             client::submit(
                 &connect(&foreman),

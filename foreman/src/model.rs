@@ -137,4 +137,11 @@ pub enum Record {
         until_ms: u64,
         recent_failures: u32,
     },
+    /// The worker broke the protocol and was cut off; kept in its failure
+    /// history as `ProtocolViolation` (an attempt's own violation is an
+    /// `AttemptAbandoned` with that kind instead).
+    WorkerViolation {
+        worker: WorkerId,
+        message: String,
+    },
 }

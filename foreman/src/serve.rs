@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::api::{self, ApiState, Security};
+use crate::api::{self, ApiState, OutputLimits, Security};
 use crate::core::{Core, HealthPolicy};
 use crate::driver::Driver;
 use crate::identity;
@@ -36,6 +36,7 @@ pub struct ServeOptions {
     pub require_token_for_reads: bool,
     /// The one other origin whose pages may call the API (CORS); none by default.
     pub cors_origin: Option<String>,
+    pub output_limits: OutputLimits,
 }
 
 pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
@@ -74,6 +75,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
             heartbeat_timeout: options.heartbeat_timeout,
             store: store.clone(),
             driver: driver.clone(),
+            max_worker_frame: options.output_limits.max_worker_frame(),
         }),
     ));
 
@@ -100,6 +102,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
                 .transpose()
                 .context("--cors-origin is not a valid header value")?,
         },
+        output_limits: options.output_limits,
     }));
     let listener = tokio::net::TcpListener::bind(options.http)
         .await

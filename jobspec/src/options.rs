@@ -32,6 +32,14 @@ pub struct JobOptions {
     pub not_before_ms: Option<u64>,
     /// Retry deterministic failures too, within `retries`.
     pub retry_deterministic: bool,
+    /// Stdout (and stderr) kept per task, in KiB: 64 unless given, at most
+    /// the foreman's `--max-output-kib`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_kib: Option<u32>,
+    /// Largest result JSON per task, in KiB: the foreman's
+    /// `--max-result-kib` unless given, and at most that.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result_kib: Option<u32>,
 }
 
 /// Parses with `Scheduler`'s `FromStr`, whose error lists the valid names.
@@ -52,6 +60,8 @@ impl Default for JobOptions {
             scheduler: None,
             not_before_ms: None,
             retry_deterministic: false,
+            output_kib: None,
+            result_kib: None,
         }
     }
 }
@@ -105,7 +115,8 @@ impl JobOptions {
             memory_bytes,
             // Saturates: a cap of years would still be a valid u64 of milliseconds.
             timeout_ms: (timeout_secs * 1000.0).ceil() as u64,
-            output_bytes: TaskLimits::DEFAULT_OUTPUT_BYTES,
+            // The foreman applies its output and result caps (`--max-output-kib`, `--max-result-kib`).
+            ..TaskLimits::default()
         })
     }
 }

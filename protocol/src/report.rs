@@ -16,6 +16,8 @@ pub struct TaskLimits {
     pub timeout_ms: u64,
     /// Bytes kept of each of stdout and stderr; the rest is dropped.
     pub output_bytes: u32,
+    /// Largest result JSON a task may return; a longer one is `ResultTooLarge`.
+    pub result_bytes: u32,
 }
 
 impl TaskLimits {
@@ -23,6 +25,7 @@ impl TaskLimits {
     pub const DEFAULT_MEMORY_MIB: u64 = 256;
     pub const DEFAULT_TIMEOUT_SECS: u64 = 60;
     pub const DEFAULT_OUTPUT_BYTES: u32 = 64 * 1024;
+    pub const DEFAULT_RESULT_BYTES: u32 = 1 << 20;
 }
 
 impl Default for TaskLimits {
@@ -32,6 +35,7 @@ impl Default for TaskLimits {
             memory_bytes: Self::DEFAULT_MEMORY_MIB << 20,
             timeout_ms: Self::DEFAULT_TIMEOUT_SECS * 1000,
             output_bytes: Self::DEFAULT_OUTPUT_BYTES,
+            result_bytes: Self::DEFAULT_RESULT_BYTES,
         }
     }
 }
@@ -60,10 +64,15 @@ pub enum FailureKind {
     WorkerLost,
     /// The job was cancelled before the task finished.
     Cancelled,
+    /// The task's result JSON was longer than the job's result limit.
+    ResultTooLarge,
+    /// The worker broke the protocol (a report for an attempt it was not
+    /// given, a result over the limits or not JSON, a flood): it was cut off.
+    ProtocolViolation,
 }
 
 impl FailureKind {
-    pub const ALL: [FailureKind; 10] = [
+    pub const ALL: [FailureKind; 12] = [
         FailureKind::OutOfFuel,
         FailureKind::MemoryLimit,
         FailureKind::Timeout,
@@ -74,6 +83,8 @@ impl FailureKind {
         FailureKind::WrongWorld,
         FailureKind::WorkerLost,
         FailureKind::Cancelled,
+        FailureKind::ResultTooLarge,
+        FailureKind::ProtocolViolation,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -88,6 +99,8 @@ impl FailureKind {
             FailureKind::WrongWorld => "WrongWorld",
             FailureKind::WorkerLost => "WorkerLost",
             FailureKind::Cancelled => "Cancelled",
+            FailureKind::ResultTooLarge => "ResultTooLarge",
+            FailureKind::ProtocolViolation => "ProtocolViolation",
         }
     }
 
@@ -96,7 +109,10 @@ impl FailureKind {
     pub fn is_deterministic(self) -> bool {
         !matches!(
             self,
-            FailureKind::Timeout | FailureKind::WorkerLost | FailureKind::Cancelled
+            FailureKind::Timeout
+                | FailureKind::WorkerLost
+                | FailureKind::Cancelled
+                | FailureKind::ProtocolViolation
         )
     }
 }
@@ -117,11 +133,28 @@ pub struct Failure {
 }
 
 impl Failure {
+    /// Longest message a worker sends; longer ones are cut (a guest chooses
+    /// its error and panic messages).
+    pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
+
     pub fn new(kind: FailureKind, message: impl Into<String>) -> Self {
         Failure {
             kind,
             message: message.into(),
         }
+    }
+
+    /// The same failure with its message cut to [`Failure::MAX_MESSAGE_BYTES`].
+    pub fn bounded(mut self) -> Self {
+        if self.message.len() > Self::MAX_MESSAGE_BYTES {
+            let mut end = Self::MAX_MESSAGE_BYTES - 3;
+            while !self.message.is_char_boundary(end) {
+                end -= 1;
+            }
+            self.message.truncate(end);
+            self.message.push_str("...");
+        }
+        self
     }
 }
 
@@ -188,9 +221,20 @@ mod tests {
             [
                 FailureKind::Timeout,
                 FailureKind::WorkerLost,
-                FailureKind::Cancelled
+                FailureKind::Cancelled,
+                FailureKind::ProtocolViolation
             ]
         );
+    }
+
+    #[test]
+    fn long_failure_messages_are_cut_on_a_char_boundary() {
+        let long = "é".repeat(Failure::MAX_MESSAGE_BYTES);
+        let cut = Failure::new(FailureKind::GuestError, long).bounded();
+        assert!(cut.message.len() <= Failure::MAX_MESSAGE_BYTES);
+        assert!(cut.message.ends_with("..."));
+        let short = Failure::new(FailureKind::GuestError, "short").bounded();
+        assert_eq!(short.message, "short");
     }
 
     #[test]

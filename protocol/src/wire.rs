@@ -11,16 +11,28 @@ use serde::{Deserialize, Serialize};
 use crate::{TaskLimits, TaskReport};
 
 /// Protocol version; bumped on any change to the messages below.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// TLS application protocols a worker offers: this exact version first, then
 /// the bare name, which lets a foreman of another version still answer with
 /// a message that says both versions.
-pub const ALPN_VERSIONED: &[u8] = b"wasmgrid/2";
+pub const ALPN_VERSIONED: &[u8] = b"wasmgrid/3";
 pub const ALPN_ANY_VERSION: &[u8] = b"wasmgrid";
 
 /// Largest frame either side accepts (a module upload is the biggest message).
 pub const MAX_FRAME_BYTES: usize = 128 << 20;
+
+/// Most slots a worker may announce.
+pub const MAX_SLOTS: u32 = 1024;
+
+/// Most attempts a worker may queue per slot beyond the one it runs: the
+/// credit it may grant is `slots * (1 + MAX_PREFETCH_PER_SLOT)`.
+pub const MAX_PREFETCH_PER_SLOT: u32 = 512;
+
+/// Report bytes (results and output) a worker puts in one `Finished`
+/// message before starting another, so its frames stay well under the
+/// foreman's limit for worker frames.
+pub const FINISHED_BATCH_BYTES: usize = 4 << 20;
 
 const MAGIC: [u8; 4] = *b"WGRD";
 
@@ -160,8 +172,8 @@ pub enum ModuleReply {
 pub enum WireError {
     #[error("the peer is not speaking the wasmgrid protocol (bad preamble)")]
     NotWasmgrid,
-    #[error("frame of {0} bytes is larger than the limit of {MAX_FRAME_BYTES} bytes")]
-    FrameTooLarge(usize),
+    #[error("frame of {0} bytes is larger than the limit of {1} bytes")]
+    FrameTooLarge(usize, usize),
     #[error("malformed message: {0}")]
     Malformed(String),
 }
@@ -172,22 +184,45 @@ pub fn encode_frame<T: Serialize>(message: &T) -> Result<Vec<u8>, WireError> {
         .map_err(|e| WireError::Malformed(e.to_string()))?;
     let len = frame.len() - 4;
     if len > MAX_FRAME_BYTES {
-        return Err(WireError::FrameTooLarge(len));
+        return Err(WireError::FrameTooLarge(len, MAX_FRAME_BYTES));
     }
     frame[..4].copy_from_slice(&(len as u32).to_le_bytes());
     Ok(frame)
 }
 
-/// Splits a byte stream into messages, enforcing [`MAX_FRAME_BYTES`].
-#[derive(Debug, Default)]
+/// Splits a byte stream into messages, enforcing a frame limit
+/// ([`MAX_FRAME_BYTES`] unless set lower).
+#[derive(Debug)]
 pub struct FrameDecoder {
     buffer: Vec<u8>,
     consumed: usize,
+    max_frame: usize,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        Self::with_limit(MAX_FRAME_BYTES)
+    }
 }
 
 impl FrameDecoder {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A decoder that refuses frames over `max_frame` bytes (at most
+    /// [`MAX_FRAME_BYTES`]) before buffering them.
+    pub fn with_limit(max_frame: usize) -> Self {
+        FrameDecoder {
+            buffer: Vec::new(),
+            consumed: 0,
+            max_frame: max_frame.min(MAX_FRAME_BYTES),
+        }
+    }
+
+    /// Lowers or raises the frame limit (at most [`MAX_FRAME_BYTES`]).
+    pub fn set_limit(&mut self, max_frame: usize) {
+        self.max_frame = max_frame.min(MAX_FRAME_BYTES);
     }
 
     pub fn push(&mut self, bytes: &[u8]) {
@@ -213,8 +248,8 @@ impl FrameDecoder {
             return Ok(None);
         }
         let len = u32::from_le_bytes([pending[0], pending[1], pending[2], pending[3]]) as usize;
-        if len > MAX_FRAME_BYTES {
-            return Err(WireError::FrameTooLarge(len));
+        if len > self.max_frame {
+            return Err(WireError::FrameTooLarge(len, self.max_frame));
         }
         if pending.len() < 4 + len {
             return Ok(None);
@@ -287,8 +322,14 @@ mod tests {
         decoder.push(&u32::MAX.to_le_bytes());
         assert!(matches!(
             decoder.next_message::<ToForeman>(),
-            Err(WireError::FrameTooLarge(_))
+            Err(WireError::FrameTooLarge(_, MAX_FRAME_BYTES))
         ));
+        let mut decoder = FrameDecoder::with_limit(16);
+        decoder.push(&17u32.to_le_bytes());
+        assert_eq!(
+            decoder.next_message::<ToForeman>(),
+            Err(WireError::FrameTooLarge(17, 16))
+        );
         let mut decoder = FrameDecoder::new();
         decoder.push(&[3, 0, 0, 0, 0xff, 0xff, 0xff]);
         assert!(matches!(

@@ -229,7 +229,10 @@ fn a_frame_announcing_more_than_the_limit_is_refused_before_it_arrives() {
     decoder.push(&too_long);
     assert_eq!(
         decoder.next_message::<ToForeman>(),
-        Err(WireError::FrameTooLarge(MAX_FRAME_BYTES + 1))
+        Err(WireError::FrameTooLarge(
+            MAX_FRAME_BYTES + 1,
+            MAX_FRAME_BYTES
+        ))
     );
     assert_eq!(decoder.buffered(), 4);
 }

@@ -17,6 +17,7 @@ fn limits() -> TaskLimits {
         memory_bytes: 64 << 20,
         timeout_ms: 20_000,
         output_bytes: 64 * 1024,
+        result_bytes: 64 * 1024,
     }
 }
 
@@ -141,6 +142,154 @@ fn host_files_are_out_of_reach() {
         assert_eq!(kind, FailureKind::GuestError, "{action}: {message}");
         assert!(message.starts_with("cannot "), "{action}: {message}");
     }
+}
+
+#[test]
+fn a_written_file_never_reaches_the_disk() {
+    let marker = std::process::id();
+    let report = misbehave("write-file", u64::from(marker), limits());
+    let (kind, message) = failure(&report);
+    assert_eq!(kind, FailureKind::GuestError, "{message}");
+    assert!(message.starts_with("cannot write a file"), "{message}");
+    let name = format!("wasmgrid-escape-{marker}.txt");
+    for place in [std::env::current_dir().unwrap(), "/tmp".into(), "/".into()] {
+        assert!(
+            !place.join(&name).exists(),
+            "{name} appeared in {}",
+            place.display()
+        );
+    }
+}
+
+#[test]
+fn tcp_and_udp_reach_nothing_on_the_host() {
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    tcp.set_nonblocking(true).unwrap();
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_nonblocking(true).unwrap();
+    let cases = [
+        (
+            "tcp",
+            tcp.local_addr().unwrap().port(),
+            "cannot connect over TCP",
+        ),
+        (
+            "udp",
+            udp.local_addr().unwrap().port(),
+            "cannot send over UDP",
+        ),
+    ];
+    for (action, port, expected) in cases {
+        let report = misbehave(action, u64::from(port), limits());
+        let (kind, message) = failure(&report);
+        assert_eq!(kind, FailureKind::GuestError, "{action}: {message}");
+        assert!(message.starts_with(expected), "{action}: {message}");
+    }
+    let accepted = tcp.accept();
+    assert!(
+        matches!(&accepted, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "something connected: {accepted:?}"
+    );
+    let mut buffer = [0u8; 64];
+    let received = udp.recv_from(&mut buffer);
+    assert!(
+        matches!(&received, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "something arrived: {received:?}"
+    );
+}
+
+#[test]
+fn spawning_a_thread_is_an_error_inside_the_guest() {
+    let report = misbehave("thread", 0, limits());
+    let (kind, message) = failure(&report);
+    assert_eq!(kind, FailureKind::GuestError, "{message}");
+    assert!(message.starts_with("cannot spawn a thread"), "{message}");
+}
+
+#[test]
+fn a_result_over_the_limit_is_result_too_large() {
+    let report = misbehave("big-result", 100_000, limits());
+    let (kind, message) = failure(&report);
+    assert_eq!(kind, FailureKind::ResultTooLarge, "{message}");
+    assert_eq!(
+        message,
+        "the result is 100002 bytes; this job's limit is 65536 bytes"
+    );
+    let fits = misbehave("big-result", 1_000, limits());
+    assert_eq!(fits.outcome.map(|r| r.len()), Ok(1_002));
+}
+
+/// A task component in WAT whose `run` executes `grow` (an expression
+/// leaving the old size, or -1 when refused) and returns `"refused"` or
+/// `"grown"`: table and memory growth the Rust guest cannot ask for directly.
+fn raw_grow_task(grow: &str) -> Vec<u8> {
+    let wat = format!(
+        r#"(component
+          (core module $m
+            (memory (export "memory") 1)
+            (table $t 1 funcref)
+            (global $bump (mut i32) (i32.const 4096))
+            (data (i32.const 64) "\22grown\22")
+            (data (i32.const 96) "\22refused\22")
+            (func (export "realloc") (param i32 i32 i32 i32) (result i32)
+              (local $p i32)
+              (local.set $p (global.get $bump))
+              (global.set $bump (i32.add (global.get $bump) (local.get 3)))
+              (local.get $p))
+            (func (export "run") (param i32 i32) (result i32)
+              (i32.store8 (i32.const 0) (i32.const 0))
+              (if (i32.eq (i32.const -1) {grow})
+                (then (i32.store (i32.const 4) (i32.const 96))
+                      (i32.store (i32.const 8) (i32.const 9)))
+                (else (i32.store (i32.const 4) (i32.const 64))
+                      (i32.store (i32.const 8) (i32.const 7))))
+              (i32.const 0)))
+          (core instance $i (instantiate $m))
+          (type $task-error (variant (case "bad-args" string) (case "failed" string)))
+          (export $te "task-error" (type $task-error))
+          (func (export "run") (param "args" string) (result (result string (error $te)))
+            (canon lift (core func $i "run") (memory (core memory $i "memory")) (realloc (core func $i "realloc")))))"#
+    );
+    wat::parse_str(wat).expect("the probe component parses")
+}
+
+/// Resident memory of this test process, in bytes.
+fn own_rss() -> u64 {
+    wasmgrid_tests::hostile::rss_bytes(std::process::id()).expect("/proc/self/status")
+}
+
+#[test]
+fn huge_table_and_memory_growth_is_refused_inside_the_limits() {
+    let executor = executor();
+    let before = own_rss();
+    let cases = [
+        // 100 million table elements, far past the sandbox's million.
+        (
+            "table",
+            "(table.grow $t (ref.null func) (i32.const 100000000))",
+        ),
+        // 60000 pages (3.7 GiB) of linear memory, far past the 64 MiB limit.
+        ("memory", "(memory.grow (i32.const 60000))"),
+    ];
+    for (what, grow) in cases {
+        let (task, load) = executor.load(&raw_grow_task(grow)).expect("probe loads");
+        let report = executor.run(&task, load, "[]", &limits());
+        assert_eq!(report.outcome, Ok("\"refused\"".to_owned()), "{what}");
+    }
+    // Modest growth is granted, so the refusals above are the limits at work.
+    for grow in [
+        "(table.grow $t (ref.null func) (i32.const 1000))",
+        "(memory.grow (i32.const 16))",
+    ] {
+        let (task, load) = executor.load(&raw_grow_task(grow)).unwrap();
+        let report = executor.run(&task, load, "[]", &limits());
+        assert_eq!(report.outcome, Ok("\"grown\"".to_owned()), "{grow}");
+    }
+    let after = own_rss();
+    assert!(
+        after < before + (256 << 20),
+        "the host grew from {before} to {after} bytes"
+    );
 }
 
 #[test]
@@ -342,4 +491,45 @@ fn a_cancel_flag_stops_a_running_task_and_deadlines_still_hold() {
         Default::default(),
     );
     assert_eq!(report.outcome, Ok("\"5\"".to_owned()));
+}
+
+#[test]
+fn the_host_environment_and_arguments_never_reach_a_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = format!("wasmgrid-marker-{}", std::process::id());
+    // In the worker's environment and in its arguments (the args file's name).
+    let args = dir.path().join(format!("{marker}.json"));
+    std::fs::write(&args, r#"[["env-dump", 0]]"#).unwrap();
+    let reports = dir.path().join("reports.json");
+    let out = std::process::Command::new(wasmgrid_tests::binary("worker"))
+        .arg("exec")
+        .arg(wasmgrid_tests::guest_path("misbehave"))
+        .arg(&args)
+        .arg("--reports")
+        .arg(&reports)
+        .env("WASMGRID_TEST_MARKER", &marker)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("env: []; args: []"), "{stdout}");
+    let reports = std::fs::read_to_string(&reports).unwrap();
+    assert!(
+        reports.contains("env: []; args: []"),
+        "the guest's own output: {reports}"
+    );
+    for (name, text) in [
+        ("results", stdout.as_ref()),
+        ("reports", reports.as_str()),
+        ("stderr", &String::from_utf8_lossy(&out.stderr)),
+    ] {
+        assert!(
+            !text.contains(&marker),
+            "the marker reached the {name}: {text}"
+        );
+    }
 }

@@ -5,7 +5,7 @@
 /// not bound by round trips, little enough that long ones are not hoarded.
 const PIPE_TARGET_US: f64 = 2_000.0;
 const MIN_PREFETCH_PER_SLOT: u32 = 2;
-const MAX_PREFETCH_PER_SLOT: u32 = 512;
+use wasmgrid_protocol::wire::MAX_PREFETCH_PER_SLOT;
 
 /// The credit this worker has granted, grown as it learns how long tasks take.
 pub struct CreditWindow {

@@ -136,6 +136,7 @@ impl LimitArgs {
                 .context("--memory is too large")?,
             timeout_ms: (self.timeout * 1000.0).ceil() as u64,
             output_bytes: TaskLimits::DEFAULT_OUTPUT_BYTES,
+            result_bytes: TaskLimits::DEFAULT_RESULT_BYTES,
         })
     }
 }
@@ -163,7 +164,7 @@ fn join(args: JoinArgs) -> anyhow::Result<ExitCode> {
     let slots = args
         .slots
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32))
-        .max(1);
+        .clamp(1, wasmgrid_protocol::wire::MAX_SLOTS);
     let name = args.name.unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname")
             .map(|h| h.trim().to_owned())

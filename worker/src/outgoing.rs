@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use wasmgrid_protocol::wire::{encode_frame, Finished, ToForeman};
+use wasmgrid_protocol::wire::{encode_frame, Finished, ToForeman, FINISHED_BATCH_BYTES};
 
 use crate::credit::CreditWindow;
 use crate::executor::SlotPool;
@@ -60,10 +60,16 @@ pub fn spawn(
             };
             let message = match item {
                 Outgoing::Finished(first) => {
+                    let mut bytes = report_bytes(&first);
                     let mut batch = vec![first];
-                    while let Ok(next) = queue.try_recv() {
+                    // Past the byte budget the rest waits, so no frame nears the foreman's limit.
+                    while bytes < FINISHED_BATCH_BYTES {
+                        let Ok(next) = queue.try_recv() else { break };
                         match next {
-                            Outgoing::Finished(finished) => batch.push(finished),
+                            Outgoing::Finished(finished) => {
+                                bytes += report_bytes(&finished);
+                                batch.push(finished);
+                            }
                             other => {
                                 pending = Some(other);
                                 break;
@@ -102,4 +108,14 @@ pub fn spawn(
         anyhow::Ok(())
     });
     (sender, writer)
+}
+
+/// Roughly what a report adds to a frame: its texts and a fixed part.
+fn report_bytes(finished: &Finished) -> usize {
+    let report = &finished.report;
+    let outcome = match &report.outcome {
+        Ok(json) => json.len(),
+        Err(failure) => failure.message.len(),
+    };
+    64 + outcome + report.stdout.text.len() + report.stderr.text.len()
 }

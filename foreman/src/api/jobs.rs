@@ -15,11 +15,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 pub use wasmgrid_jobspec::JobOptions;
 use wasmgrid_jobspec::{parse_submission, ModuleRef, SubmitError};
-use wasmgrid_protocol::FailureKind;
+use wasmgrid_protocol::{FailureKind, TaskLimits};
 use wasmgrid_worker::executor::ModuleId;
 
 use super::params::Params;
-use super::{ApiError, ApiState, Caller};
+use super::{ApiError, ApiState, Caller, OutputLimits};
 use crate::driver::Input;
 use crate::model::{JobId, JobState, TaskState};
 use crate::store::{JobRow, NewJob};
@@ -37,6 +37,36 @@ pub struct SubmitRequest {
     #[serde(default)]
     #[schema(value_type = Option<JobOptions>)]
     pub options: Option<serde_json::Value>,
+}
+
+/// The stdout/stderr bytes a job keeps: what it asks, within the foreman's cap.
+fn output_bytes(asked_kib: Option<u32>, limits: &OutputLimits) -> Result<u32, String> {
+    let Some(kib) = asked_kib else {
+        return Ok(TaskLimits::DEFAULT_OUTPUT_BYTES.min(limits.max_output_bytes));
+    };
+    let bytes = kib.saturating_mul(1024);
+    if bytes > limits.max_output_bytes {
+        return Err(format!(
+            "output_kib {kib} is over this foreman's limit of {} KiB per stream (foreman serve --max-output-kib)",
+            limits.max_output_bytes / 1024
+        ));
+    }
+    Ok(bytes)
+}
+
+/// The result limit of a job: what it asks, within the foreman's cap.
+fn result_bytes(asked_kib: Option<u32>, limits: &OutputLimits) -> Result<u32, String> {
+    let Some(kib) = asked_kib else {
+        return Ok(limits.result_bytes);
+    };
+    let bytes = kib.saturating_mul(1024);
+    if kib == 0 || bytes > limits.result_bytes {
+        return Err(format!(
+            "result_kib {kib} is not between 1 and this foreman's limit of {} KiB (foreman serve --max-result-kib)",
+            limits.result_bytes / 1024
+        ));
+    }
+    Ok(bytes)
 }
 
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -118,7 +148,13 @@ pub(super) async fn submit(
     let options = submission.options;
     let new_job = NewJob {
         module: hash,
-        limits: submission.task_limits,
+        limits: TaskLimits {
+            output_bytes: output_bytes(options.output_kib, &state.output_limits)
+                .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "bad_options", m))?,
+            result_bytes: result_bytes(options.result_kib, &state.output_limits)
+                .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "bad_options", m))?,
+            ..submission.task_limits
+        },
         max_retries: options.retries,
         priority: options.priority,
         scheduler: options.scheduler.unwrap_or(state.default_scheduler),

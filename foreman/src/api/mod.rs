@@ -46,7 +46,40 @@ pub use jobs::{JobOptions, SubmitRequest, Submitted};
 pub use workers::{WorkerStatus, WorkerView};
 
 /// Largest upload (module and args together) unless configured otherwise.
+use wasmgrid_protocol::TaskLimits;
+
 pub const DEFAULT_MAX_UPLOAD_BYTES: usize = 256 << 20;
+
+/// What a task may send back (`foreman serve --max-result-kib` and
+/// `--max-output-kib`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputLimits {
+    /// The largest result limit a job may ask for, and the default.
+    pub result_bytes: u32,
+    /// The most stdout (and stderr) a job may ask to keep per task.
+    pub max_output_bytes: u32,
+}
+
+impl Default for OutputLimits {
+    fn default() -> Self {
+        OutputLimits {
+            result_bytes: TaskLimits::DEFAULT_RESULT_BYTES,
+            max_output_bytes: TaskLimits::DEFAULT_OUTPUT_BYTES,
+        }
+    }
+}
+
+impl OutputLimits {
+    /// Largest frame a worker needs: a batch's byte budget plus one report
+    /// at the limits (lossy UTF-8 may triple output), plus slack.
+    pub fn max_worker_frame(&self) -> usize {
+        wasmgrid_protocol::wire::FINISHED_BATCH_BYTES
+            + self.result_bytes as usize
+            + 6 * self.max_output_bytes as usize
+            + 4 * wasmgrid_protocol::Failure::MAX_MESSAGE_BYTES
+            + (1 << 20)
+    }
+}
 
 pub struct ApiState {
     pub store: Store,
@@ -66,6 +99,7 @@ pub struct ApiState {
     pub heartbeat_timeout: Duration,
     /// Tokens and who needs one.
     pub security: Security,
+    pub output_limits: OutputLimits,
 }
 
 /// The API's side of security (see `auth`).

@@ -41,6 +41,7 @@ pub(super) async fn app_state(
             protect_reads: false,
             cors_origin: None,
         },
+        output_limits: Default::default(),
     };
     (dir, Arc::new(state))
 }
@@ -278,6 +279,51 @@ async fn jobs_take_the_named_scheduler_or_the_foremans_default_and_not_before() 
 }
 
 #[tokio::test]
+async fn output_and_result_limits_come_from_the_foremans_caps() {
+    let (_dir, mut state) = app_state(1 << 20, Scheduler::Fifo).await;
+    Arc::get_mut(&mut state).unwrap().output_limits = super::OutputLimits {
+        result_bytes: 4096,
+        max_output_bytes: 32 * 1024,
+    };
+    let module = known_module(&state);
+    let app = router(state);
+    let submit = |options: &str| {
+        post_json(
+            "/api/jobs",
+            &format!(r#"{{"module_sha256": "{module}", "args": [[1]], "options": {options}}}"#),
+        )
+    };
+    let mut limits = Vec::new();
+    for options in ["{}", r#"{"output_kib": 8, "result_kib": 2}"#] {
+        let (status, json) = call(app.clone(), submit(options)).await;
+        assert_eq!(status, StatusCode::CREATED, "{options}: {json}");
+        let id = json["id"].as_u64().unwrap();
+        let (_, job) = call(app.clone(), get(&format!("/api/jobs/{id}"))).await;
+        let l = &job["limits"];
+        limits.push((l["output_bytes"].clone(), l["result_bytes"].clone()));
+    }
+    // The default output (64 KiB) is cut to the cap; a job may ask for less.
+    assert_eq!(
+        limits,
+        [(32768.into(), 4096.into()), (8192.into(), 2048.into())]
+    );
+    for (options, wanted) in [
+        (
+            r#"{"output_kib": 33}"#,
+            "output_kib 33 is over this foreman's limit of 32 KiB per stream (foreman serve --max-output-kib)",
+        ),
+        (
+            r#"{"result_kib": 5}"#,
+            "result_kib 5 is not between 1 and this foreman's limit of 4 KiB (foreman serve --max-result-kib)",
+        ),
+    ] {
+        let (status, json) = call(app.clone(), submit(options)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(error_of(&json), ("bad_options", wanted));
+    }
+}
+
+#[tokio::test]
 async fn worker_failures_are_listed_newest_first_and_bad_requests_named() {
     let (_dir, state) = app_state(1 << 20, Scheduler::Fifo).await;
     let store = state.store.clone();
@@ -354,11 +400,11 @@ async fn drain_reaches_a_connected_worker_and_names_the_others() {
     let connected = store.upsert_worker(&row).unwrap();
     let row = crate::store::WorkerRow::joining(&worker_info("away"));
     let away = store.upsert_worker(&row).unwrap();
-    let (outbox, mut to_worker) = tokio::sync::mpsc::unbounded_channel();
+    let (link, mut to_worker) = crate::driver::WorkerLink::new(Box::new(|_| {}));
     state.driver.send(crate::driver::Input::WorkerJoined {
         worker: connected,
         spec: crate::core::WorkerSpec::with_slots(2),
-        outbox,
+        link,
     });
     let app = router(state);
     let drain =

@@ -32,6 +32,7 @@ fn with_security(
         validated: Default::default(),
         default_scheduler: state.default_scheduler,
         heartbeat_timeout: state.heartbeat_timeout,
+        output_limits: state.output_limits,
     })
 }
 

@@ -106,6 +106,7 @@ impl Core {
             return;
         };
         self.pool.release(held.worker, attempt);
+        self.released_without_report(held.worker, attempt);
         self.commands.push_back(Command::Cancel {
             worker: held.worker,
             attempts: vec![attempt],

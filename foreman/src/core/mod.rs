@@ -66,6 +66,9 @@ mod schedule_tests;
 mod sim;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod violation_tests;
+mod violations;
 mod workers;
 
 use std::cmp::Reverse;
@@ -100,6 +103,9 @@ pub enum Command {
     },
     /// Persist this change (in order).
     Record(Record),
+    /// Close this worker's connection: it broke the protocol. The core
+    /// already treats it as gone.
+    CutOff { worker: WorkerId, reason: String },
 }
 
 /// A job's state and how many of its tasks are in each state.
@@ -167,6 +173,9 @@ struct Held {
 #[derive(Debug)]
 pub struct Core {
     next_attempt: AttemptId,
+    /// The first attempt of this run; reports for earlier ones (from before
+    /// a restart) are dropped.
+    first_attempt: AttemptId,
     jobs: HashMap<JobId, Job>,
     order: JobOrder,
     /// Queued tasks over all jobs.
@@ -183,6 +192,8 @@ pub struct Core {
     live: HashMap<AttemptId, Held>,
     /// Attempts abandoned because their worker left; a late report is still taken once.
     lost: HashMap<AttemptId, Held>,
+    /// Per worker, attempts that ended without their report lately.
+    released: HashMap<WorkerId, violations::RecentAttempts>,
     commands: VecDeque<Command>,
 }
 
@@ -195,6 +206,7 @@ impl Core {
     pub fn with_policy(next_attempt: AttemptId, policy: HealthPolicy) -> Self {
         Core {
             next_attempt,
+            first_attempt: next_attempt,
             jobs: HashMap::default(),
             order: JobOrder::default(),
             queued: 0,
@@ -205,6 +217,7 @@ impl Core {
             failures: HashMap::default(),
             live: HashMap::default(),
             lost: HashMap::default(),
+            released: HashMap::default(),
             commands: VecDeque::new(),
         }
     }
@@ -308,6 +321,10 @@ impl Core {
                 continue;
             };
             self.pool.release(held.worker, attempt);
+            self.released
+                .entry(held.worker)
+                .or_default()
+                .insert(attempt);
             cancels.entry(held.worker).or_default().push(attempt);
             self.commands
                 .push_back(Command::Record(Record::AttemptAbandoned {

@@ -4,21 +4,31 @@
 use wasmgrid_protocol::wire::AttemptId;
 use wasmgrid_protocol::{Failure, FailureKind, TaskReport};
 
-use super::{Command, Core, Held};
+use super::{violations, Command, Core, Held};
 use crate::model::{JobId, JobState, Record, TaskState, WorkerId};
 
 impl Core {
     /// A report for an attempt. Also returns one credit to that worker (the
-    /// worker does not send Credit for it). Reports from a worker that does
-    /// not hold the attempt, for unknown attempts, and duplicates are dropped
-    /// silently (no records, no credit).
+    /// worker does not send Credit for it). A report that crossed a `Cancel`,
+    /// a lease expiry or a restart is dropped silently (no records, no
+    /// credit). A report for another worker's attempt, for one never given,
+    /// a duplicate, or one over the job's limits (result, output) or with a
+    /// result that is not JSON is a protocol violation: the worker is cut
+    /// off and the report never stored (see `violations`).
     pub fn attempt_finished(&mut self, worker: WorkerId, attempt: AttemptId, report: TaskReport) {
         if let Some(held) = self.live.get(&attempt).copied() {
             if held.worker != worker {
+                self.foreign_report(worker, attempt, held.worker);
                 return;
             }
             self.live.remove(&attempt);
             self.pool.release(worker, attempt);
+            if let Some(limits) = self.limits_of(&held) {
+                if let Err(problem) = violations::check_report(&report, &limits) {
+                    self.reject_live_report(held, attempt, format!("sent {problem}"));
+                    return;
+                }
+            }
             self.learn(worker, held.job, &report);
             if matches!(&report.outcome, Err(f) if f.kind == FailureKind::Timeout) {
                 self.infrastructure_failure(worker);
@@ -26,11 +36,23 @@ impl Core {
             self.finish_live(held, attempt, report);
         } else if let Some(held) = self.lost.get(&attempt).copied() {
             if held.worker != worker {
+                self.foreign_report(worker, attempt, held.worker);
                 return;
             }
+            if let Some(released) = self.released.get_mut(&worker) {
+                released.take(attempt);
+            }
             self.lost.remove(&attempt);
+            if let Some(limits) = self.limits_of(&held) {
+                if let Err(problem) = violations::check_report(&report, &limits) {
+                    self.protocol_violation(worker, format!("sent {problem}"));
+                    return;
+                }
+            }
             self.pool.grant(worker, 1);
             self.finish_late(held, attempt, report);
+        } else {
+            self.stray_report(worker, attempt);
         }
     }
 
@@ -161,6 +183,7 @@ impl Core {
         if let Some(current) = task.current.take() {
             if let Some(other) = self.live.remove(&current) {
                 self.pool.release(other.worker, current);
+                self.released_without_report(other.worker, current);
                 self.commands
                     .push_back(Command::Record(Record::AttemptAbandoned {
                         job: held.job,

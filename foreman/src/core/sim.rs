@@ -96,6 +96,8 @@ struct Ledger {
     expect_finish: Option<((JobId, TaskIndex), TaskState)>,
     late_finishes: u32,
     losers_cancelled: u32,
+    /// Workers cut off for a protocol violation (a replayed report).
+    violations: u32,
 }
 
 impl Ledger {
@@ -186,6 +188,7 @@ impl Ledger {
                 }
             }
             Record::WorkerCooledDown { .. } => {}
+            Record::WorkerViolation { .. } => self.violations += 1,
             Record::JobStateChanged { job, state } => {
                 if state.is_finished() {
                     assert_eq!(
@@ -207,6 +210,7 @@ struct Sim {
     /// Reports sent and not yet delivered: (worker, attempt, report).
     in_flight: Vec<(WorkerId, AttemptId, TaskReport)>,
     delivered: Vec<(WorkerId, AttemptId, TaskReport)>,
+    cut_offs: u32,
 }
 
 impl Sim {
@@ -239,8 +243,21 @@ impl Sim {
                     }
                 }
                 Command::Record(r) => self.ledger.apply(&r),
+                Command::CutOff { worker, .. } => self.cut_off(worker),
             }
         }
+    }
+
+    /// The core closed the worker's connection: its reports on the wire are
+    /// lost, and it starts afresh (as after a crash) when it joins again.
+    fn cut_off(&mut self, id: WorkerId) {
+        self.in_flight.retain(|(w, _, _)| *w != id);
+        let w = &mut self.workers[id as usize];
+        assert!(w.online, "worker {id} cut off twice");
+        w.online = false;
+        w.free = 0;
+        w.held.clear();
+        self.cut_offs += 1;
     }
 
     fn deliver(&mut self, i: usize) {
@@ -405,6 +422,7 @@ fn simulate(seed: u64, worker_count: u64, sizes: [u32; 3], schedulers: [Schedule
         ledger: Ledger::default(),
         in_flight: Vec::new(),
         delivered: Vec::new(),
+        cut_offs: 0,
     };
     for id in 0..worker_count {
         sim.rejoin(id);
@@ -436,6 +454,7 @@ fn simulate(seed: u64, worker_count: u64, sizes: [u32; 3], schedulers: [Schedule
             let i = sim.rng.below(sim.in_flight.len() as u64) as usize;
             sim.deliver(i);
         }
+        // A report sent twice breaks the protocol: the worker is cut off.
         if !sim.delivered.is_empty() && sim.rng.chance(300) {
             let (w, a, r) =
                 sim.delivered[sim.rng.below(sim.delivered.len() as u64) as usize].clone();
@@ -492,6 +511,8 @@ fn simulate(seed: u64, worker_count: u64, sizes: [u32; 3], schedulers: [Schedule
         l.losers_cancelled
     );
     assert!(l.lost.len() > 100 && l.late_finishes > 5 && l.losers_cancelled > 0);
+    assert!(sim.cut_offs > 0);
+    assert_eq!(l.violations, sim.cut_offs);
     assert_eq!(sim.ledger.job_final[&2], JobState::Cancelled);
     assert_eq!(sim.ledger.job_final[&3], JobState::Failed);
     for (id, w) in sim.workers.iter().enumerate() {

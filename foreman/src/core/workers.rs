@@ -23,8 +23,9 @@ impl Core {
     }
 
     /// The worker can take `n` more tasks. Credit accumulates. Unknown workers are ignored.
+    /// Credit past [`Core::max_credit`] is a protocol violation.
     pub fn grant_credit(&mut self, worker: WorkerId, n: u32) {
-        if n > 0 {
+        if n > 0 && self.credit_allowed(worker, n) {
             self.pool.grant(worker, n);
         }
     }
@@ -44,6 +45,7 @@ impl Core {
                 continue;
             };
             self.lost.insert(attempt, h);
+            self.released_without_report(worker, attempt);
             if let Some(job) = self.jobs.get_mut(&h.job) {
                 job.lost.push(attempt);
             }

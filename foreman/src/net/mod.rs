@@ -1,6 +1,7 @@
 //! The QUIC side of the foreman: TLS 1.3 with our own certificate, the
 //! version handshake, join tokens, and one session per worker.
 
+mod budget;
 mod session;
 
 use std::net::SocketAddr;
@@ -21,7 +22,14 @@ pub mod close {
     pub const INCOMPATIBLE_VERSION: u32 = 2;
     pub const BAD_TOKEN: u32 = 3;
     pub const PROTOCOL_ERROR: u32 = 4;
+    /// The worker broke the protocol after joining and was cut off.
+    pub const PROTOCOL_VIOLATION: u32 = 5;
 }
+
+/// Module fetches a worker may have open at once.
+const MAX_MODULE_STREAMS: u32 = 8;
+/// Bytes a worker may have in flight to us on one connection, unread.
+const RECEIVE_WINDOW: u32 = 32 << 20;
 
 pub struct NetContext {
     /// Checks join tokens and cuts off workers whose token is revoked.
@@ -31,6 +39,8 @@ pub struct NetContext {
     pub heartbeat_timeout: Duration,
     pub store: Store,
     pub driver: Driver,
+    /// Largest frame a joined worker may send (a batch of reports).
+    pub max_worker_frame: usize,
 }
 
 pub fn endpoint(identity: &Identity, addr: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
@@ -46,7 +56,11 @@ pub fn endpoint(identity: &Identity, addr: SocketAddr) -> anyhow::Result<quinn::
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_idle_timeout(Some(Duration::from_secs(30).try_into()?))
-        .keep_alive_interval(Some(Duration::from_secs(5)));
+        .keep_alive_interval(Some(Duration::from_secs(5)))
+        // The control stream plus module fetches.
+        .max_concurrent_bidi_streams((1 + MAX_MODULE_STREAMS).into())
+        .max_concurrent_uni_streams(0u32.into())
+        .receive_window(RECEIVE_WINDOW.into());
     server.transport_config(Arc::new(transport));
     quinn::Endpoint::server(server, addr).with_context(|| format!("cannot listen on {addr}/udp"))
 }

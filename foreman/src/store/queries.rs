@@ -18,7 +18,8 @@ use crate::model::{JobId, JobSpec, JobState, WorkerId};
 
 const JOB_COLUMNS: &str = "id, module, state, priority, scheduler, fuel, memory_bytes, timeout_ms,
     output_bytes, max_retries, total, queued, running, succeeded, failed, cancelled, fuel_used,
-    created_at_ms, started_at_ms, finished_at_ms, not_before_ms, retry_deterministic";
+    created_at_ms, started_at_ms, finished_at_ms, not_before_ms, retry_deterministic,
+    result_bytes";
 
 /// `?1`: failures at or after this time count as recent.
 const WORKER_COLUMNS: &str = "id, name, hostname, os, arch, cores, memory_bytes, slots,
@@ -83,8 +84,8 @@ pub(super) fn create_job(
     tx.execute(
         "INSERT INTO jobs (module, state, priority, scheduler, fuel, memory_bytes, timeout_ms,
              output_bytes, max_retries, total, queued, created_at_ms, not_before_ms,
-             retry_deterministic, token_id)
-         VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10, ?11, ?12, ?13)",
+             retry_deterministic, token_id, result_bytes)
+         VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10, ?11, ?12, ?13, ?14)",
         params![
             &job.module[..],
             job.priority,
@@ -99,6 +100,7 @@ pub(super) fn create_job(
             job.not_before_ms.map(to_sql),
             job.retry_deterministic,
             token.map(to_sql),
+            limits.result_bytes,
         ],
     )?;
     let id = schema::from_sql(tx.last_insert_rowid());
@@ -400,6 +402,7 @@ fn job_row(row: &Row<'_>) -> Result<JobRow, StoreError> {
             memory_bytes: from_sql(row.get(6)?),
             timeout_ms: from_sql(row.get(7)?),
             output_bytes: u32_from_sql(row.get(8)?)?,
+            result_bytes: u32_from_sql(row.get(22)?)?,
         },
         max_retries: u32_from_sql(row.get(9)?)?,
         total: u32_from_sql(row.get(10)?)?,

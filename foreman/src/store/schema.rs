@@ -214,6 +214,9 @@ INSERT INTO run_time_buckets (job_id, bucket, count, sum_us)
 ///   `last_used_ms` is coarse (updated at most every few seconds per token).
 /// - `workers.token_id` is the token a worker last joined with;
 ///   `jobs.token_id` the client token that submitted the job (NULL before v3).
+/// - `jobs.result_bytes`: each job's result limit (jobs from before get the
+///   1 MiB default). Violations not tied to an attempt are kept in
+///   `worker_failures` under negative keys, below every attempt id.
 const V3: &str = "
 CREATE TABLE tokens (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -227,6 +230,7 @@ CREATE TABLE tokens (
 );
 ALTER TABLE workers ADD COLUMN token_id INTEGER;
 ALTER TABLE jobs ADD COLUMN token_id INTEGER;
+ALTER TABLE jobs ADD COLUMN result_bytes INTEGER NOT NULL DEFAULT 1048576;
 ";
 
 /// Opens the writing connection: WAL, settings, schema up to date, workers

@@ -386,7 +386,8 @@ pub(super) fn run_time_histogram_scan(
     Ok(h)
 }
 
-/// One failed attempt, on any worker.
+/// One failed attempt, on any worker; or a protocol violation not tied to
+/// an attempt (`ProtocolViolation` with attempt, job and task 0).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct FailureRow {
     pub attempt: u64,
@@ -429,8 +430,10 @@ pub(super) fn failures(
             i64::try_from(skip).unwrap_or(i64::MAX),
         ])?;
         while let Some(row) = rows.next()? {
+            // Violations not tied to an attempt are keyed below 0.
+            let attempt: i64 = row.get(0)?;
             out.push(FailureRow {
-                attempt: from_sql(row.get(0)?),
+                attempt: from_sql(attempt.max(0)),
                 worker: from_sql(row.get(1)?),
                 job: from_sql(row.get(2)?),
                 task: u32_from_sql(row.get(3)?)?,

@@ -276,7 +276,8 @@ impl Changes {
                     self.workers.push(*worker);
                 }
                 Record::JobStateChanged { job, .. } => self.job_states.push(*job),
-                Record::WorkerCooledDown { worker, .. } => self.workers.push(*worker),
+                Record::WorkerCooledDown { worker, .. }
+                | Record::WorkerViolation { worker, .. } => self.workers.push(*worker),
             },
             Change::Heartbeat { worker, .. } | Change::Draining { worker, .. } => {
                 self.workers.push(*worker)

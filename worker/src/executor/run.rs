@@ -104,11 +104,12 @@ pub fn run_task(
         .get_fuel()
         .map_or(0, |left| limits.fuel.saturating_sub(left));
     let outcome = match result {
-        Ok(Ok(json)) => Ok(json),
+        Ok(Ok(json)) => check_result_size(json, limits),
         Ok(Err(TaskError::BadArgs(message))) => Err(Failure::new(FailureKind::BadArgs, message)),
         Ok(Err(TaskError::Failed(message))) => Err(Failure::new(FailureKind::GuestError, message)),
         Err(error) => Err(classify_trap(&error, store.data(), limits)),
-    };
+    }
+    .map_err(Failure::bounded);
     let sandbox = store.data();
     TaskReport {
         outcome,
@@ -122,6 +123,21 @@ pub fn run_task(
         stdout: sandbox.stdout.captured(),
         stderr: sandbox.stderr.captured(),
     }
+}
+
+/// A result over the limit is dropped here, so it never leaves the worker.
+fn check_result_size(json: String, limits: &TaskLimits) -> Result<String, Failure> {
+    if json.len() > limits.result_bytes as usize {
+        return Err(Failure::new(
+            FailureKind::ResultTooLarge,
+            format!(
+                "the result is {} bytes; this job's limit is {} bytes",
+                json.len(),
+                limits.result_bytes
+            ),
+        ));
+    }
+    Ok(json)
 }
 
 fn micros(d: Duration) -> u64 {

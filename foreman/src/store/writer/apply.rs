@@ -27,6 +27,7 @@ pub(super) struct Statements<'c> {
     worker_cooldown: CachedStatement<'c>,
     worker_load: CachedStatement<'c>,
     worker_draining: CachedStatement<'c>,
+    worker_violation: CachedStatement<'c>,
     run_times: CachedStatement<'c>,
 }
 
@@ -98,6 +99,12 @@ impl<'c> Statements<'c> {
                  WHERE id = ?1",
             )?,
             worker_draining: conn.prepare_cached("UPDATE workers SET draining = ?2 WHERE id = ?1")?,
+            // Keyed below every attempt id (negative), since no attempt is at fault.
+            worker_violation: conn.prepare_cached(
+                "INSERT INTO worker_failures (attempt, worker_id, job_id, idx, kind, message, at_ms)
+                 VALUES (min(-1, (SELECT coalesce(min(attempt), 0) FROM worker_failures) - 1),
+                         ?1, 0, 0, 'ProtocolViolation', ?2, ?3)",
+            )?,
             run_times: conn.prepare_cached(
                 "INSERT INTO run_time_buckets (job_id, bucket, count, sum_us) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (job_id, bucket) DO UPDATE SET count = count + excluded.count,
@@ -306,6 +313,10 @@ fn apply_record(
         } => {
             st.worker_cooldown
                 .execute(params![to_sql(*worker), to_sql(*until_ms)])?;
+        }
+        Record::WorkerViolation { worker, message } => {
+            st.worker_violation
+                .execute(params![to_sql(*worker), message, now])?;
         }
         Record::JobStateChanged { job, state } => {
             let changed = st.job_state.execute(params![
