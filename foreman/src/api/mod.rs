@@ -279,6 +279,8 @@ async fn limits(State(state): State<Arc<ApiState>>) -> Response {
         "max_memory_mib": caps.max_memory_mib,
         "max_timeout_secs": caps.max_timeout_secs,
         "max_unfinished_jobs_per_token": caps.max_unfinished_jobs_per_token,
+        "max_result_bytes": state.output_limits.result_bytes,
+        "max_output_bytes": state.output_limits.max_output_bytes,
         // What a job that asks for none of these gets.
         "defaults": {
             "fuel": caps.default_fuel(),

@@ -59,6 +59,8 @@ async fn the_limits_endpoint_lists_every_cap_and_the_defaults_within_them() {
     assert_eq!(json["max_memory_mib"], 64);
     assert_eq!(json["max_timeout_secs"], 10.0);
     assert_eq!(json["max_unfinished_jobs_per_token"], 2);
+    assert_eq!(json["max_result_bytes"], 1 << 20);
+    assert_eq!(json["max_output_bytes"], 64 << 10);
     assert_eq!(
         json["defaults"],
         json!({ "fuel": 1_000_000, "memory_mib": 64, "timeout_secs": 10.0 })
@@ -158,6 +160,7 @@ async fn a_job_that_asks_nothing_gets_the_defaults_lowered_to_the_caps() {
             "memory_bytes": 64u64 << 20,
             "timeout_ms": 10_000,
             "output_bytes": wasmgrid_protocol::TaskLimits::DEFAULT_OUTPUT_BYTES,
+            "result_bytes": wasmgrid_protocol::TaskLimits::DEFAULT_RESULT_BYTES,
         })
     );
     // Asking exactly the caps is allowed; below them, what was asked.

@@ -28,7 +28,7 @@ fn with_security(
         driver: state.driver.clone(),
         validator: state.validator.clone(),
         max_upload_bytes: state.max_upload_bytes,
-        submit_limits: state.submit_limits.clone(),
+        submit_limits: state.submit_limits,
         validated: Default::default(),
         default_scheduler: state.default_scheduler,
         heartbeat_timeout: state.heartbeat_timeout,
