@@ -69,27 +69,16 @@ impl Default for JobOptions {
 impl JobOptions {
     /// Each task's limits: what the job asks, or the defaults within the caps.
     pub fn task_limits(&self, caps: &SubmitLimits) -> Result<TaskLimits, SubmitError> {
-        let over = SubmitError::over;
         let fuel = self.fuel.unwrap_or_else(|| caps.default_fuel());
-        if fuel > caps.max_fuel {
-            return Err(over(
-                Limit::Fuel,
-                format!(
-                    "fuel {fuel} exceeds this foreman's cap of {}",
-                    caps.max_fuel
-                ),
-            ));
-        }
+        within(fuel, caps.max_fuel, Limit::Fuel, "fuel", "")?;
         let memory_mib = self.memory_mib.unwrap_or_else(|| caps.default_memory_mib());
-        if memory_mib > caps.max_memory_mib {
-            return Err(over(
-                Limit::MemoryMib,
-                format!(
-                    "memory_mib {memory_mib} exceeds this foreman's cap of {} MiB",
-                    caps.max_memory_mib
-                ),
-            ));
-        }
+        within(
+            memory_mib,
+            caps.max_memory_mib,
+            Limit::MemoryMib,
+            "memory_mib",
+            " MiB",
+        )?;
         let memory_bytes = memory_mib
             .checked_mul(1 << 20)
             .ok_or_else(|| SubmitError::BadOptions("memory_mib is too large".into()))?;
@@ -101,15 +90,13 @@ impl JobOptions {
                 "timeout_secs must be a positive number".into(),
             ));
         }
-        if timeout_secs > caps.max_timeout_secs {
-            return Err(over(
-                Limit::TimeoutSecs,
-                format!(
-                    "timeout_secs {timeout_secs} exceeds this foreman's cap of {} s",
-                    caps.max_timeout_secs
-                ),
-            ));
-        }
+        within(
+            timeout_secs,
+            caps.max_timeout_secs,
+            Limit::TimeoutSecs,
+            "timeout_secs",
+            " s",
+        )?;
         Ok(TaskLimits {
             fuel,
             memory_bytes,
@@ -119,4 +106,21 @@ impl JobOptions {
             ..TaskLimits::default()
         })
     }
+}
+
+/// `asked` of option `name`, refused when over its cap (`unit` follows the cap in the message).
+fn within<T: PartialOrd + std::fmt::Display>(
+    asked: T,
+    cap: T,
+    limit: Limit,
+    name: &str,
+    unit: &str,
+) -> Result<(), SubmitError> {
+    if asked > cap {
+        return Err(SubmitError::over(
+            limit,
+            format!("{name} {asked} exceeds this foreman's cap of {cap}{unit}"),
+        ));
+    }
+    Ok(())
 }

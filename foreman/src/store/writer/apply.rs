@@ -273,21 +273,9 @@ fn apply_record(
             report,
             task_state,
         } => {
-            let end = End {
-                job: *job,
-                task: *task,
-                attempt: *attempt,
-                worker: *worker,
-                state: *task_state,
-            };
-            end_attempt(
-                st,
-                &end,
-                Some(report),
-                report.outcome.as_ref().err(),
-                now,
-                deltas,
-            )?;
+            let end = End::new(*job, *task, *attempt, *worker, *task_state);
+            let failure = report.outcome.as_ref().err();
+            end_attempt(st, &end, Some(report), failure, now, deltas)?;
         }
         Record::AttemptAbandoned {
             job,
@@ -297,13 +285,7 @@ fn apply_record(
             failure,
             task_state,
         } => {
-            let end = End {
-                job: *job,
-                task: *task,
-                attempt: *attempt,
-                worker: *worker,
-                state: *task_state,
-            };
+            let end = End::new(*job, *task, *attempt, *worker, *task_state);
             end_attempt(st, &end, None, Some(failure), now, deltas)?;
         }
         // Worker references carry no foreign key (see the schema): an
@@ -345,6 +327,18 @@ struct End {
     attempt: u64,
     worker: WorkerId,
     state: TaskState,
+}
+
+impl End {
+    fn new(job: JobId, task: TaskIndex, attempt: u64, worker: WorkerId, state: TaskState) -> Self {
+        End {
+            job,
+            task,
+            attempt,
+            worker,
+            state,
+        }
+    }
 }
 
 fn end_attempt(
