@@ -127,24 +127,32 @@ pub fn run_job(
     let reports: Vec<OnceLock<TaskReport>> = (0..args.len()).map(|_| OnceLock::new()).collect();
     let next = AtomicUsize::new(0);
     let done = AtomicUsize::new(0);
+    let exited = AtomicUsize::new(0);
     let bar = progress_bar(args.len() as u64, progress);
+    let main = thread::current();
 
     let spawned = thread::scope(|scope| {
         let mut handles = Vec::with_capacity(slots);
         for slot in 0..slots {
-            let worker = || loop {
-                let index = next.fetch_add(1, Ordering::Relaxed);
-                let Some(arg) = args.get(index) else { break };
-                // Only the first attempt pays for the load; the rest find it warm.
-                let this_load = if index == 0 { load } else { Load::WARM };
-                let mut report = executor.run(&task, this_load, arg.get(), &limits);
-                if let Err(failure) = &mut report.outcome {
-                    if failure.kind == FailureKind::BadArgs {
-                        failure.message = format!("args[{index}]: {}", failure.message);
+            let worker = || {
+                let _exit = SlotExit {
+                    exited: &exited,
+                    main: &main,
+                };
+                loop {
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(arg) = args.get(index) else { break };
+                    // Only the first attempt pays for the load; the rest find it warm.
+                    let this_load = if index == 0 { load } else { Load::WARM };
+                    let mut report = executor.run(&task, this_load, arg.get(), &limits);
+                    if let Err(failure) = &mut report.outcome {
+                        if failure.kind == FailureKind::BadArgs {
+                            failure.message = format!("args[{index}]: {}", failure.message);
+                        }
                     }
+                    let _ = reports[index].set(report);
+                    done.fetch_add(1, Ordering::Relaxed);
                 }
-                let _ = reports[index].set(report);
-                done.fetch_add(1, Ordering::Relaxed);
             };
             let handle = thread::Builder::new()
                 .name(format!("wasmgrid-slot-{slot}"))
@@ -159,9 +167,9 @@ pub fn run_job(
                 }
             }
         }
-        while handles.iter().any(|h| !h.is_finished()) {
+        while exited.load(Ordering::Acquire) < handles.len() {
             bar.set_position(done.load(Ordering::Relaxed) as u64);
-            thread::sleep(Duration::from_millis(50));
+            thread::park_timeout(Duration::from_millis(50));
         }
         Ok(())
     });
@@ -182,6 +190,20 @@ pub fn run_job(
         load,
         wall: started.elapsed(),
     })
+}
+
+/// Counts a slot thread out, even one that panicked, and wakes the progress
+/// loop at once: the run ends with its last slot, not at the next tick.
+struct SlotExit<'a> {
+    exited: &'a AtomicUsize,
+    main: &'a thread::Thread,
+}
+
+impl Drop for SlotExit<'_> {
+    fn drop(&mut self) {
+        self.exited.fetch_add(1, Ordering::Release);
+        self.main.unpark();
+    }
 }
 
 fn lost_report(index: usize) -> TaskReport {
