@@ -104,6 +104,10 @@ pub struct Tokens {
     joined: Mutex<HashMap<u64, Vec<quinn::Connection>>>,
     /// When each token's use was last written, to write it seldom.
     used: Mutex<HashMap<u64, u64>>,
+    /// Rows already read, with their stored hashes: a token is checked once
+    /// against SQLite, then in memory. Only [`Tokens::revoke`] changes a row,
+    /// and it updates this too.
+    known: Mutex<HashMap<u64, (TokenRow, Vec<u8>)>>,
 }
 
 impl Tokens {
@@ -112,6 +116,7 @@ impl Tokens {
             store,
             joined: Mutex::default(),
             used: Mutex::default(),
+            known: Mutex::default(),
         }
     }
 
@@ -140,40 +145,66 @@ impl Tokens {
         presented: &str,
         kind: TokenKind,
     ) -> Result<Result<TokenRow, Refusal>, StoreError> {
+        if let Some(checked) = self.check_known(presented, kind) {
+            return Ok(checked);
+        }
+        if let Some((_, id, _)) = parse(presented) {
+            if let Some(found) = self.store.token_with_hash(id)? {
+                self.known_rows().insert(id, found);
+            }
+        }
+        Ok(self
+            .check_known(presented, kind)
+            .unwrap_or(Err(Refusal::Invalid(what(kind)))))
+    }
+
+    /// [`Tokens::check`] without the store: `None` when the token's row
+    /// has not been read yet (or the string names no token at all).
+    pub fn check_known(
+        &self,
+        presented: &str,
+        kind: TokenKind,
+    ) -> Option<Result<TokenRow, Refusal>> {
         let what = what(kind);
         let Some((claimed, id, secret)) = parse(presented) else {
-            return Ok(Err(Refusal::Invalid(what)));
+            return Some(Err(Refusal::Invalid(what)));
         };
-        let Some((row, stored)) = self.store.token_with_hash(id)? else {
-            return Ok(Err(Refusal::Invalid(what)));
+        let row = {
+            let known = self.known_rows();
+            let (row, stored) = known.get(&id)?;
+            if !same(&hash(secret), stored) {
+                return Some(Err(Refusal::Invalid(what)));
+            }
+            row.clone()
         };
-        if !same(&hash(secret), &stored) {
-            return Ok(Err(Refusal::Invalid(what)));
-        }
         // A prefix that disagrees with the stored kind is a doctored string.
         if claimed != row.kind {
-            return Ok(Err(Refusal::Invalid(what)));
+            return Some(Err(Refusal::Invalid(what)));
         }
         if row.kind != kind {
-            return Ok(Err(Refusal::WrongKind {
+            return Some(Err(Refusal::WrongKind {
                 what,
                 id,
                 actual: self::what(row.kind),
             }));
         }
         if row.revoked_at_ms.is_some() {
-            return Ok(Err(Refusal::Revoked { what, id }));
+            return Some(Err(Refusal::Revoked { what, id }));
         }
         let now = now_ms();
         if let Some(at) = row.expires_at_ms.filter(|&at| at <= now) {
-            return Ok(Err(Refusal::Expired {
+            return Some(Err(Refusal::Expired {
                 what,
                 id,
                 at: rfc3339(at),
             }));
         }
         self.record_use(id, now);
-        Ok(Ok(row))
+        Some(Ok(row))
+    }
+
+    fn known_rows(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (TokenRow, Vec<u8>)>> {
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn record_use(&self, id: u64, now: u64) {
@@ -191,6 +222,9 @@ impl Tokens {
         let Some(row) = self.store.revoke_token(id)? else {
             return Ok(None);
         };
+        if let Some((known, _)) = self.known_rows().get_mut(&id) {
+            *known = row.clone();
+        }
         let connections = self
             .joined
             .lock()

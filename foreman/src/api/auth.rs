@@ -50,9 +50,18 @@ pub async fn require_token(
         }
         return next.run(request).await;
     };
-    let tokens = state.security.tokens.clone();
-    let checked =
-        tokio::task::spawn_blocking(move || tokens.check(&presented, TokenKind::Client)).await;
+    // Tokens seen before are checked in memory, without a trip to SQLite.
+    let checked = match state
+        .security
+        .tokens
+        .check_known(&presented, TokenKind::Client)
+    {
+        Some(checked) => Ok(Ok(checked)),
+        None => {
+            let tokens = state.security.tokens.clone();
+            tokio::task::spawn_blocking(move || tokens.check(&presented, TokenKind::Client)).await
+        }
+    };
     match checked {
         Ok(Ok(Ok(row))) => {
             request.extensions_mut().insert(Caller { token_id: row.id });
