@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::{cli_json, submit_detached, submit_slow_primes, wait_for_state};
-use serde_json::Value;
+use serde_json::{json, Value};
 use wasmgrid_tests::processes::{start_foreman, start_foreman_at, start_worker, Foreman};
 use wasmgrid_tests::{binary, example_args_path, guest_path, json_elements};
 
@@ -70,6 +70,24 @@ fn two_workers_run_every_example_and_match_native() {
     check_against_native("add", &submit(&foreman, "add"), add::task_entry);
 }
 
+/// `POST /api/jobs?wait_ms=` with `primes`: the job, and its results if it
+/// finished within the wait.
+fn call_and_wait(foreman: &Foreman, args: Value, wait_ms: u64) -> Value {
+    use base64::Engine as _;
+    let wasm = std::fs::read(guest_path("primes")).unwrap();
+    let body = json!({
+        "module_base64": base64::engine::general_purpose::STANDARD.encode(wasm),
+        "args": args,
+        "options": {"retries": 0},
+    });
+    let mut response = ureq::post(&format!("{}/api/jobs?wait_ms={wait_ms}", foreman.http))
+        .header("authorization", format!("Bearer {}", foreman.client_token))
+        .send_json(&body)
+        .expect("POST /api/jobs");
+    assert_eq!(response.status(), 201);
+    response.body_mut().read_json().expect("JSON")
+}
+
 #[test]
 fn a_job_submitted_before_any_worker_runs_when_one_joins_and_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -82,9 +100,18 @@ fn a_job_submitted_before_any_worker_runs_when_one_joins_and_survives_a_restart(
     );
 
     assert_eq!(cli_json(&foreman.http, &["status", &id])["state"], "queued");
+    // A call that waits: with no worker it gives up with the job still queued.
+    let called = call_and_wait(&foreman, json!([[0, 100]]), 200);
+    assert_eq!(called["state"], "queued", "{called}");
+    assert!(called.get("results").is_none(), "{called}");
 
     let worker = start_worker(&foreman, "late", &dir.path().join("cache"));
     wait_for_state(&foreman.http, &id, "completed", 60);
+    let called = call_and_wait(&foreman, json!([[0, 100], [100, 1000], [5, 1]]), 30_000);
+    assert_eq!(called["state"], "failed", "{called}");
+    assert_eq!(called["results"], json!([25, 143, null]), "{called}");
+    assert_eq!(called["failures"][0]["index"], 2, "{called}");
+    assert_eq!(called["failures"][0]["kind"], "GuestError", "{called}");
     drop(worker);
     drop(foreman);
 

@@ -22,7 +22,7 @@ use super::params::Params;
 use super::{ApiError, ApiState, Caller, OutputLimits};
 use crate::driver::Input;
 use crate::model::{JobId, JobState, TaskState};
-use crate::store::{JobRow, NewJob};
+use crate::store::{JobRow, NewJob, TaskOutcomeRow};
 use utoipa::ToSchema;
 
 #[derive(Deserialize, ToSchema)]
@@ -75,19 +75,29 @@ pub struct Submitted {
     pub tasks: u32,
 }
 
+#[derive(Deserialize)]
+pub(super) struct SubmitQuery {
+    wait_ms: Option<u64>,
+}
+
 /// Accepts a job: its module (checked against the task world) and one argument
-/// set per task, within the foreman's limits (`GET /api/limits`).
+/// set per task, within the foreman's limits (`GET /api/limits`). With
+/// `?wait_ms=N` the answer waits up to N ms for the job to finish and then
+/// carries its `state`, `results` and `failures` too: a call in one request.
 #[utoipa::path(post, path = "/api/jobs", tag = "jobs", request_body = SubmitRequest,
-    responses((status = 201, body = Submitted), (status = 400, body = super::ErrorBody),
+    params(("wait_ms" = Option<u64>, Query, description = "wait up to this long (at most 60000) and answer with the results")),
+    responses((status = 201, body = Submitted, description = "the job; with wait_ms also its state, and results and failures once finished"),
+        (status = 400, body = super::ErrorBody),
         (status = 404, description = "unknown_module"),
         (status = 413, description = "too_large, or limit_exceeded: module, args or tasks over a cap"),
         (status = 422, description = "invalid_module or wrong_world, or limit_exceeded: fuel, memory or timeout over a cap")))]
 pub(super) async fn submit(
     State(state): State<Arc<ApiState>>,
     caller: Option<Extension<Caller>>,
+    Query(query): Query<SubmitQuery>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<Submitted>), ApiError> {
+) -> Result<Response, ApiError> {
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
@@ -180,8 +190,43 @@ pub(super) async fn submit(
         id: spec.id,
         tasks: spec.task_count,
     };
+    // Subscribed before the driver has the job, so its end cannot be missed.
+    let changes = query.wait_ms.map(|_| state.store.job_events());
     state.driver.send(Input::Submit { spec, args });
-    Ok((StatusCode::CREATED, Json(submitted)))
+    let (Some(wait_ms), Some(mut changes)) = (query.wait_ms, changes) else {
+        return Ok((StatusCode::CREATED, Json(submitted)).into_response());
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms).min(MAX_WAIT);
+    finished_event(&mut changes, submitted.id, deadline).await;
+    let store = state.store.clone();
+    let id = submitted.id;
+    let (row, rows) = tokio::task::spawn_blocking(move || {
+        let row = store.job(id)?;
+        let rows = match &row {
+            Some(row) if row.state.is_finished() => store.results(id)?,
+            _ => None,
+        };
+        Ok::<_, crate::store::StoreError>((row, rows))
+    })
+    .await??;
+    let row = row.ok_or_else(|| ApiError::job_not_found(id))?;
+    let mut body = format!(
+        "{{\"id\":{},\"tasks\":{},\"state\":{}",
+        submitted.id,
+        submitted.tasks,
+        serde_json::to_string(&row.state).unwrap_or_else(|_| "null".into())
+    );
+    if let Some(rows) = rows {
+        body.push(',');
+        push_outcomes(&mut body, &rows);
+    }
+    body.push('}');
+    Ok((
+        StatusCode::CREATED,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response())
 }
 
 /// A refused submission: caps on what is sent are 413, caps on what a task uses 422.
@@ -286,8 +331,20 @@ pub(super) async fn results(
     let rows = tokio::task::spawn_blocking(move || store.results(id))
         .await??
         .ok_or_else(|| ApiError::job_not_found(id))?;
-    // Results are JSON already: splice them in rather than parse and re-encode.
-    let mut body = String::from("{\"results\":[");
+    let mut body = String::from("{");
+    push_outcomes(&mut body, &rows);
+    body.push('}');
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response())
+}
+
+/// Appends `"results":[...],"failures":[...]` for `rows` in argument order.
+/// Results are JSON already: spliced in rather than parsed and re-encoded.
+fn push_outcomes(body: &mut String, rows: &[TaskOutcomeRow]) {
+    body.push_str("\"results\":[");
     let mut failures = Vec::new();
     for (i, row) in rows.iter().enumerate() {
         if i > 0 {
@@ -307,12 +364,6 @@ pub(super) async fn results(
     }
     body.push_str("],\"failures\":");
     body.push_str(&serde_json::to_string(&failures).unwrap_or_else(|_| "[]".into()));
-    body.push('}');
-    Ok((
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        body,
-    )
-        .into_response())
 }
 
 /// Cancels the job's queued and running tasks.
@@ -376,16 +427,26 @@ pub(super) async fn wait(
         if row.state.is_finished() {
             return Ok(Json(row).into_response());
         }
-        loop {
-            match tokio::time::timeout_at(deadline, changes.recv()).await {
-                Err(_) => return Ok(Json(job_row(&state, id).await?).into_response()),
-                Ok(Ok((job, job_state))) if job == id && job_state.is_finished() => break,
-                Ok(Ok(_)) => continue,
-                Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => break,
-                Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => {
-                    return Ok(Json(job_row(&state, id).await?).into_response())
-                }
-            }
+        if !finished_event(&mut changes, id, deadline).await {
+            return Ok(Json(job_row(&state, id).await?).into_response());
+        }
+    }
+}
+
+/// Waits until `changes` says job `id` finished (true), or may have (true,
+/// when events were missed), or `deadline` passed (false).
+async fn finished_event(
+    changes: &mut tokio::sync::broadcast::Receiver<(JobId, JobState)>,
+    id: JobId,
+    deadline: tokio::time::Instant,
+) -> bool {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match tokio::time::timeout_at(deadline, changes.recv()).await {
+            Err(_) | Ok(Err(RecvError::Closed)) => return false,
+            Ok(Ok((job, job_state))) if job == id && job_state.is_finished() => return true,
+            Ok(Ok(_)) => continue,
+            Ok(Err(RecvError::Lagged(_))) => return true,
         }
     }
 }
