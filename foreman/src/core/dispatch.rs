@@ -20,6 +20,14 @@ use super::pool::Worker;
 use super::{Command, Core, Held};
 use crate::model::{JobId, JobState, Record, Scheduler, TaskIndex, TaskState, WorkerId};
 
+/// Work a worker may hold beyond what its slots run, in time: enough that
+/// short tasks are not bound by round trips, little enough that long ones
+/// are not hoarded by one worker while another idles at the job's end.
+const PREFETCH_TARGET_US: f64 = 2_000.0;
+/// Tasks queued per slot before a job's task time is known, and at least.
+const MIN_PREFETCH_PER_SLOT: usize = 1;
+const UNKNOWN_PREFETCH_PER_SLOT: usize = 2;
+
 /// The fastest workers the tail check weighs a candidate against. Slower
 /// ones add little, and leaving them out only makes the check say "give"
 /// more often (never starving a task), while keeping it O(1) in grid size.
@@ -102,10 +110,23 @@ impl Core {
             .map_or(0, |j| j.spec.limits.memory_bytes)
     }
 
-    fn can_take(&self, worker: WorkerId, limit: u64) -> bool {
+    fn can_take(&self, job: JobId, worker: WorkerId, limit: u64) -> bool {
         self.pool
             .get(worker)
-            .is_some_and(|w| w.ready() && w.fits(limit))
+            .is_some_and(|w| w.ready() && w.fits(limit) && self.has_room(job, w))
+    }
+
+    /// Whether `w` holds less than its slots plus about [`PREFETCH_TARGET_US`]
+    /// of this job's tasks per slot (its credit still bounds it too).
+    fn has_room(&self, job: JobId, w: &Worker) -> bool {
+        let task_us = self.jobs.get(&job).map_or(0.0, |j| j.task_us);
+        let per_slot = if task_us > 0.0 {
+            ((PREFETCH_TARGET_US / task_us).ceil() as usize).max(MIN_PREFETCH_PER_SLOT)
+        } else {
+            UNKNOWN_PREFETCH_PER_SLOT
+        };
+        let slots = w.slots as usize;
+        w.held.len() < slots.saturating_add(slots.saturating_mul(per_slot))
     }
 
     /// Workers in rotation, `chunk` tasks each per turn (one for
@@ -126,7 +147,7 @@ impl Core {
                 break;
             };
             let mut given = 0;
-            while given < chunk && self.can_take(worker, limit) {
+            while given < chunk && self.can_take(job, worker, limit) {
                 if !self.give_one(job, worker, out) {
                     passed_over.push(worker);
                     break 'turns;
@@ -153,6 +174,10 @@ impl Core {
             else {
                 break;
             };
+            // Room is held per slot: if the least loaded has none, no one has.
+            if !pool.get(worker).is_some_and(|w| self.has_room(job, w)) {
+                break;
+            }
             if !self.give_one(job, worker, out) {
                 break;
             }
@@ -166,10 +191,12 @@ impl Core {
         let plan = (fuel_per_task > 0.0).then(|| TailPlan::new(self, fuel_per_task, limit));
         while let Some(queued) = self.queued_job(job).map(|j| j.progress.queued) {
             let pool = &self.pool;
-            let Some(worker) = pool
-                .by_speed()
-                .find(|&w| !refused.contains(&w) && pool.get(w).is_some_and(|w| w.fits(limit)))
-            else {
+            let Some(worker) = pool.by_speed().find(|&w| {
+                !refused.contains(&w)
+                    && pool
+                        .get(w)
+                        .is_some_and(|w| w.fits(limit) && self.has_room(job, w))
+            }) else {
                 break;
             };
             if plan

@@ -159,6 +159,9 @@ struct Job {
     queue: JobQueue,
     /// EWMA of the fuel a task of this job burns; 0 until a task reports.
     fuel_per_task: f64,
+    /// EWMA of a task's instantiate + run time on one slot, in µs; 0 until
+    /// a task reports. Sizes the prefetch window.
+    task_us: f64,
 }
 
 /// Which task an attempt runs, and where.
@@ -292,6 +295,7 @@ impl Core {
                 lost: Vec::new(),
                 queue: JobQueue::new(total),
                 fuel_per_task: 0.0,
+                task_us: 0.0,
             },
         );
         self.maybe_finish(id);

@@ -60,6 +60,14 @@ impl Core {
     /// per task, which the performance scheduler plans with.
     fn learn(&mut self, worker: WorkerId, job: JobId, report: &TaskReport) {
         let run_us = report.timings.run_us;
+        if let Some(job) = self.jobs.get_mut(&job) {
+            let task_us = (report.timings.instantiate_us + run_us).max(1) as f64;
+            job.task_us = if job.task_us > 0.0 {
+                0.8 * job.task_us + 0.2 * task_us
+            } else {
+                task_us
+            };
+        }
         if report.outcome.is_err() || report.fuel_used == 0 || run_us == 0 {
             return;
         }

@@ -103,14 +103,15 @@ fn performance_keeps_the_last_tasks_off_a_slow_worker() {
     // Nothing is known about the job yet: fastest first, everyone busy.
     let sent = per_worker(&mut h);
     assert_eq!(sent, [(1, vec![0, 1, 2]), (2, vec![3, 4, 5])]);
-    // A task takes 0.25 s on the fast worker, 1 s on the slow one.
-    h.finish(1, attempt_of(&h, 1, 0), timed(1_000_000_000, 250_000));
+    // A task takes 0.25 ms on the fast worker, 1 ms on the slow one (short
+    // enough that the prefetch window is not what holds tasks back).
+    h.finish(1, attempt_of(&h, 1, 0), timed(1_000_000, 250));
     assert_eq!(per_worker(&mut h), [(1, vec![6])]);
-    h.finish(2, attempt_of(&h, 1, 3), timed(1_000_000_000, 1_000_000));
-    // Three tasks left: the fast worker finishes them all (by 1 s) before the
-    // slow one would finish another (its third round, at 3 s).
+    h.finish(2, attempt_of(&h, 1, 3), timed(1_000_000, 1_000));
+    // Three tasks left: the fast worker finishes them all (by 1 ms) before the
+    // slow one would finish another (its third round, at 3 ms).
     assert!(per_worker(&mut h).is_empty());
-    h.finish(1, attempt_of(&h, 1, 1), timed(1_000_000_000, 250_000));
+    h.finish(1, attempt_of(&h, 1, 1), timed(1_000_000, 250));
     assert_eq!(per_worker(&mut h), [(1, vec![7])]);
 
     // Under fifo the slow worker takes a task as soon as it has credit.
@@ -119,7 +120,7 @@ fn performance_keeps_the_last_tasks_off_a_slow_worker() {
     join(&mut h, 2, 1, 3, 0, 1_000_000_000);
     h.core.submit_job(job(1, 8, Scheduler::Fifo), args(8));
     per_worker(&mut h);
-    h.finish(2, attempt_of(&h, 1, 4), timed(1_000_000_000, 1_000_000));
+    h.finish(2, attempt_of(&h, 1, 4), timed(1_000_000, 1_000));
     assert_eq!(per_worker(&mut h), [(2, vec![6])]);
 }
 
@@ -358,4 +359,46 @@ fn deterministic_failures_are_retried_only_when_the_job_asks() {
     h.dispatch();
     let c = h.finish(1, 101, err(FailureKind::OutOfFuel));
     assert_eq!(events(&c), [Ev::Ended(0, 101, TaskState::Failed)]);
+}
+
+#[test]
+fn a_worker_holds_about_two_ms_of_a_jobs_tasks_beyond_its_slots() {
+    for scheduler in [
+        Scheduler::Fifo,
+        Scheduler::RoundRobin,
+        Scheduler::LeastLoaded,
+        Scheduler::Performance,
+    ] {
+        // Credit for 500 tasks each, as workers grant after a job of tiny ones.
+        let mut h = Harness::new();
+        join(&mut h, 1, 2, 500, 0, 1_000_000_000);
+        join(&mut h, 2, 2, 500, 0, 1_000_000_000);
+        h.core.submit_job(job(1, 400, scheduler), args(400));
+        // Task time unknown: slots plus two per slot.
+        let sent = per_worker(&mut h);
+        let counts: Vec<_> = sent.iter().map(|(w, v)| (*w, v.len())).collect();
+        assert_eq!(counts, [(1, 6), (2, 6)], "{scheduler:?}");
+        let first = &sent[0].1;
+        // Long tasks (100 ms): one prefetched per slot, not the whole job.
+        h.finish(1, attempt_of(&h, 1, first[0]), timed(1_000_000, 100_000));
+        assert!(per_worker(&mut h).is_empty(), "{scheduler:?}");
+        h.finish(1, attempt_of(&h, 1, first[1]), timed(1_000_000, 100_000));
+        h.finish(1, attempt_of(&h, 1, first[2]), timed(1_000_000, 100_000));
+        let counts: Vec<_> = per_worker(&mut h)
+            .iter()
+            .map(|(w, v)| (*w, v.len()))
+            .collect();
+        assert_eq!(counts, [(1, 1)], "{scheduler:?}");
+
+        // Tiny tasks (10 µs): 200 per slot, so the whole job goes out at once.
+        let mut h = Harness::new();
+        join(&mut h, 1, 2, 500, 0, 1_000_000_000);
+        join(&mut h, 2, 2, 500, 0, 1_000_000_000);
+        h.core.submit_job(job(1, 400, scheduler), args(400));
+        let first = per_worker(&mut h)[0].1[0];
+        h.finish(1, attempt_of(&h, 1, first), timed(1_000, 10));
+        h.dispatch();
+        let held = (h.core.outstanding(1), h.core.outstanding(2));
+        assert_eq!(held.0 + held.1, 399, "{scheduler:?}: {held:?}");
+    }
 }

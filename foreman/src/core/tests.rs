@@ -328,7 +328,8 @@ fn worker_left_requeues_at_the_front_as_worker_lost() {
     h.core.submit_job(spec(1, 6, 1), args(6));
     h.worker(1, 2);
     h.dispatch();
-    h.worker(2, 1);
+    h.core.worker_joined(2, WorkerSpec::with_slots(2));
+    h.core.grant_credit(2, 1);
     assert_eq!(tasks_of(&h.dispatch()), [(1, 2)]);
     h.core.worker_left(1);
     let c = h.drain();
