@@ -30,21 +30,23 @@ pub fn count_primes_in(lo: u64, hi: u64) -> u64 {
     let mut start = lo;
     while start < hi {
         let end = (start + SEGMENT as u64).min(hi);
-        let len = (end - start) as usize;
-        composite[..len].fill(false);
+        let segment = &mut composite[..(end - start) as usize];
+        segment.fill(false);
         for &p in &base {
             let square = p * p;
             if square >= end {
                 break;
             }
-            let first = square.max(start.div_ceil(p) * p);
-            let mut multiple = first;
-            while multiple < end {
-                composite[(multiple - start) as usize] = true;
-                multiple += p;
+            // Offsets within the segment, in usize: wasm32 then indexes
+            // with no 64-bit arithmetic in the loop.
+            let mut offset = (square.max(start.div_ceil(p) * p) - start) as usize;
+            let step = p as usize;
+            while offset < segment.len() {
+                segment[offset] = true;
+                offset += step;
             }
         }
-        count += composite[..len].iter().filter(|&&c| !c).count() as u64;
+        count += segment.iter().filter(|&&c| !c).count() as u64;
         start = end;
     }
     count
