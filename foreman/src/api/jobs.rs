@@ -176,16 +176,10 @@ pub(super) async fn submit(
             .map(|raw| raw.get().to_owned())
             .collect(),
     };
-    let store = state.store.clone();
     let cap = state.submit_limits.max_unfinished_jobs_per_token;
     let quota = caller.map(|Extension(c)| (c.token_id, cap));
-    let (spec, args) = tokio::task::spawn_blocking(move || {
-        let args: Vec<Arc<str>> = new_job.args.iter().map(|a| Arc::from(a.as_str())).collect();
-        store
-            .create_job_within(new_job, quota)
-            .map(|spec| (spec, args))
-    })
-    .await??;
+    let args: Vec<Arc<str>> = new_job.args.iter().map(|a| Arc::from(a.as_str())).collect();
+    let spec = state.store.create_job_within_async(new_job, quota).await?;
     let submitted = Submitted {
         id: spec.id,
         tasks: spec.task_count,
@@ -198,18 +192,13 @@ pub(super) async fn submit(
     };
     let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms).min(MAX_WAIT);
     finished_event(&mut changes, submitted.id, deadline).await;
-    let store = state.store.clone();
     let id = submitted.id;
-    let (row, rows) = tokio::task::spawn_blocking(move || {
-        let row = store.job(id)?;
-        let rows = match &row {
-            Some(row) if row.state.is_finished() => store.results(id)?,
-            _ => None,
-        };
-        Ok::<_, crate::store::StoreError>((row, rows))
-    })
-    .await??;
-    let row = row.ok_or_else(|| ApiError::job_not_found(id))?;
+    let row = job_row(&state, id).await?;
+    let rows = if row.state.is_finished() {
+        outcomes(&state, &row).await?
+    } else {
+        None
+    };
     let mut body = format!(
         "{{\"id\":{},\"tasks\":{},\"state\":{}",
         submitted.id,
@@ -305,10 +294,7 @@ pub(super) async fn job(
     State(state): State<Arc<ApiState>>,
     Path(id): Path<JobId>,
 ) -> Result<Response, ApiError> {
-    let store = state.store.clone();
-    let row = tokio::task::spawn_blocking(move || store.job(id)).await??;
-    row.map(|row| Json(row).into_response())
-        .ok_or_else(|| ApiError::job_not_found(id))
+    Ok(Json(job_row(&state, id).await?).into_response())
 }
 
 #[derive(Serialize)]
@@ -327,9 +313,9 @@ pub(super) async fn results(
     State(state): State<Arc<ApiState>>,
     Path(id): Path<JobId>,
 ) -> Result<Response, ApiError> {
-    let store = state.store.clone();
-    let rows = tokio::task::spawn_blocking(move || store.results(id))
-        .await??
+    let row = job_row(&state, id).await?;
+    let rows = outcomes(&state, &row)
+        .await?
         .ok_or_else(|| ApiError::job_not_found(id))?;
     let mut body = String::from("{");
     push_outcomes(&mut body, &rows);
@@ -397,11 +383,27 @@ pub(super) struct WaitQuery {
 /// Longest a `wait` holds the request open.
 const MAX_WAIT: Duration = Duration::from_secs(60);
 
-async fn job_row(state: &ApiState, id: JobId) -> Result<crate::store::JobRow, ApiError> {
-    let store = state.store.clone();
-    tokio::task::spawn_blocking(move || store.job(id))
-        .await??
+/// Jobs of up to this many tasks have their results read on the request's
+/// own thread: a few rows take less than the two thread hops of
+/// `spawn_blocking`, and reads in WAL mode never wait for the writer.
+const READ_INLINE_TASKS: u32 = 256;
+
+/// One row, read on the request's thread (see [`READ_INLINE_TASKS`]).
+async fn job_row(state: &ApiState, id: JobId) -> Result<JobRow, ApiError> {
+    state
+        .store
+        .job(id)?
         .ok_or_else(|| ApiError::job_not_found(id))
+}
+
+/// The job's task outcomes in argument order; `None` if the job is gone.
+async fn outcomes(state: &ApiState, job: &JobRow) -> Result<Option<Vec<TaskOutcomeRow>>, ApiError> {
+    if job.total <= READ_INLINE_TASKS {
+        return Ok(state.store.results(job.id)?);
+    }
+    let store = state.store.clone();
+    let id = job.id;
+    Ok(tokio::task::spawn_blocking(move || store.results(id)).await??)
 }
 
 /// The job once it has finished, or as it is when `timeout_ms` runs out
