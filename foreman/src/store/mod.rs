@@ -20,6 +20,10 @@ mod writer;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_schema;
+#[cfg(test)]
+mod tests_workers;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Sender};

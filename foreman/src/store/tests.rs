@@ -1,3 +1,5 @@
+//! Store tests: jobs, tasks and attempts as records reach the writer.
+
 use std::time::{Duration, Instant};
 
 use wasmgrid_protocol::{
@@ -6,17 +8,17 @@ use wasmgrid_protocol::{
 
 use super::*;
 use crate::model::{JobState, Record, Scheduler, TaskState};
-use wasmgrid_protocol::wire::{Load, WorkerInfo};
+use wasmgrid_protocol::wire::WorkerInfo;
 
-const MODULE: ModuleHash = [7; 32];
+pub(super) const MODULE: ModuleHash = [7; 32];
 
-fn open_temp() -> (tempfile::TempDir, Store) {
+pub(super) fn open_temp() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("foreman.db")).unwrap();
     (dir, store)
 }
 
-fn new_job(args: Vec<String>) -> NewJob {
+pub(super) fn new_job(args: Vec<String>) -> NewJob {
     NewJob {
         module: MODULE,
         limits: TaskLimits::default(),
@@ -29,11 +31,11 @@ fn new_job(args: Vec<String>) -> NewJob {
     }
 }
 
-fn args(n: usize) -> Vec<String> {
+pub(super) fn args(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("[{i}]")).collect()
 }
 
-fn report(outcome: Result<String, Failure>, fuel: u64) -> TaskReport {
+pub(super) fn report(outcome: Result<String, Failure>, fuel: u64) -> TaskReport {
     TaskReport {
         outcome,
         fuel_used: fuel,
@@ -51,7 +53,7 @@ fn report(outcome: Result<String, Failure>, fuel: u64) -> TaskReport {
     }
 }
 
-fn started(job: JobId, task: TaskIndex, attempt: u64, worker: WorkerId) -> Record {
+pub(super) fn started(job: JobId, task: TaskIndex, attempt: u64, worker: WorkerId) -> Record {
     Record::AttemptStarted {
         job,
         task,
@@ -60,7 +62,7 @@ fn started(job: JobId, task: TaskIndex, attempt: u64, worker: WorkerId) -> Recor
     }
 }
 
-fn ended(
+pub(super) fn ended(
     job: JobId,
     task: TaskIndex,
     attempt: u64,
@@ -77,7 +79,7 @@ fn ended(
     }
 }
 
-fn counters(row: &JobRow) -> [u32; 5] {
+pub(super) fn counters(row: &JobRow) -> [u32; 5] {
     [
         row.queued,
         row.running,
@@ -87,7 +89,7 @@ fn counters(row: &JobRow) -> [u32; 5] {
     ]
 }
 
-fn info(name: &str, host: &str) -> WorkerInfo {
+pub(super) fn info(name: &str, host: &str) -> WorkerInfo {
     WorkerInfo {
         name: name.into(),
         hostname: host.into(),
@@ -104,7 +106,7 @@ fn info(name: &str, host: &str) -> WorkerInfo {
     }
 }
 
-fn worker(name: &str, host: &str) -> WorkerRow {
+pub(super) fn worker(name: &str, host: &str) -> WorkerRow {
     WorkerRow::joining(&info(name, host))
 }
 
@@ -112,48 +114,6 @@ fn worker(name: &str, host: &str) -> WorkerRow {
 fn store_is_a_shareable_handle() {
     fn shareable<T: Send + Sync + Clone + 'static>() {}
     shareable::<Store>();
-}
-
-#[test]
-fn data_survives_reopen_and_schema_is_not_recreated() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("foreman.db");
-    let id = {
-        let store = Store::open(&path).unwrap();
-        store.put_module(&MODULE, b"\0asm").unwrap();
-        store.create_job(new_job(args(3))).unwrap().id
-    };
-    let store = Store::open(&path).unwrap();
-    let job = store.job(id).unwrap().unwrap();
-    assert_eq!((job.total, job.queued, job.state), (3, 3, JobState::Queued));
-    assert_eq!(store.module(&MODULE).unwrap().unwrap(), b"\0asm");
-    // The next job gets a fresh id: ids are never reused.
-    let second = store.create_job(new_job(args(1))).unwrap().id;
-    assert!(second > id);
-
-    let conn = rusqlite::Connection::open(&path).unwrap();
-    let version: i64 = conn
-        .pragma_query_value(None, "user_version", |r| r.get(0))
-        .unwrap();
-    assert_eq!(version, schema::SCHEMA_VERSION);
-    let mode: String = conn
-        .pragma_query_value(None, "journal_mode", |r| r.get(0))
-        .unwrap();
-    assert_eq!(mode, "wal");
-}
-
-#[test]
-fn a_newer_schema_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("foreman.db");
-    drop(Store::open(&path).unwrap());
-    let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.pragma_update(None, "user_version", 99).unwrap();
-    drop(conn);
-    assert!(matches!(
-        Store::open(&path),
-        Err(StoreError::SchemaTooNew { found: 99, .. })
-    ));
 }
 
 #[test]
@@ -459,27 +419,6 @@ fn modules_are_stored_once() {
 }
 
 #[test]
-fn workers_keep_their_id_by_name_and_hostname() {
-    let (_dir, store) = open_temp();
-    let a = store.upsert_worker(&worker("w", "pc1")).unwrap();
-    let b = store.upsert_worker(&worker("w", "pc2")).unwrap();
-    assert_ne!(a, b);
-    let mut again = worker("w", "pc1");
-    again.info.slots = 2;
-    assert_eq!(store.upsert_worker(&again).unwrap(), a);
-    store.set_worker_online(b, false).unwrap();
-    assert!(matches!(
-        store.set_worker_online(99, true),
-        Err(StoreError::UnknownWorker(99))
-    ));
-    let all = store.workers().unwrap();
-    assert_eq!(all.len(), 2);
-    assert_eq!((all[0].id, all[0].info.slots, all[0].online), (a, 2, true));
-    assert_eq!((all[1].id, all[1].online), (b, false));
-    assert!(all[0].last_seen_ms > 0);
-}
-
-#[test]
 fn jobs_page_newest_first_and_filter_by_state() {
     let (_dir, store) = open_temp();
     store.put_module(&MODULE, b"wasm").unwrap();
@@ -607,79 +546,6 @@ fn a_finished_task_keeps_its_outcome_when_a_duplicate_attempt_ends_later() {
 }
 
 #[test]
-fn a_version_1_database_is_migrated_and_keeps_its_data() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("foreman.db");
-    {
-        let mut conn = rusqlite::Connection::open(&path).unwrap();
-        let tx = conn.transaction().unwrap();
-        tx.execute_batch(schema::MIGRATIONS[0]).unwrap();
-        tx.pragma_update(None, "user_version", 1).unwrap();
-        tx.execute_batch(
-            "INSERT INTO modules VALUES (x'0707070707070707070707070707070707070707070707070707070707070707', x'00', 1, 1);
-             INSERT INTO jobs (module, state, priority, scheduler, fuel, memory_bytes, timeout_ms,
-                 output_bytes, max_retries, total, queued, created_at_ms)
-             VALUES (x'0707070707070707070707070707070707070707070707070707070707070707',
-                 'queued', 3, 'round-robin', 10, 20, 30, 40, 1, 1, 1, 5);
-             INSERT INTO tasks (job_id, idx, args) VALUES (1, 0, '[0]');
-             INSERT INTO workers (name, hostname, os, arch, cores, memory_bytes, slots,
-                 wasmtime_version, engine_hash, online, first_seen_ms, last_seen_ms)
-             VALUES ('w', 'pc', 'linux', 'x86_64', 4, 8, 4, '48', 'e', 1, 1, 2);
-             INSERT INTO worker_failures VALUES (1, 1, 1, 0, 'Trap', 'boom', 7);
-             INSERT INTO worker_failures VALUES (2, 1, 1, 0, 'Cancelled', 'job cancelled', 8);
-             INSERT INTO attempts (id, job_id, idx, worker_id, started_at_ms, ended_at_ms,
-                 outcome_kind, run_us)
-             VALUES (1, 1, 0, 1, 1, 2, 'Trap', 5), (2, 1, 0, 1, 1, 2, NULL, 1500),
-                 (3, 1, 0, 1, 1, 2, NULL, 3), (4, 1, 0, 1, 1, 2, NULL, 1000),
-                 (5, 1, 0, 1, 1, 2, NULL, 200000000), (6, 1, 0, 1, 1, 2, NULL, -1),
-                 (7, 1, 0, 1, 1, NULL, NULL, NULL);",
-        )
-        .unwrap();
-        tx.commit().unwrap();
-    }
-    let store = Store::open(&path).unwrap();
-    let job = store.job(1).unwrap().unwrap();
-    assert_eq!(
-        (job.scheduler, job.not_before_ms, job.priority),
-        (Scheduler::RoundRobin, None, 3)
-    );
-    assert_eq!(
-        store.unfinished_jobs().unwrap()[0].spec.scheduler,
-        Scheduler::RoundRobin
-    );
-    let w = store.worker(1).unwrap().unwrap();
-    assert_eq!(
-        (
-            w.info.name.as_str(),
-            w.info.cpu_model.as_str(),
-            w.info.cpu_limit_percent
-        ),
-        ("w", "", 100)
-    );
-    assert!(!w.online && !w.draining);
-    assert_eq!((w.cooldown_until_ms, w.load), (None, Load::default()));
-    // Cancellations were never the worker's failures.
-    let failures = store.failures(Some(1), None, 0, 10).unwrap();
-    assert_eq!(failures.len(), 1);
-    assert_eq!(failures[0].kind, FailureKind::Trap);
-    // The run-time histogram is filled from the attempts so far.
-    let grid = store.run_time_histogram().unwrap();
-    let scan = store.read(|conn| views::run_time_histogram_scan(conn, None));
-    assert_eq!(grid, scan.unwrap());
-    assert_eq!(grid.counts[0], 2);
-    assert_eq!(grid.counts[1], 1);
-    assert_eq!(grid.counts[18], 2);
-    let job = store.read(|conn| views::run_time_histogram(conn, Some(1)));
-    assert_eq!(job.unwrap(), grid);
-    drop(store);
-    let conn = rusqlite::Connection::open(&path).unwrap();
-    let version: i64 = conn
-        .pragma_query_value(None, "user_version", |r| r.get(0))
-        .unwrap();
-    assert_eq!(version, schema::SCHEMA_VERSION);
-}
-
-#[test]
 fn create_job_keeps_scheduler_and_not_before() {
     let (_dir, store) = open_temp();
     store.put_module(&MODULE, b"wasm").unwrap();
@@ -700,290 +566,4 @@ fn create_job_keeps_scheduler_and_not_before() {
     assert_eq!(json["scheduler"], "least-loaded");
     assert_eq!(json["not_before_ms"], u64::MAX);
     assert_eq!(store.unfinished_jobs().unwrap()[0].spec, spec);
-}
-
-#[test]
-fn workers_show_their_cpu_load_cooldown_and_draining() {
-    let (_dir, store) = open_temp();
-    let w = store.upsert_worker(&worker("w", "pc")).unwrap();
-    let other = store.upsert_worker(&worker("w", "pc2")).unwrap();
-    let load = Load {
-        cpu_permille: 730,
-        memory_used_bytes: 3 << 30,
-        worker_rss_bytes: 200 << 20,
-        running: 5,
-    };
-    let seen = 4_000_000_000_000;
-    store.worker_heartbeat(w, load, seen);
-    // An unknown worker's facts change nothing and reject nothing.
-    store.worker_heartbeat(99, load, seen);
-    store.set_worker_draining(99, true);
-    store.record(Record::WorkerCooledDown {
-        worker: 99,
-        until_ms: 1,
-        recent_failures: 1,
-    });
-    store.set_worker_draining(w, true);
-    store.record_all([
-        Record::WorkerCooledDown {
-            worker: w,
-            until_ms: 1_000,
-            recent_failures: 4,
-        },
-        Record::WorkerCooledDown {
-            worker: w,
-            until_ms: 2_000,
-            recent_failures: 5,
-        },
-    ]);
-    store.flush().unwrap();
-
-    let row = store.worker(w).unwrap().unwrap();
-    assert_eq!(row.info, info("w", "pc"));
-    assert_eq!((row.load, row.last_seen_ms), (load, seen));
-    assert_eq!((row.cooldown_until_ms, row.cooldowns), (Some(2_000), 2));
-    assert!(row.draining && row.online);
-    let json = serde_json::to_value(&row).unwrap();
-    // Flat: what the worker said, its load and the foreman's view side by side.
-    for (key, value) in [
-        ("name", serde_json::json!("w")),
-        ("cpu_model", "Test CPU".into()),
-        ("benchmark_fuel_per_sec", 2_000_000_000u64.into()),
-        ("cpu_limit_percent", 50.into()),
-        ("cpu_permille", 730.into()),
-        ("running", 5.into()),
-        ("draining", true.into()),
-        ("cooldown_until_ms", 2_000.into()),
-        ("recent_failures", 0.into()),
-    ] {
-        assert_eq!(json[key], value, "{key} in {json}");
-    }
-    let plain = store.worker(other).unwrap().unwrap();
-    assert_eq!(
-        (plain.load, plain.cooldown_until_ms),
-        (Load::default(), None)
-    );
-    assert!(!plain.draining);
-    assert_eq!(store.worker(99).unwrap(), None);
-
-    // Joining again: no longer draining, the old load forgotten, the new CPU facts kept.
-    let mut again = info("w", "pc");
-    again.cpu_limit_percent = 80;
-    assert_eq!(store.upsert_worker(&WorkerRow::joining(&again)).unwrap(), w);
-    let row = store.worker(w).unwrap().unwrap();
-    assert!(!row.draining);
-    assert_eq!(
-        (row.load, row.info.cpu_limit_percent),
-        (Load::default(), 80)
-    );
-    assert_eq!(row.cooldowns, 2);
-
-    store.worker_heartbeat(w, load, seen);
-    store.flush().unwrap();
-    store.set_worker_online(w, false).unwrap();
-    let row = store.worker(w).unwrap().unwrap();
-    assert_eq!((row.online, row.load.running), (false, 0));
-    assert_eq!(row.load.cpu_permille, 730);
-}
-
-#[test]
-fn worker_failures_newest_first_without_cancellations() {
-    let (_dir, store) = open_temp();
-    store.put_module(&MODULE, b"wasm").unwrap();
-    let w = store.upsert_worker(&worker("w", "pc")).unwrap();
-    let other = store.upsert_worker(&worker("v", "pc")).unwrap();
-    let job = store.create_job(new_job(args(4))).unwrap().id;
-    let trap = |m: &str| Err(Failure::new(FailureKind::Trap, m));
-    // Separate batches, so each failure has its own time.
-    for (attempt, task, outcome) in [(1, 0, trap("first")), (2, 1, trap("second"))] {
-        store.record_all([
-            started(job, task, attempt, w),
-            ended(job, task, attempt, outcome, TaskState::Failed),
-        ]);
-        store.flush().unwrap();
-        std::thread::sleep(Duration::from_millis(3));
-    }
-    store.record_all([
-        started(job, 2, 3, w),
-        Record::AttemptAbandoned {
-            job,
-            task: 2,
-            attempt: 3,
-            worker: w,
-            failure: Failure::new(FailureKind::WorkerLost, "gone"),
-            task_state: TaskState::Queued,
-        },
-        started(job, 3, 4, w),
-        Record::AttemptAbandoned {
-            job,
-            task: 3,
-            attempt: 4,
-            worker: w,
-            failure: Failure::new(FailureKind::Cancelled, "job cancelled"),
-            task_state: TaskState::Cancelled,
-        },
-        started(job, 2, 5, other),
-        Record::AttemptEnded {
-            job,
-            task: 2,
-            attempt: 5,
-            worker: other,
-            report: Box::new(report(trap("elsewhere"), 1)),
-            task_state: TaskState::Failed,
-        },
-    ]);
-    store.flush().unwrap();
-
-    let failures = store.failures(Some(w), None, 0, 100).unwrap();
-    let seen: Vec<(u64, TaskIndex, FailureKind)> = failures
-        .iter()
-        .map(|f| (f.attempt, f.task, f.kind))
-        .collect();
-    assert_eq!(
-        seen,
-        [
-            (3, 2, FailureKind::WorkerLost),
-            (2, 1, FailureKind::Trap),
-            (1, 0, FailureKind::Trap)
-        ]
-    );
-    assert!(failures.windows(2).all(|p| p[0].at_ms >= p[1].at_ms));
-    assert_eq!(
-        (failures[1].job, failures[1].message.as_str()),
-        (job, "second")
-    );
-    assert_eq!(store.failures(Some(w), None, 0, 1).unwrap().len(), 1);
-    assert!(store.failures(Some(w), None, 0, 0).unwrap().is_empty());
-    assert_eq!(store.failures(Some(other), None, 0, 100).unwrap().len(), 1);
-    assert!(matches!(
-        store.failures(Some(99), None, 0, 10),
-        Err(StoreError::UnknownWorker(99))
-    ));
-    // All three are within the last ten minutes.
-    let row = store.worker(w).unwrap().unwrap();
-    assert_eq!((row.recent_failures, row.tasks_failed), (3, 3));
-}
-
-/// The histogram table agrees with the scan of every attempt it replaced:
-/// across batches, for each job and the grid, with failures, abandoned and
-/// running attempts left out and a rejected record in a batch.
-#[test]
-fn run_time_buckets_match_a_scan_of_the_attempts() {
-    let (_dir, store) = open_temp();
-    store.put_module(&MODULE, b"wasm").unwrap();
-    let w = store.upsert_worker(&worker("w1", "pc1")).unwrap();
-    let run_times: [u64; 12] = [
-        0,
-        1,
-        999,
-        1_000,
-        1_001,
-        2_000,
-        65_536_000,
-        131_072_000,
-        131_072_001,
-        500_000_000,
-        u64::MAX,
-        3,
-    ];
-    let jobs: Vec<JobId> = (0..2)
-        .map(|_| {
-            store
-                .create_job(new_job(args(run_times.len() + 2)))
-                .unwrap()
-                .id
-        })
-        .collect();
-    let mut attempt = 0;
-    for (j, &job) in jobs.iter().enumerate() {
-        for (task, &run_us) in run_times.iter().enumerate().skip(j) {
-            attempt += 1;
-            let mut r = report(Ok(format!("{task}")), 5);
-            r.timings.run_us = run_us;
-            let task = task as TaskIndex;
-            let mut batch = vec![
-                started(job, task, attempt, w),
-                Record::AttemptEnded {
-                    job,
-                    task,
-                    attempt,
-                    worker: w,
-                    report: Box::new(r),
-                    task_state: TaskState::Succeeded,
-                },
-            ];
-            if task.is_multiple_of(3) {
-                // Rejected: the batch is redone record by record.
-                batch.push(started(job, 999, attempt + 1000, w));
-            }
-            store.record_all(batch);
-            if task.is_multiple_of(4) {
-                let _ = store.flush();
-            }
-        }
-        // A failure with a run time, an abandoned attempt, a running one.
-        let n = run_times.len() as TaskIndex;
-        let mut failed = report(Err(Failure::new(FailureKind::Trap, "boom")), 5);
-        failed.timings.run_us = 1_500;
-        store.record_all(vec![
-            started(job, n, attempt + 100, w),
-            Record::AttemptEnded {
-                job,
-                task: n,
-                attempt: attempt + 100,
-                worker: w,
-                report: Box::new(failed),
-                task_state: TaskState::Failed,
-            },
-            started(job, n + 1, attempt + 200, w),
-            Record::AttemptAbandoned {
-                job,
-                task: n + 1,
-                attempt: attempt + 200,
-                worker: w,
-                failure: Failure::new(FailureKind::WorkerLost, "gone"),
-                task_state: TaskState::Queued,
-            },
-            started(job, n + 1, attempt + 300, w),
-        ]);
-        attempt += 400;
-    }
-    let _ = store.flush();
-
-    let scan = |job| store.read(move |conn| views::run_time_histogram_scan(conn, job));
-    let grid = store.run_time_histogram().unwrap();
-    assert_eq!(grid, scan(None).unwrap());
-    // By hand: 0, 1, 999, 1000 and 3 µs twice less job 1's 0 µs: bucket 0.
-    assert_eq!(grid.counts[0], 9);
-    assert_eq!(grid.counts[1], 4, "1001 and 2000 µs, twice");
-    assert_eq!(grid.counts[16], 2, "65.536 s");
-    assert_eq!(grid.counts[17], 2, "131.072 s");
-    assert_eq!(grid.counts[18], 6, "past the last bound");
-    assert_eq!(grid.counts.iter().sum::<u64>(), 23);
-    for &job in &jobs {
-        let table = store.read(move |conn| views::run_time_histogram(conn, Some(job)));
-        assert_eq!(table.unwrap(), scan(Some(job)).unwrap());
-        let summary = store.job_summary(job).unwrap().unwrap();
-        let counts: Vec<u64> = summary.latency_ms.iter().map(|b| b.count).collect();
-        assert_eq!(counts, scan(Some(job)).unwrap().counts);
-    }
-    assert_ne!(
-        store.job_summary(jobs[0]).unwrap().unwrap().latency_ms,
-        store.job_summary(jobs[1]).unwrap().unwrap().latency_ms
-    );
-}
-
-/// V2 fills `run_time_buckets` with SQL of its own: its bounds must be
-/// `LATENCY_BUCKETS_MS`, and its last bucket the unbounded one.
-#[test]
-fn the_migration_buckets_run_times_as_the_writer_does() {
-    let v2 = schema::MIGRATIONS[1];
-    for (i, le) in LATENCY_BUCKETS_MS.iter().enumerate() {
-        let when = format!("WHEN run_us <= {} THEN {i}\n", le * 1000);
-        assert!(v2.contains(&when), "{when}");
-    }
-    let last = LATENCY_BUCKETS_MS.len();
-    assert!(v2.contains(&format!("WHEN run_us < 0 THEN {last}\n")));
-    assert!(v2.contains(&format!("ELSE {last} END")));
-    assert_eq!(views::latency_bucket(u64::MAX), last);
 }
