@@ -40,16 +40,26 @@ fn create(kind: &str) -> Body {
     Body::from(format!(r#"{{"kind": "{kind}", "name": "t"}}"#))
 }
 
+/// Asks for a new token of `kind`, presenting `credential` if any.
+async fn make_token(
+    app: &Router,
+    kind: &str,
+    credential: Option<&str>,
+) -> (StatusCode, serde_json::Value) {
+    let request = Request::post("/api/tokens");
+    let request = match credential {
+        Some(token) => bearer(request, token),
+        None => request,
+    };
+    send(app.clone(), request.body(create(kind)).unwrap()).await
+}
+
 #[tokio::test]
 async fn changes_need_a_client_token_and_the_reason_is_named() {
     let (_dir, state) = app_state(1 << 20, Scheduler::Fifo).await;
     let app = router(state.clone());
 
-    let (status, json) = send(
-        app.clone(),
-        Request::post("/api/tokens").body(create("client")).unwrap(),
-    )
-    .await;
+    let (status, json) = make_token(&app, "client", None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{json}");
     assert_eq!(json["error"]["code"], "unauthorized");
     assert!(
@@ -68,13 +78,7 @@ async fn changes_need_a_client_token_and_the_reason_is_named() {
     assert_eq!(status, StatusCode::OK);
 
     let admin = fixture_token();
-    let (status, made) = send(
-        app.clone(),
-        bearer(Request::post("/api/tokens"), &admin)
-            .body(create("client"))
-            .unwrap(),
-    )
-    .await;
+    let (status, made) = make_token(&app, "client", Some(admin.as_str())).await;
     assert_eq!(status, StatusCode::CREATED, "{made}");
     let token = made["token"].as_str().unwrap().to_owned();
     let id = made["id"].as_u64().unwrap();
@@ -117,13 +121,7 @@ async fn changes_need_a_client_token_and_the_reason_is_named() {
         format!("client token {id} was revoked")
     );
 
-    let (status, json) = send(
-        app.clone(),
-        bearer(Request::post("/api/tokens"), "wgc_1_0123")
-            .body(create("client"))
-            .unwrap(),
-    )
-    .await;
+    let (status, json) = make_token(&app, "client", Some("wgc_1_0123")).await;
     assert_eq!(
         (status, json["error"]["message"].as_str()),
         (StatusCode::UNAUTHORIZED, Some("invalid client token"))
@@ -143,13 +141,7 @@ async fn a_join_token_is_no_client_token_and_expired_ones_are_refused() {
     let join = made["token"].as_str().unwrap();
     // One string to paste: the secret and the fingerprint to pin.
     assert!(join.ends_with(&format!(":{}", "ab".repeat(32))), "{join}");
-    let (status, json) = send(
-        app.clone(),
-        bearer(Request::post("/api/tokens"), join)
-            .body(create("client"))
-            .unwrap(),
-    )
-    .await;
+    let (status, json) = make_token(&app, "client", Some(join)).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(
         json["error"]["message"],
@@ -162,13 +154,7 @@ async fn a_join_token_is_no_client_token_and_expired_ones_are_refused() {
         .tokens
         .issue(TokenKind::Client, "old", Some(1_000))
         .unwrap();
-    let (status, json) = send(
-        app.clone(),
-        bearer(Request::post("/api/tokens"), &expired.token)
-            .body(create("client"))
-            .unwrap(),
-    )
-    .await;
+    let (status, json) = make_token(&app, "client", Some(expired.token.as_str())).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(
         json["error"]["message"],
