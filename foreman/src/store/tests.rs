@@ -567,3 +567,31 @@ fn create_job_keeps_scheduler_and_not_before() {
     assert_eq!(json["not_before_ms"], u64::MAX);
     assert_eq!(store.unfinished_jobs().unwrap()[0].spec, spec);
 }
+
+#[test]
+fn an_attempts_start_is_committed_soon_without_a_flush() {
+    let (_dir, store) = open_temp();
+    store.put_module(&MODULE, b"wasm").unwrap();
+    let w = store.upsert_worker(&worker("w1", "pc1")).unwrap();
+    let job = store.create_job(new_job(args(2))).unwrap().id;
+    // Starts wait a little for company (a short task's end) before they
+    // commit, but not for ever.
+    store.record_all([
+        Record::JobStateChanged {
+            job,
+            state: JobState::Running,
+        },
+        started(job, 0, 1, w),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while store.job(job).unwrap().unwrap().state != JobState::Running {
+        assert!(Instant::now() < deadline, "the start was never committed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // A start and an end that arrive together commit together.
+    store.record(started(job, 1, 2, w));
+    store.record(ended(job, 1, 2, Ok("7".into()), TaskState::Succeeded));
+    store.flush().unwrap();
+    let results = store.results(job).unwrap().unwrap();
+    assert_eq!(results[1].result.as_deref(), Some("7"));
+}

@@ -3,7 +3,7 @@
 //! counters in step, and runs the one-shot writes of `queries` between batches.
 //! How each change becomes SQL is in `apply`.
 
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,7 @@ use wasmgrid_protocol::wire::Load;
 
 use super::schema::now_ms;
 use super::{ChangeEvents, Changes, JobEvents, StoreError};
-use crate::model::{Record, WorkerId};
+use crate::model::{JobState, Record, WorkerId};
 use apply::{apply, Deltas, Statements};
 
 mod apply;
@@ -22,6 +22,8 @@ mod apply;
 const BATCH_MAX: usize = 2_000;
 /// Pause before retrying a batch whose commit failed.
 const RETRY_DELAY: Duration = Duration::from_millis(200);
+/// How long a batch of only [`Change::is_lazy`] changes may wait for more.
+const LAZY_DELAY: Duration = Duration::from_millis(5);
 
 pub(super) type ExecFn = Box<dyn FnOnce(&mut Connection) + Send>;
 
@@ -39,6 +41,24 @@ pub(super) enum Change {
         worker: WorkerId,
         draining: bool,
     },
+}
+
+impl Change {
+    /// Nobody waits for it: an attempt's start (and its job becoming
+    /// running) or a heartbeat. A batch of only these waits up to
+    /// [`LAZY_DELAY`] for company, so a short task's start and end commit
+    /// together: one transaction instead of two rewriting the same pages.
+    fn is_lazy(&self) -> bool {
+        matches!(
+            self,
+            Change::Record(Record::AttemptStarted { .. })
+                | Change::Record(Record::JobStateChanged {
+                    state: JobState::Running,
+                    ..
+                })
+                | Change::Heartbeat { .. }
+        )
+    }
 }
 
 pub(super) enum Command {
@@ -102,10 +122,22 @@ impl Writer {
                 }
             }
             // Group commit: take whatever else is already queued, without
-            // waiting; records arriving during this commit form the next batch.
+            // waiting unless the batch is all lazy; records arriving during
+            // this commit form the next batch.
             if next.is_none() {
+                let lazy_until = Instant::now() + LAZY_DELAY;
                 while self.pending.len() < BATCH_MAX {
-                    match self.commands.try_recv() {
+                    let received = match self.commands.try_recv() {
+                        Err(TryRecvError::Empty) if self.pending.iter().all(Change::is_lazy) => {
+                            let left = lazy_until.saturating_duration_since(Instant::now());
+                            self.commands.recv_timeout(left).map_err(|e| match e {
+                                RecvTimeoutError::Timeout => TryRecvError::Empty,
+                                RecvTimeoutError::Disconnected => TryRecvError::Disconnected,
+                            })
+                        }
+                        received => received,
+                    };
+                    match received {
                         Ok(Command::Changes(changes)) => self.pending.extend(changes),
                         Ok(other) => {
                             next = Some(other);
