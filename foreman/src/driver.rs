@@ -251,6 +251,7 @@ fn trace_record(record: &Record) {
             task,
             attempt,
             worker,
+            ..
         } => tracing::debug!(job, task, attempt, worker, "attempt sent"),
         Record::AttemptEnded {
             job,

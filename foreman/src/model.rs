@@ -104,6 +104,8 @@ pub enum Record {
         task: TaskIndex,
         attempt: AttemptId,
         worker: WorkerId,
+        /// When it was handed out (unix ms): its start commits a little later.
+        at_ms: u64,
     },
     /// An attempt ended with a report (success or a named failure). `task_state`
     /// is the task's state afterwards: `Queued` again when it will be retried.

@@ -168,6 +168,7 @@ mod tests {
                 task,
                 attempt,
                 worker,
+                at_ms: 0,
             });
             records.push(Record::AttemptEnded {
                 job,

@@ -335,6 +335,7 @@ async fn worker_failures_are_listed_newest_first_and_bad_requests_named() {
                 task,
                 attempt,
                 worker,
+                at_ms: 0,
             },
             crate::model::Record::AttemptAbandoned {
                 job,

@@ -66,6 +66,7 @@ async fn grid() -> Grid {
             task,
             attempt,
             worker,
+            at_ms: 0,
         });
         records.push(Record::AttemptEnded {
             job,

@@ -272,6 +272,7 @@ impl Core {
                 task: index,
                 attempt,
                 worker,
+                at_ms: self.now_ms,
             }));
         let assignment = Assignment {
             attempt,

@@ -204,6 +204,7 @@ fn fifo_across_two_jobs_then_task_index() {
 #[test]
 fn assignments_carry_args_module_and_limits_and_records_come_first() {
     let mut h = Harness::new();
+    h.core.tick(5_000);
     h.core.submit_job(spec(3, 1, 0), args(1));
     h.worker(1, 1);
     h.core.dispatch();
@@ -214,6 +215,7 @@ fn assignments_carry_args_module_and_limits_and_records_come_first() {
         task: 0,
         attempt: 100,
         worker: 1,
+        at_ms: 5_000,
     };
     assert_eq!(c[1], Command::Record(started));
     let Command::Send { assignments, .. } = &c[2] else {

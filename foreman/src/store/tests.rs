@@ -59,6 +59,7 @@ pub(super) fn started(job: JobId, task: TaskIndex, attempt: u64, worker: WorkerI
         task,
         attempt,
         worker,
+        at_ms: 0,
     }
 }
 

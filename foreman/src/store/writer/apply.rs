@@ -252,6 +252,7 @@ fn apply_record(
             task,
             attempt,
             worker,
+            at_ms,
         } => {
             let from = current_state(st, *job, *task)?;
             st.start_task
@@ -261,7 +262,8 @@ fn apply_record(
                 to_sql(*job),
                 task,
                 to_sql(*worker),
-                now
+                // The core's clock starts at 0 until its first tick.
+                if *at_ms > 0 { to_sql(*at_ms) } else { now }
             ])?;
             deltas.task_moved(*job, from, TaskState::Running, 1);
         }
