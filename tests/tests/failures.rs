@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{cli_json, submit_slow_primes, wait_for_state};
+use common::{assert_completes_with, cli_json, submit_slow_primes, wait_for_state};
 use serde_json::Value;
 use wasmgrid_tests::guest_path;
 use wasmgrid_tests::processes::{start_foreman, start_worker, start_worker_with, Foreman};
@@ -51,11 +51,7 @@ fn killing_one_of_two_workers_mid_job_loses_nothing() {
     let (id, expected) = submit_slow_primes(&foreman, dir.path());
     wait_until_running(&foreman.http, &id);
     drop(victim); // SIGKILL, with tasks in hand
-    wait_for_state(&foreman.http, &id, "completed", 90);
-    assert_eq!(
-        cli_json(&foreman.http, &["results", &id])["results"],
-        expected
-    );
+    assert_completes_with(&foreman.http, &id, &expected, 90);
 }
 
 #[test]
@@ -104,11 +100,7 @@ fn sigterm_drains_a_worker_its_tasks_finish_or_move_and_it_exits_cleanly() {
     assert!(job["succeeded"].as_u64().unwrap_or(0) >= 1, "{job}");
     // What it handed back runs on the next worker.
     let _next = start_worker(&foreman, "next", &dir.path().join("cache-next"));
-    wait_for_state(&foreman.http, &id, "completed", 90);
-    assert_eq!(
-        cli_json(&foreman.http, &["results", &id])["results"],
-        expected
-    );
+    assert_completes_with(&foreman.http, &id, &expected, 90);
     let failures = cli_json(
         &foreman.http,
         &["failures", &worker_id(&foreman, "leaving")],
@@ -141,11 +133,7 @@ fn foreman_drain_sends_a_worker_away_gracefully() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    wait_for_state(&foreman.http, &id, "completed", 90);
-    assert_eq!(
-        cli_json(&foreman.http, &["results", &id])["results"],
-        expected
-    );
+    assert_completes_with(&foreman.http, &id, &expected, 90);
     // Draining a worker that has gone is refused with the reason.
     let out = foreman
         .cli()
@@ -177,11 +165,7 @@ fn a_worker_killed_while_fetching_a_module_fetches_cleanly_next_time() {
         drop(worker);
     }
     let _lucky = start_worker(&foreman, "unlucky", &cache);
-    wait_for_state(&foreman.http, &id, "completed", 120);
-    assert_eq!(
-        cli_json(&foreman.http, &["results", &id])["results"],
-        expected
-    );
+    assert_completes_with(&foreman.http, &id, &expected, 120);
 }
 
 #[test]

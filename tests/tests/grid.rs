@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{cli_json, submit_detached, submit_slow_primes, wait_for_state};
+use common::{
+    assert_completes_with, cli_json, submit_detached, submit_slow_primes, wait_for_state,
+};
 use serde_json::{json, Value};
 use wasmgrid_tests::processes::{start_foreman, start_foreman_at, start_worker, Foreman};
 use wasmgrid_tests::{binary, example_args_path, guest_path, json_elements};
@@ -420,11 +422,7 @@ fn a_foreman_killed_mid_job_resumes_it_after_restart() {
     drop(foreman); // SIGKILL, mid-job
 
     let restarted = start_foreman_at(&data, &quic, &[]);
-    wait_for_state(&restarted.http, &id, "completed", 90);
-    assert_eq!(
-        cli_json(&restarted.http, &["results", &id])["results"],
-        expected
-    );
+    assert_completes_with(&restarted.http, &id, &expected, 90);
 }
 
 #[test]

@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{cli_json, submit_detached, wait_for_state};
+use common::{assert_completes_with, cli_json, submit_detached, wait_for_state};
 use serde_json::Value;
 use wasmgrid_protocol::wire::{Finished, Load, ToForeman, ToWorker};
 use wasmgrid_tests::guest_path;
@@ -106,11 +106,7 @@ async fn reports_for_attempts_never_given_cut_the_peer_off() {
     let _honest = start_worker(&foreman, "honest", &dir.path().join("cache"));
     let pairs = [(1, 2), (3, 4)];
     let id = submit_add(&foreman, dir.path(), &pairs);
-    wait_for_state(&foreman.http, &id, "completed", 60);
-    assert_eq!(
-        cli_json(&foreman.http, &["results", &id])["results"],
-        sums(&pairs)
-    );
+    assert_completes_with(&foreman.http, &id, &sums(&pairs), 60);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,11 +218,7 @@ async fn bad_result_is_refused(bad: String, needle: &str, extra: &[&str]) {
     let violation = wait_for_violation(&foreman, worker, needle);
     assert_eq!(violation["attempt"], assignments[0].attempt);
     let _honest = start_worker(&foreman, "honest", &dir.path().join("cache"));
-    wait_for_state(&foreman.http, &id, "completed", 60);
-    assert_eq!(
-        cli_json(&foreman.http, &["results", &id])["results"],
-        sums(&pairs)
-    );
+    assert_completes_with(&foreman.http, &id, &sums(&pairs), 60);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

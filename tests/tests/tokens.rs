@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{cli_json, submit_slow_primes, wait_for_state};
+use common::{assert_completes_with, cli_json, submit_slow_primes, wait_for_state};
 use serde_json::Value;
 use wasmgrid_tests::binary;
 use wasmgrid_tests::processes::{start_foreman, Foreman, Running};
@@ -201,15 +201,10 @@ fn revoking_a_token_cuts_off_its_worker_while_another_finishes_the_job() {
     wait_for_state(&foreman.http, &id, "running", 60);
     revoke(&foreman, &doomed_token);
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = doomed.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the revoked worker kept running");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(status.code(), Some(2));
+    assert_eq!(
+        exit_code(&mut doomed, 30, "the revoked worker kept running"),
+        Some(2)
+    );
     let log = std::fs::read_to_string(dir.path().join("doomed.log")).unwrap();
     assert!(
         log.contains(&format!(
@@ -222,11 +217,7 @@ fn revoking_a_token_cuts_off_its_worker_while_another_finishes_the_job() {
         online(&foreman) == ["kept".to_owned()]
     });
 
-    wait_for_state(&foreman.http, &id, "completed", 180);
-    assert_eq!(
-        cli_json(&foreman.http, &["results", &id])["results"],
-        expected
-    );
+    assert_completes_with(&foreman.http, &id, &expected, 180);
 }
 
 #[test]
@@ -239,15 +230,10 @@ fn a_worker_is_cut_off_when_its_token_expires() {
     wait_until("the worker online", 10, || {
         online(&foreman) == ["brief".to_owned()]
     });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = worker.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the worker outlived its token");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(status.code(), Some(2));
+    assert_eq!(
+        exit_code(&mut worker, 30, "the worker outlived its token"),
+        Some(2)
+    );
     let log = std::fs::read_to_string(dir.path().join("brief.log")).unwrap();
     assert!(
         log.contains(&format!("join token {} expired at", token_id(&token))),
@@ -347,4 +333,16 @@ fn after_a_certificate_rotation_the_old_fingerprint_is_refused_and_the_new_one_j
     });
     let listed: Value = cli_json(&foreman.http, &["token", "list", "--json"]);
     assert_eq!(listed["fingerprint"], fingerprint.as_str());
+}
+
+/// The worker's exit code, once it exits; fails with `what` after `secs`.
+fn exit_code(worker: &mut Running, secs: u64, what: &str) -> Option<i32> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(status) = worker.0.try_wait().unwrap() {
+            return status.code();
+        }
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

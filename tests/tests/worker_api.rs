@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{cli_json, submit_slow_primes, wait_for_state};
+use common::{assert_completes_with, submit_slow_primes};
 use serde_json::Value;
 use wasmgrid_tests::binary;
 use wasmgrid_tests::processes::{start_foreman, Running};
@@ -74,11 +74,7 @@ fn the_worker_api_shows_status_counts_tasks_and_restarts_the_connection() {
     assert!(first_id.is_u64(), "{status}");
 
     let (id, expected) = submit_slow_primes(&foreman, dir.path());
-    wait_for_state(&foreman.http, &id, "completed", 90);
-    assert_eq!(
-        cli_json(&foreman.http, &["results", &id])["results"],
-        expected
-    );
+    assert_completes_with(&foreman.http, &id, &expected, 90);
     let stats = get(&format!("{api}/stats"));
     assert_eq!(stats["tasks_completed"], 8, "{stats}");
     assert!(stats["fuel_used"].as_u64().unwrap_or(0) > 0, "{stats}");

@@ -225,17 +225,20 @@ pub(super) fn known_module(state: &ApiState) -> String {
     hex::encode(hash)
 }
 
+/// A one-task job of the stored `module` with these options.
+fn submit_one(module: &str, options: &str) -> Request<Body> {
+    post_json(
+        "/api/jobs",
+        &format!(r#"{{"module_sha256": "{module}", "args": [[1]], "options": {options}}}"#),
+    )
+}
+
 #[tokio::test]
 async fn jobs_take_the_named_scheduler_or_the_foremans_default_and_not_before() {
     let (_dir, state) = app_state(1 << 20, Scheduler::Performance).await;
     let module = known_module(&state);
     let app = router(state);
-    let submit = |options: &str| {
-        post_json(
-            "/api/jobs",
-            &format!(r#"{{"module_sha256": "{module}", "args": [[1]], "options": {options}}}"#),
-        )
-    };
+    let submit = |options: &str| submit_one(&module, options);
     let mut ids = Vec::new();
     for options in [
         "{}",
@@ -287,12 +290,7 @@ async fn output_and_result_limits_come_from_the_foremans_caps() {
     };
     let module = known_module(&state);
     let app = router(state);
-    let submit = |options: &str| {
-        post_json(
-            "/api/jobs",
-            &format!(r#"{{"module_sha256": "{module}", "args": [[1]], "options": {options}}}"#),
-        )
-    };
+    let submit = |options: &str| submit_one(&module, options);
     let mut limits = Vec::new();
     for options in ["{}", r#"{"output_kib": 8, "result_kib": 2}"#] {
         let (status, json) = call(app.clone(), submit(options)).await;

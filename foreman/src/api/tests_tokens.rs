@@ -40,6 +40,16 @@ fn create(kind: &str) -> Body {
     Body::from(format!(r#"{{"kind": "{kind}", "name": "t"}}"#))
 }
 
+/// Sends `request` with `token` as its bearer.
+async fn send_as(
+    app: &Router,
+    request: axum::http::request::Builder,
+    token: &str,
+    body: Body,
+) -> (StatusCode, serde_json::Value) {
+    send(app.clone(), bearer(request, token).body(body).unwrap()).await
+}
+
 /// Asks for a new token of `kind`, presenting `credential` if any.
 async fn make_token(
     app: &Router,
@@ -47,11 +57,10 @@ async fn make_token(
     credential: Option<&str>,
 ) -> (StatusCode, serde_json::Value) {
     let request = Request::post("/api/tokens");
-    let request = match credential {
-        Some(token) => bearer(request, token),
-        None => request,
-    };
-    send(app.clone(), request.body(create(kind)).unwrap()).await
+    match credential {
+        Some(token) => send_as(app, request, token, create(kind)).await,
+        None => send(app.clone(), request.body(create(kind)).unwrap()).await,
+    }
 }
 
 #[tokio::test]
@@ -84,13 +93,7 @@ async fn changes_need_a_client_token_and_the_reason_is_named() {
     let id = made["id"].as_u64().unwrap();
     assert!(token.starts_with(&format!("wgc_{id}_")), "{made}");
 
-    let (status, list) = send(
-        app.clone(),
-        bearer(Request::get("/api/tokens"), &token)
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
+    let (status, list) = send_as(&app, Request::get("/api/tokens"), &token, Body::empty()).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(list["fingerprint"], "ab".repeat(32));
     assert!(
@@ -99,20 +102,20 @@ async fn changes_need_a_client_token_and_the_reason_is_named() {
     );
     assert_eq!(list["tokens"].as_array().unwrap().len(), 2);
 
-    let (status, revoked) = send(
-        app.clone(),
-        bearer(Request::post(format!("/api/tokens/{id}/revoke")), &admin)
-            .body(Body::empty())
-            .unwrap(),
+    let (status, revoked) = send_as(
+        &app,
+        Request::post(format!("/api/tokens/{id}/revoke")),
+        &admin,
+        Body::empty(),
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{revoked}");
     assert!(revoked["revoked_at_ms"].is_u64());
-    let (status, json) = send(
-        app.clone(),
-        bearer(Request::post("/api/workers/1/drain"), &token)
-            .body(Body::from("{}"))
-            .unwrap(),
+    let (status, json) = send_as(
+        &app,
+        Request::post("/api/workers/1/drain"),
+        &token,
+        Body::from("{}"),
     )
     .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
@@ -176,13 +179,7 @@ async fn beyond_loopback_reads_need_a_token_too_but_the_dashboard_does_not() {
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}: {json}");
     }
     let token = fixture_token();
-    let (status, _) = send(
-        app.clone(),
-        bearer(Request::get("/api/jobs"), &token)
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
+    let (status, _) = send_as(&app, Request::get("/api/jobs"), &token, Body::empty()).await;
     assert_eq!(status, StatusCode::OK);
     // EventSource cannot send headers: streams take the token in the query.
     let response = tower::ServiceExt::oneshot(

@@ -54,6 +54,16 @@ pub fn wait_for_state(http: &str, id: &str, state: &str, secs: u64) {
     }
 }
 
+/// Waits for job `id` to complete, then checks its results against `expected`.
+pub fn assert_completes_with(http: &str, id: &str, expected: &Value, secs: u64) {
+    wait_for_state(http, id, "completed", secs);
+    assert_eq!(
+        &cli_json(http, &["results", id])["results"],
+        expected,
+        "job {id}"
+    );
+}
+
 /// `foreman submit --detach`: the job id.
 pub fn submit_detached(
     foreman: &Foreman,
