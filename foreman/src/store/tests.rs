@@ -570,13 +570,13 @@ fn create_job_keeps_scheduler_and_not_before() {
 }
 
 #[test]
-fn an_attempts_start_is_committed_soon_without_a_flush() {
+fn attempts_are_committed_soon_without_a_flush() {
     let (_dir, store) = open_temp();
     store.put_module(&MODULE, b"wasm").unwrap();
     let w = store.upsert_worker(&worker("w1", "pc1")).unwrap();
-    let job = store.create_job(new_job(args(2))).unwrap().id;
-    // Starts wait a little for company (a short task's end) before they
-    // commit, but not for ever.
+    let job = store.create_job(new_job(args(3))).unwrap().id;
+    // Starts and ends wait a little for company (more of the job's tasks)
+    // before they commit, but not for ever.
     store.record_all([
         Record::JobStateChanged {
             job,
@@ -584,9 +584,10 @@ fn an_attempts_start_is_committed_soon_without_a_flush() {
         },
         started(job, 0, 1, w),
     ]);
+    store.record(ended(job, 0, 1, Ok("5".into()), TaskState::Succeeded));
     let deadline = Instant::now() + Duration::from_secs(5);
-    while store.job(job).unwrap().unwrap().state != JobState::Running {
-        assert!(Instant::now() < deadline, "the start was never committed");
+    while store.job(job).unwrap().unwrap().succeeded != 1 {
+        assert!(Instant::now() < deadline, "the attempt was never committed");
         std::thread::sleep(Duration::from_millis(1));
     }
     // A start and an end that arrive together commit together.
@@ -595,4 +596,32 @@ fn an_attempts_start_is_committed_soon_without_a_flush() {
     store.flush().unwrap();
     let results = store.results(job).unwrap().unwrap();
     assert_eq!(results[1].result.as_deref(), Some("7"));
+}
+
+#[test]
+fn a_jobs_end_is_announced_with_its_tasks_results_committed() {
+    let (_dir, store) = open_temp();
+    store.put_module(&MODULE, b"wasm").unwrap();
+    let w = store.upsert_worker(&worker("w1", "pc1")).unwrap();
+    let job = store.create_job(new_job(args(2))).unwrap().id;
+    let mut events = store.job_events();
+    // The ends are lazy; the job's end is not, and it commits them with it.
+    for task in 0..2 {
+        store.record(started(job, task, u64::from(task) + 1, w));
+        store.record(ended(
+            job,
+            task,
+            u64::from(task) + 1,
+            Ok(format!("{task}")),
+            TaskState::Succeeded,
+        ));
+    }
+    store.record(Record::JobStateChanged {
+        job,
+        state: JobState::Completed,
+    });
+    assert_eq!(events.blocking_recv().unwrap(), (job, JobState::Completed));
+    let results = store.results(job).unwrap().unwrap();
+    assert_eq!(results[0].result.as_deref(), Some("0"));
+    assert_eq!(results[1].result.as_deref(), Some("1"));
 }

@@ -44,19 +44,24 @@ pub(super) enum Change {
 }
 
 impl Change {
-    /// Nobody waits for it: an attempt's start (and its job becoming
-    /// running) or a heartbeat. A batch of only these waits up to
-    /// [`LAZY_DELAY`] for company, so a short task's start and end commit
-    /// together: one transaction instead of two rewriting the same pages.
+    /// Nobody waits for it: an attempt's start or end (and its job becoming
+    /// running) or a heartbeat. Callers wait for a job's end, which is not
+    /// lazy and commits everything before it. A batch of only these waits up
+    /// to [`LAZY_DELAY`] for company, so the tasks of a job commit a few
+    /// dozen at a time rather than each in its own transaction: the CPU a
+    /// commit costs is taken from the workers on a shared machine.
     fn is_lazy(&self) -> bool {
         matches!(
             self,
-            Change::Record(Record::AttemptStarted { .. })
-                | Change::Record(Record::JobStateChanged {
-                    state: JobState::Running,
-                    ..
-                })
-                | Change::Heartbeat { .. }
+            Change::Record(
+                Record::AttemptStarted { .. }
+                    | Record::AttemptEnded { .. }
+                    | Record::AttemptAbandoned { .. }
+                    | Record::JobStateChanged {
+                        state: JobState::Running,
+                        ..
+                    }
+            ) | Change::Heartbeat { .. }
         )
     }
 }
