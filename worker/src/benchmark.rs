@@ -72,6 +72,7 @@ fn measure(executor: &Executor, duration: Duration) -> anyhow::Result<u64> {
         }
         Ok(UpdateDeadline::Continue(1))
     });
+    let _ticking = executor.ticking();
     let instance = Instance::new(&mut store, &module, &[])?;
     let spin = instance.get_typed_func::<i64, i64>(&mut store, "spin")?;
     // Warm up (page in the code) outside the measurement.

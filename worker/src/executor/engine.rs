@@ -1,7 +1,7 @@
 //! The wasmtime engine every task shares, and the clock that drives
 //! wall-clock limits through epoch interruption.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -71,29 +71,71 @@ pub fn new_engine(metering: Metering, concurrency: u32) -> wasmtime::Result<Engi
     Engine::new(&config)
 }
 
-/// Advances the engine's epoch every [`EPOCH_TICK`] until dropped.
+/// Advances the engine's epoch every [`EPOCH_TICK`] while a task runs, and
+/// sleeps otherwise: an idle worker on somebody's PC wakes nobody.
 pub struct EpochClock {
-    stop: Arc<AtomicBool>,
+    shared: Arc<ClockShared>,
     thread: Option<thread::JoinHandle<()>>,
+}
+
+struct ClockShared {
+    /// Tasks running now (holders of a [`Ticking`]).
+    running: AtomicUsize,
+    stop: AtomicBool,
+    /// Epochs advanced so far.
+    ticks: AtomicU64,
+}
+
+/// Keeps the clock ticking while held; one per running task.
+pub struct Ticking<'a> {
+    clock: &'a EpochClock,
+}
+
+impl Drop for Ticking<'_> {
+    fn drop(&mut self) {
+        self.clock.shared.running.fetch_sub(1, Ordering::Release);
+    }
 }
 
 impl EpochClock {
     pub fn start(engine: &Engine) -> std::io::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(ClockShared {
+            running: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            ticks: AtomicU64::new(0),
+        });
         let engine = engine.clone();
-        let stop_flag = stop.clone();
+        let state = shared.clone();
         let thread = thread::Builder::new()
             .name("wasmgrid-epoch".into())
             .spawn(move || {
-                while !stop_flag.load(Ordering::Relaxed) {
+                while !state.stop.load(Ordering::Acquire) {
+                    if state.running.load(Ordering::Acquire) == 0 {
+                        // Deadlines count ticks from when a task starts, so
+                        // ticks nobody waits for can be skipped.
+                        thread::park();
+                        continue;
+                    }
                     thread::sleep(EPOCH_TICK);
                     engine.increment_epoch();
+                    state.ticks.fetch_add(1, Ordering::Relaxed);
                 }
             })?;
         Ok(EpochClock {
-            stop,
+            shared,
             thread: Some(thread),
         })
+    }
+
+    /// Call before a task's deadline is set; the clock ticks until the
+    /// returned guard is dropped.
+    pub fn ticking(&self) -> Ticking<'_> {
+        if self.shared.running.fetch_add(1, Ordering::AcqRel) == 0 {
+            if let Some(thread) = &self.thread {
+                thread.thread().unpark();
+            }
+        }
+        Ticking { clock: self }
     }
 
     /// Epoch ticks that cover `timeout`, rounded up, plus one for the partial
@@ -106,8 +148,9 @@ impl EpochClock {
 
 impl Drop for EpochClock {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::Release);
         if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
             let _ = thread.join();
         }
     }
@@ -116,6 +159,25 @@ impl Drop for EpochClock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_clock_ticks_only_while_a_task_runs() {
+        let engine = new_engine(Metering::WallClockOnly, 1).unwrap();
+        let clock = EpochClock::start(&engine).unwrap();
+        let ticks = || clock.shared.ticks.load(Ordering::Relaxed);
+        thread::sleep(EPOCH_TICK * 10);
+        assert_eq!(ticks(), 0, "an idle clock advanced the epoch");
+        let ticking = clock.ticking();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while ticks() < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the clock never ticked"
+            );
+            thread::sleep(EPOCH_TICK);
+        }
+        drop(ticking);
+    }
 
     #[test]
     fn ticks_cover_the_timeout() {

@@ -27,7 +27,7 @@ pub use run::{CancelFlag, Load};
 pub use slots::{SlotPool, TaskState, Tracking};
 
 use cache::ModuleCache;
-use engine::EpochClock;
+use engine::{EpochClock, Ticking};
 use sandbox::Sandbox;
 
 /// Host bindings of `wit/task.wit`.
@@ -73,7 +73,7 @@ pub struct Executor {
     concurrency: u32,
     cpu_limit_percent: u32,
     cache: ModuleCache,
-    _clock: EpochClock,
+    clock: EpochClock,
 }
 
 impl Executor {
@@ -103,7 +103,7 @@ impl Executor {
             engine,
             concurrency: concurrency.max(1),
             cpu_limit_percent: throttle::DutyCycle::new(cpu_limit_percent).percent(),
-            _clock: clock,
+            clock,
         })
     }
 
@@ -120,6 +120,11 @@ impl Executor {
     /// The shared engine (the benchmark runs its own module on it).
     pub(crate) fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// Keeps the epoch clock ticking for code that runs on [`Executor::engine`].
+    pub(crate) fn ticking(&self) -> Ticking<'_> {
+        self.clock.ticking()
     }
 
     /// Validates and prepares a module, reusing any earlier compilation.
@@ -156,6 +161,7 @@ impl Executor {
         args: &str,
         limits: &TaskLimits,
     ) -> TaskReport {
+        let _ticking = self.clock.ticking();
         run::run_task(
             &self.engine,
             task,
@@ -176,6 +182,7 @@ impl Executor {
         limits: &TaskLimits,
         cancel: CancelFlag,
     ) -> TaskReport {
+        let _ticking = self.clock.ticking();
         run::run_task(
             &self.engine,
             task,
