@@ -333,7 +333,13 @@ fn run(command: Command, token: Option<String>) -> anyhow::Result<ExitCode> {
                 cooldown_window_ms: millis("cooldown-window", cooldown_window)?,
                 cooldown_ms: millis("cooldown", cooldown)?,
             };
-            let runtime = tokio::runtime::Runtime::new()?;
+            // One thread runs the API, the core and QUIC: their work is short, and on
+            // a small machine handing it between threads costs more than it does
+            // (wakeups are most of a round trip). Validation and large reads go
+            // to the blocking pool; SQLite writes have their own thread.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             runtime.block_on(serve(ServeOptions {
                 data_dir,
                 quic,

@@ -182,7 +182,11 @@ fn join(args: JoinArgs) -> anyhow::Result<ExitCode> {
     if args.exit_with_parent {
         exit_when_orphaned();
     }
-    let runtime = tokio::runtime::Runtime::new()?;
+    // Tasks run on their own slot threads; the runtime only moves messages,
+    // and one thread does that without waking another for each task.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(wasmgrid_worker::join::run(
         wasmgrid_worker::join::JoinOptions {
             foreman,
