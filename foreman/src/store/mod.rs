@@ -26,7 +26,7 @@ mod tests_schema;
 mod tests_workers;
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Sender};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -37,7 +37,7 @@ use wasmgrid_protocol::{Failure, FailureKind, TaskLimits};
 
 use crate::model::{JobId, JobSpec, JobState, Record, Scheduler, TaskIndex, TaskState, WorkerId};
 
-use writer::{Change, Command};
+use writer::{Change, Command, Inbox};
 
 pub use tokens::{TokenKind, TokenRow};
 pub use views::{
@@ -249,15 +249,15 @@ struct Inner {
     path: PathBuf,
     job_events: JobEvents,
     changes: ChangeEvents,
-    commands: Option<Sender<Command>>,
+    commands: Arc<Inbox>,
     writer: Option<JoinHandle<()>>,
     readers: Mutex<Vec<Connection>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Closing the channel lets the writer commit what is queued and stop.
-        self.commands.take();
+        // Closing the inbox lets the writer commit what is queued and stop.
+        self.commands.close();
         if let Some(handle) = self.writer.take() {
             if handle.join().is_err() {
                 tracing::error!("the store's writer thread panicked");
@@ -281,17 +281,17 @@ impl Store {
     /// the writer thread.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let conn = schema::open_writer(path)?;
-        let (commands, receiver) = mpsc::channel();
+        let commands = Arc::new(Inbox::new());
         let (job_events, _) = tokio::sync::broadcast::channel(1024);
         let (changes, _) = tokio::sync::broadcast::channel(1024);
-        let writer = writer::spawn(conn, receiver, job_events.clone(), changes.clone())?;
+        let writer = writer::spawn(conn, commands.clone(), job_events.clone(), changes.clone())?;
         tracing::info!(path = %path.display(), "store opened");
         Ok(Store {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
                 job_events,
                 changes,
-                commands: Some(commands),
+                commands,
                 writer: Some(writer),
                 readers: Mutex::new(Vec::new()),
             }),
@@ -537,8 +537,10 @@ impl Store {
     }
 
     fn try_send(&self, command: Command) -> Result<(), StoreError> {
-        let commands = self.inner.commands.as_ref().ok_or(StoreError::Closed)?;
-        commands.send(command).map_err(|_| StoreError::Closed)
+        self.inner
+            .commands
+            .send(command)
+            .map_err(|_| StoreError::Closed)
     }
 
     /// Runs `f` on the writer thread, after everything queued before, and

@@ -3,7 +3,8 @@
 //! counters in step, and runs the one-shot writes of `queries` between batches.
 //! How each change becomes SQL is in `apply`.
 
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
+use std::sync::mpsc::SyncSender;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -14,8 +15,11 @@ use super::schema::now_ms;
 use super::{ChangeEvents, Changes, JobEvents, StoreError};
 use crate::model::{JobState, Record, WorkerId};
 use apply::{apply, Deltas, Statements};
+pub(super) use inbox::Inbox;
+use inbox::Received;
 
 mod apply;
+mod inbox;
 
 /// A batch is committed this long after its first record at the latest...
 /// ...or once it holds this many records.
@@ -76,9 +80,18 @@ pub(super) enum Command {
     },
 }
 
+impl Command {
+    fn is_lazy(&self) -> bool {
+        match self {
+            Command::Changes(changes) => changes.iter().all(Change::is_lazy),
+            Command::Flush(_) | Command::Exec { .. } => false,
+        }
+    }
+}
+
 pub(super) fn spawn(
     conn: Connection,
-    commands: Receiver<Command>,
+    commands: Arc<Inbox>,
     job_events: JobEvents,
     changes: ChangeEvents,
 ) -> Result<JoinHandle<()>, StoreError> {
@@ -100,7 +113,7 @@ pub(super) fn spawn(
 
 struct Writer {
     conn: Connection,
-    commands: Receiver<Command>,
+    commands: Arc<Inbox>,
     /// Changes received and not yet committed, in order.
     pending: Vec<Change>,
     /// Records dropped since the last flush, and why the first one was.
@@ -121,9 +134,9 @@ impl Writer {
             let mut closed = false;
             if self.pending.is_empty() {
                 match self.commands.recv() {
-                    Ok(Command::Changes(changes)) => self.pending = changes,
-                    Ok(other) => next = Some(other),
-                    Err(_) => break,
+                    Some(Command::Changes(changes)) => self.pending = changes,
+                    Some(other) => next = Some(other),
+                    None => break,
                 }
             }
             // Group commit: take whatever else is already queued, without
@@ -132,24 +145,21 @@ impl Writer {
             if next.is_none() {
                 let lazy_until = Instant::now() + LAZY_DELAY;
                 while self.pending.len() < BATCH_MAX {
-                    let received = match self.commands.try_recv() {
-                        Err(TryRecvError::Empty) if self.pending.iter().all(Change::is_lazy) => {
-                            let left = lazy_until.saturating_duration_since(Instant::now());
-                            self.commands.recv_timeout(left).map_err(|e| match e {
-                                RecvTimeoutError::Timeout => TryRecvError::Empty,
-                                RecvTimeoutError::Disconnected => TryRecvError::Disconnected,
-                            })
-                        }
-                        received => received,
+                    let received = if self.pending.iter().all(Change::is_lazy) {
+                        self.commands.recv_urgent_before(lazy_until)
+                    } else {
+                        self.commands.try_recv()
                     };
                     match received {
-                        Ok(Command::Changes(changes)) => self.pending.extend(changes),
-                        Ok(other) => {
+                        Received::Command(Command::Changes(changes)) => {
+                            self.pending.extend(changes)
+                        }
+                        Received::Command(other) => {
                             next = Some(other);
                             break;
                         }
-                        Err(TryRecvError::Empty) => break,
-                        Err(TryRecvError::Disconnected) => {
+                        Received::Empty => break,
+                        Received::Closed => {
                             closed = true;
                             break;
                         }
