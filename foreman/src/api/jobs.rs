@@ -179,14 +179,20 @@ pub(super) async fn submit(
     let cap = state.submit_limits.max_unfinished_jobs_per_token;
     let quota = caller.map(|Extension(c)| (c.token_id, cap));
     let args: Vec<Arc<str>> = new_job.args.iter().map(|a| Arc::from(a.as_str())).collect();
-    let spec = state.store.create_job_within_async(new_job, quota).await?;
+    let (spec, pending) = state.store.insert_job(new_job, quota).await?;
     let submitted = Submitted {
         id: spec.id,
         tasks: spec.task_count,
     };
     // Subscribed before the driver has the job, so its end cannot be missed.
     let changes = query.wait_ms.map(|_| state.store.job_events());
+    // Dispatched while the insert commits: a short job's task runs meanwhile.
     state.driver.send(Input::Submit { spec, args });
+    if let Err(error) = state.store.job_stored(pending).await {
+        // Not stored, so not accepted: stop what was dispatched.
+        state.driver.cancel(submitted.id).await;
+        return Err(error.into());
+    }
     let (Some(wait_ms), Some(mut changes)) = (query.wait_ms, changes) else {
         return Ok((StatusCode::CREATED, Json(submitted)).into_response());
     };

@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use rusqlite::Connection;
 use serde::Serialize;
@@ -223,6 +224,13 @@ pub struct Store {
 }
 
 /// Committed job state changes, for whoever waits on a job.
+/// A job inserted and not yet known to be committed (see [`Store::insert_job`]).
+#[must_use = "a job is accepted only once it is stored"]
+pub struct PendingJob {
+    id: JobId,
+    stored: tokio::sync::oneshot::Receiver<Result<(), StoreError>>,
+}
+
 pub type JobEvents = tokio::sync::broadcast::Sender<(JobId, JobState)>;
 
 /// What one committed batch (or one-shot write) touched: ids only, so
@@ -355,21 +363,60 @@ impl Store {
         Ok(spec)
     }
 
-    /// [`Store::create_job_within`] for async callers: no thread blocks
-    /// waiting for the writer.
-    pub async fn create_job_within_async(
+    /// [`Store::create_job_within`] for async callers, in two steps: the
+    /// job's spec comes back as soon as it is inserted, before the insert
+    /// commits, so the caller can dispatch it while the writer commits
+    /// (whatever the dispatch records is queued behind the commit). The
+    /// caller then awaits [`Store::job_stored`] before saying it was accepted.
+    pub async fn insert_job(
         &self,
         job: NewJob,
         quota: Option<(u64, u64)>,
-    ) -> Result<JobSpec, StoreError> {
-        let spec = self
-            .call_async(false, move |conn| queries::create_job(conn, job, quota))
-            .await?;
+    ) -> Result<(JobSpec, PendingJob), StoreError> {
+        let (inserted, spec) = tokio::sync::oneshot::channel();
+        let (committed, stored) = tokio::sync::oneshot::channel();
+        self.try_send(Command::Exec {
+            durable: false,
+            run: Box::new(move |conn| {
+                let started = Instant::now();
+                let tx = match conn.transaction() {
+                    Ok(tx) => tx,
+                    Err(error) => {
+                        let _ = inserted.send(Err(error.into()));
+                        return;
+                    }
+                };
+                let (id, tasks) = match queries::insert_job(&tx, job, quota) {
+                    Ok(spec) => {
+                        let id_and_tasks = (spec.id, spec.task_count);
+                        let _ = inserted.send(Ok(spec));
+                        id_and_tasks
+                    }
+                    Err(error) => {
+                        let _ = inserted.send(Err(error));
+                        return;
+                    }
+                };
+                let result = tx.commit().map_err(StoreError::from);
+                if result.is_ok() {
+                    tracing::info!(job = id, tasks, elapsed = ?started.elapsed(), "job stored");
+                }
+                let _ = committed.send(result);
+            }),
+        })?;
+        let spec = spec.await.map_err(|_| StoreError::Closed)??;
+        let id = spec.id;
+        Ok((spec, PendingJob { id, stored }))
+    }
+
+    /// Waits until a job from [`Store::insert_job`] is committed.
+    pub async fn job_stored(&self, pending: PendingJob) -> Result<(), StoreError> {
+        pending.stored.await.map_err(|_| StoreError::Closed)??;
         self.announce(Changes {
-            job_states: vec![spec.id],
+            job_states: vec![pending.id],
             ..Changes::default()
         });
-        Ok(spec)
+        Ok(())
     }
 
     /// Queues a change for the writer thread and returns at once.
@@ -559,23 +606,6 @@ impl Store {
             }),
         })?;
         answer.recv().map_err(|_| StoreError::Closed)?
-    }
-
-    /// [`Store::call`] whose answer comes back on a oneshot: the caller
-    /// awaits it instead of parking a thread (two fewer thread hops).
-    async fn call_async<T: Send + 'static>(
-        &self,
-        durable: bool,
-        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.try_send(Command::Exec {
-            durable,
-            run: Box::new(move |conn| {
-                let _ = reply.send(f(conn));
-            }),
-        })?;
-        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Runs `f` on the writer thread after everything queued before, without

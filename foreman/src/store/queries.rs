@@ -51,10 +51,23 @@ pub(super) fn create_job(
     job: NewJob,
     quota: Option<(u64, u64)>,
 ) -> Result<JobSpec, StoreError> {
-    let task_count = u32::try_from(job.args.len())
-        .map_err(|_| StoreError::InvalidJob(format!("{} tasks is too many", job.args.len())))?;
     let started = Instant::now();
     let tx = conn.transaction()?;
+    let spec = insert_job(&tx, job, quota)?;
+    tx.commit()?;
+    tracing::info!(job = spec.id, tasks = spec.task_count, elapsed = ?started.elapsed(), "job stored");
+    Ok(spec)
+}
+
+/// Checks the token's quota and the module, and inserts the job and its
+/// tasks; the caller commits.
+pub(super) fn insert_job(
+    tx: &rusqlite::Transaction<'_>,
+    job: NewJob,
+    quota: Option<(u64, u64)>,
+) -> Result<JobSpec, StoreError> {
+    let task_count = u32::try_from(job.args.len())
+        .map_err(|_| StoreError::InvalidJob(format!("{} tasks is too many", job.args.len())))?;
     let token = quota.map(|(token, _)| token);
     if let Some((token, cap)) = quota {
         let unfinished: i64 = tx.query_row(
@@ -111,8 +124,6 @@ pub(super) fn create_job(
             insert.execute(params![to_sql(id), idx, args])?;
         }
     }
-    tx.commit()?;
-    tracing::info!(job = id, tasks = task_count, elapsed = ?started.elapsed(), "job stored");
     Ok(JobSpec {
         id,
         module: job.module,

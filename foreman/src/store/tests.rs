@@ -625,3 +625,29 @@ fn a_jobs_end_is_announced_with_its_tasks_results_committed() {
     assert_eq!(results[0].result.as_deref(), Some("0"));
     assert_eq!(results[1].result.as_deref(), Some("1"));
 }
+
+#[tokio::test]
+async fn an_inserted_job_is_handed_out_before_it_commits_and_announced_once_stored() {
+    let (_dir, store) = open_temp();
+    store.put_module(&MODULE, b"wasm").unwrap();
+    let mut changes = store.changes();
+    let (spec, pending) = store.insert_job(new_job(args(2)), None).await.unwrap();
+    assert_eq!(spec.task_count, 2);
+    store.job_stored(pending).await.unwrap();
+    assert!(changes.recv().await.unwrap().job_states.contains(&spec.id));
+    assert_eq!(store.job(spec.id).unwrap().unwrap().total, 2);
+
+    // A refusal comes back from the first step, and nothing is stored.
+    let mut unknown = new_job(args(1));
+    unknown.module = [9; 32];
+    assert!(matches!(
+        store.insert_job(unknown, None).await,
+        Err(StoreError::UnknownModule(_))
+    ));
+    let quota = Some((7, 0));
+    assert!(matches!(
+        store.insert_job(new_job(args(1)), quota).await,
+        Err(StoreError::TooManyUnfinishedJobs { .. })
+    ));
+    assert_eq!(store.jobs(0, 10, None).unwrap().len(), 1);
+}
