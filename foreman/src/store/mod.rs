@@ -421,12 +421,16 @@ impl Store {
 
     /// Queues a change for the writer thread and returns at once.
     pub fn record(&self, record: Record) {
-        self.send(Command::Changes(vec![Change::Record(record)]));
+        self.record_all([record]);
     }
 
     /// Queues changes, in order, for the writer thread and returns at once.
     pub fn record_all(&self, records: impl IntoIterator<Item = Record>) {
-        let changes: Vec<Change> = records.into_iter().map(Change::Record).collect();
+        let at_ms = schema::now_ms();
+        let changes: Vec<Change> = records
+            .into_iter()
+            .map(|record| Change::Record { record, at_ms })
+            .collect();
         if !changes.is_empty() {
             self.send(Command::Changes(changes));
         }

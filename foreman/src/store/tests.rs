@@ -576,7 +576,8 @@ fn attempts_are_committed_soon_without_a_flush() {
     let w = store.upsert_worker(&worker("w1", "pc1")).unwrap();
     let job = store.create_job(new_job(args(3))).unwrap().id;
     // Starts and ends wait a little for company (more of the job's tasks)
-    // before they commit, but not for ever.
+    // before they commit, but not for ever; each keeps the time it was queued.
+    let before = super::schema::now_ms();
     store.record_all([
         Record::JobStateChanged {
             job,
@@ -585,11 +586,17 @@ fn attempts_are_committed_soon_without_a_flush() {
         started(job, 0, 1, w),
     ]);
     store.record(ended(job, 0, 1, Ok("5".into()), TaskState::Succeeded));
+    let after = super::schema::now_ms();
     let deadline = Instant::now() + Duration::from_secs(5);
     while store.job(job).unwrap().unwrap().succeeded != 1 {
         assert!(Instant::now() < deadline, "the attempt was never committed");
         std::thread::sleep(Duration::from_millis(1));
     }
+    let started_at = store.job(job).unwrap().unwrap().started_at_ms.unwrap() as i64;
+    assert!(
+        (before..=after).contains(&started_at),
+        "{before} <= {started_at} <= {after}"
+    );
     // A start and an end that arrive together commit together.
     store.record(started(job, 1, 2, w));
     store.record(ended(job, 1, 2, Ok("7".into()), TaskState::Succeeded));

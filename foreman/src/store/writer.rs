@@ -35,7 +35,12 @@ pub(super) type ExecFn = Box<dyn FnOnce(&mut Connection) + Send>;
 /// often (heartbeats) and so must not cost a round trip each.
 #[derive(Debug)]
 pub(super) enum Change {
-    Record(Record),
+    /// `at_ms`: when it was queued, the time stored for it (a lazy change
+    /// may commit a few ms later).
+    Record {
+        record: Record,
+        at_ms: i64,
+    },
     Heartbeat {
         worker: WorkerId,
         load: Load,
@@ -57,15 +62,16 @@ impl Change {
     fn is_lazy(&self) -> bool {
         matches!(
             self,
-            Change::Record(
-                Record::AttemptStarted { .. }
+            Change::Record {
+                record: Record::AttemptStarted { .. }
                     | Record::AttemptEnded { .. }
                     | Record::AttemptAbandoned { .. }
                     | Record::JobStateChanged {
                         state: JobState::Running,
                         ..
-                    }
-            ) | Change::Heartbeat { .. }
+                    },
+                ..
+            } | Change::Heartbeat { .. }
         )
     }
 }
@@ -201,7 +207,11 @@ impl Writer {
                         if let Some(touched) = touched.as_mut() {
                             touched.add(&change);
                         }
-                        if let Change::Record(Record::JobStateChanged { job, state }) = change {
+                        if let Change::Record {
+                            record: Record::JobStateChanged { job, state },
+                            ..
+                        } = change
+                        {
                             let _ = self.job_events.send((job, state));
                         }
                     }
@@ -244,7 +254,7 @@ impl Writer {
             let mut st = Statements::prepare(&tx)?;
             let mut deltas = Deltas::default();
             for (i, record) in records.iter().enumerate() {
-                match apply(&mut st, record, now, &mut deltas) {
+                match apply(&mut st, record, &mut deltas) {
                     Ok(()) => {}
                     Err(e) if is_bad_record(&e) => {
                         failed_at = Some(i);
@@ -272,7 +282,7 @@ impl Writer {
             for record in records {
                 tx.execute_batch("SAVEPOINT record")?;
                 let mut mine = Deltas::default();
-                match apply(&mut st, record, now, &mut mine) {
+                match apply(&mut st, record, &mut mine) {
                     Ok(()) => {
                         tx.execute_batch("RELEASE record")?;
                         deltas.merge(mine);
@@ -315,7 +325,7 @@ impl Writer {
 impl Changes {
     fn add(&mut self, change: &Change) {
         match change {
-            Change::Record(record) => match record {
+            Change::Record { record, .. } => match record {
                 Record::AttemptStarted { job, .. } => self.jobs.push(*job),
                 Record::AttemptEnded { job, worker, .. }
                 | Record::AttemptAbandoned { job, worker, .. } => {

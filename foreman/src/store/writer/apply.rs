@@ -212,11 +212,10 @@ impl Deltas {
 pub(super) fn apply(
     st: &mut Statements<'_>,
     change: &Change,
-    now: i64,
     deltas: &mut Deltas,
 ) -> Result<(), StoreError> {
     match change {
-        Change::Record(record) => apply_record(st, record, now, deltas),
+        Change::Record { record, at_ms } => apply_record(st, record, *at_ms, deltas),
         Change::Heartbeat {
             worker,
             load,
