@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use serde_json::{json, Value};
+use wasmgrid_tests::host::StealMeter;
 use wasmgrid_tests::processes::{start_foreman, start_worker, Foreman, Running};
 use wasmgrid_tests::{binary, example_args_path, guest_path, guest_wasm};
 
@@ -191,6 +192,7 @@ fn main() {
 
     let tasks = 100_000u64;
     let args: Vec<Value> = (0..tasks).map(|i| json!([i, 1])).collect();
+    let steal = StealMeter::start();
     let started = Instant::now();
     let results = grid.run_job(Module::Hash(add.clone()), Value::Array(args));
     let wall = started.elapsed();
@@ -204,6 +206,7 @@ fn main() {
         ms(wall),
         tasks as f64 / wall.as_secs_f64()
     );
+    println!("\n{}", steal.describe());
     println!("\n## Foreman footprint\n");
     println!("| peak RSS after the 100,000-task job | `foreman serve` start → REST answering | targets |");
     println!("|---|---|---|");
@@ -215,6 +218,7 @@ fn main() {
 
     // The two ways a client runs a one-task job, interleaved.
     let mut phases: [Vec<Duration>; 5] = Default::default();
+    let steal = StealMeter::start();
     for i in 0..600u64 {
         let started = Instant::now();
         if i % 2 == 0 {
@@ -261,6 +265,7 @@ fn main() {
         Some([&phases[1], &phases[2], &phases[3]]),
     );
     row("`POST /api/jobs?wait_ms=` (1)", &phases[4], None);
+    println!("\n{}", steal.describe());
 
     // This machine's vCPUs change speed by up to 2× for seconds at a time
     // (other tenants), so each figure is the median of interleaved pairs,
@@ -312,14 +317,15 @@ fn main() {
         Duration::from_secs_f64(secs)
     };
     println!("\n## CPU-bound: `primes` in 64 tasks, 1 worker vs 2 workers (1 slot each, 2 cores shared with the foreman)\n");
-    println!("| range | pairs | 1 worker (median) | 2 workers (median) | speedup, median of pairs (min–max) | `worker exec` 1 → 2 slots, same pairs | target |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| range | pairs | 1 worker (median) | 2 workers (median) | speedup, median of pairs (min–max) | `worker exec` 1 → 2 slots, same pairs | host steal | target |");
+    println!("|---|---|---|---|---|---|---|---|");
     for (range, args, path, expected, pairs) in [
         ("below 20,000,000", &small, &small_path, 1_270_607, 15),
         ("below 2,000,000,000", &large, &large_path, 98_222_287, 3),
     ] {
         timed(&grid, args, expected);
         timed(&one_grid, args, expected);
+        let steal = StealMeter::start();
         let (mut ones, mut twos, mut speedups, mut ceilings) = (vec![], vec![], vec![], vec![]);
         for pair in 0..pairs {
             // Alternate which goes first, so a drift in speed favours neither.
@@ -347,11 +353,14 @@ fn main() {
             speedups.iter().copied().fold(0.0, f64::max),
         );
         println!(
-            "| {range} | {pairs} | {} | {} | {:.2}× ({lo:.2}–{hi:.2}) | {:.2}× | ≥ 1.9× |",
+            "| {range} | {pairs} | {} | {} | {:.2}× ({lo:.2}–{hi:.2}) | {:.2}× | {} | ≥ 1.9× |",
             ms(ones[ones.len() / 2]),
             ms(twos[twos.len() / 2]),
             median(&mut speedups),
             median(&mut ceilings),
+            steal
+                .percent()
+                .map_or("?".to_owned(), |p| format!("{p:.1}%")),
         );
     }
 }

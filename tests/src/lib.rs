@@ -1,5 +1,6 @@
 //! Helpers for the end-to-end tests: where the built guests and binaries are.
 
+pub mod host;
 pub mod hostile;
 pub mod processes;
 pub mod webdriver;
