@@ -108,7 +108,7 @@ fn wasm_vs_native() {
     };
     let view_json = r#"[{"width":640,"height":480,"center_x":-0.75,"center_y":0.0,"scale":3.0,"max_iter":1000}, 0, 480]"#.to_owned();
     type Native = Box<dyn FnMut() -> String>;
-    let kernels: [(&str, &str, String, Native); 2] = [
+    let kernels: [(&str, &str, String, Native); 3] = [
         (
             "primes [0, 20M)",
             "primes",
@@ -122,6 +122,18 @@ fn wasm_vs_native() {
             Box::new(move || {
                 mandelbrot::render(&view, 0, 480)
                     .iterations
+                    .len()
+                    .to_string()
+            }),
+        ),
+        (
+            // Native sha2 uses the CPU's SHA instructions, which wasm lacks:
+            // the column to compare here is `no checks`.
+            "hashsearch, 65,536 nonces",
+            "hashsearch",
+            r#"["wasmgrid", 0, 65536, 16]"#.to_owned(),
+            Box::new(|| {
+                hashsearch::search(b"wasmgrid", 0, 65_536, 16)
                     .len()
                     .to_string()
             }),
