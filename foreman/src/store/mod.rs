@@ -29,7 +29,6 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
 
 use rusqlite::Connection;
 use serde::Serialize;
@@ -38,7 +37,7 @@ use wasmgrid_protocol::{Failure, FailureKind, TaskLimits};
 
 use crate::model::{JobId, JobSpec, JobState, Record, Scheduler, TaskIndex, TaskState, WorkerId};
 
-use writer::{Change, Command, Inbox};
+use writer::{Change, Command, Inbox, InsertJob, Reply};
 
 pub use tokens::{TokenKind, TokenRow};
 pub use views::{
@@ -227,7 +226,6 @@ pub struct Store {
 /// A job inserted and not yet known to be committed (see [`Store::insert_job`]).
 #[must_use = "a job is accepted only once it is stored"]
 pub struct PendingJob {
-    id: JobId,
     stored: tokio::sync::oneshot::Receiver<Result<(), StoreError>>,
 }
 
@@ -355,68 +353,46 @@ impl Store {
         job: NewJob,
         quota: Option<(u64, u64)>,
     ) -> Result<JobSpec, StoreError> {
-        let spec = self.call(false, move |conn| queries::create_job(conn, job, quota))?;
-        self.announce(Changes {
-            job_states: vec![spec.id],
-            ..Changes::default()
-        });
+        let (accepted, spec) = mpsc::sync_channel(1);
+        let (stored, done) = mpsc::sync_channel(1);
+        self.try_send(Command::InsertJob(Box::new(InsertJob {
+            job,
+            quota,
+            accepted: Reply::Blocking(accepted),
+            stored: Reply::Blocking(stored),
+        })))?;
+        let spec = spec.recv().map_err(|_| StoreError::Closed)??;
+        done.recv().map_err(|_| StoreError::Closed)??;
         Ok(spec)
     }
 
     /// [`Store::create_job_within`] for async callers, in two steps: the
-    /// job's spec comes back as soon as it is inserted, before the insert
-    /// commits, so the caller can dispatch it while the writer commits
-    /// (whatever the dispatch records is queued behind the commit). The
-    /// caller then awaits [`Store::job_stored`] before saying it was accepted.
+    /// job's spec comes back once it is checked and numbered, before it is
+    /// stored, so the caller can dispatch it at once. Its insert waits, like
+    /// an attempt's start, to commit with what follows (a short job's whole
+    /// life is then one transaction). The caller awaits
+    /// [`Store::job_stored`] before saying the job was accepted.
     pub async fn insert_job(
         &self,
         job: NewJob,
         quota: Option<(u64, u64)>,
     ) -> Result<(JobSpec, PendingJob), StoreError> {
-        let (inserted, spec) = tokio::sync::oneshot::channel();
-        let (committed, stored) = tokio::sync::oneshot::channel();
-        self.try_send(Command::Exec {
-            durable: false,
-            run: Box::new(move |conn| {
-                let started = Instant::now();
-                let tx = match conn.transaction() {
-                    Ok(tx) => tx,
-                    Err(error) => {
-                        let _ = inserted.send(Err(error.into()));
-                        return;
-                    }
-                };
-                let (id, tasks) = match queries::insert_job(&tx, job, quota) {
-                    Ok(spec) => {
-                        let id_and_tasks = (spec.id, spec.task_count);
-                        let _ = inserted.send(Ok(spec));
-                        id_and_tasks
-                    }
-                    Err(error) => {
-                        let _ = inserted.send(Err(error));
-                        return;
-                    }
-                };
-                let result = tx.commit().map_err(StoreError::from);
-                if result.is_ok() {
-                    tracing::info!(job = id, tasks, elapsed = ?started.elapsed(), "job stored");
-                }
-                let _ = committed.send(result);
-            }),
-        })?;
+        let (accepted, spec) = tokio::sync::oneshot::channel();
+        let (stored, done) = tokio::sync::oneshot::channel();
+        self.try_send(Command::InsertJob(Box::new(InsertJob {
+            job,
+            quota,
+            accepted: Reply::Async(accepted),
+            stored: Reply::Async(stored),
+        })))?;
         let spec = spec.await.map_err(|_| StoreError::Closed)??;
-        let id = spec.id;
-        Ok((spec, PendingJob { id, stored }))
+        let pending = PendingJob { stored: done };
+        Ok((spec, pending))
     }
 
     /// Waits until a job from [`Store::insert_job`] is committed.
     pub async fn job_stored(&self, pending: PendingJob) -> Result<(), StoreError> {
-        pending.stored.await.map_err(|_| StoreError::Closed)??;
-        self.announce(Changes {
-            job_states: vec![pending.id],
-            ..Changes::default()
-        });
-        Ok(())
+        pending.stored.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Queues a change for the writer thread and returns at once.

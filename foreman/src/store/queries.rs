@@ -4,7 +4,6 @@
 //! so in one read transaction, so they see one snapshot.
 
 use rusqlite::types::ValueRef;
-use std::time::Instant;
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use wasmgrid_protocol::wire::{Load, ModuleHash, WorkerInfo};
@@ -44,97 +43,53 @@ pub(super) fn put_module(
     Ok(())
 }
 
-/// `quota`: the submitting token and how many unfinished jobs it may have;
-/// counted in the insert's transaction, so concurrent submits cannot overshoot.
-pub(super) fn create_job(
-    conn: &mut Connection,
-    job: NewJob,
-    quota: Option<(u64, u64)>,
-) -> Result<JobSpec, StoreError> {
-    let started = Instant::now();
-    let tx = conn.transaction()?;
-    let spec = insert_job(&tx, job, quota)?;
-    tx.commit()?;
-    tracing::info!(job = spec.id, tasks = spec.task_count, elapsed = ?started.elapsed(), "job stored");
-    Ok(spec)
+/// The id the next job gets. Jobs are inserted only by the writer, which
+/// hands out ids from here on, so a job's id is known before it commits.
+pub(super) fn next_job_id(conn: &Connection) -> Result<JobId, StoreError> {
+    let last: i64 = conn.query_row(
+        "SELECT max(coalesce((SELECT max(id) FROM jobs), 0),
+                    coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'jobs'), 0))",
+        [],
+        |row| row.get(0),
+    )?;
+    Ok(schema::from_sql(last) + 1)
 }
 
-/// Checks the token's quota and the module, and inserts the job and its
-/// tasks; the caller commits.
-pub(super) fn insert_job(
-    tx: &rusqlite::Transaction<'_>,
-    job: NewJob,
+/// Checks a job before it is accepted: its size, its module, and its
+/// token's quota. `quota`: the submitting token and how many unfinished
+/// jobs it may have; `accepted`: that token's jobs accepted and not yet
+/// inserted, which count too. Returns the number of tasks.
+pub(super) fn check_new_job(
+    conn: &Connection,
+    job: &NewJob,
     quota: Option<(u64, u64)>,
-) -> Result<JobSpec, StoreError> {
+    accepted: u64,
+) -> Result<u32, StoreError> {
     let task_count = u32::try_from(job.args.len())
         .map_err(|_| StoreError::InvalidJob(format!("{} tasks is too many", job.args.len())))?;
-    let token = quota.map(|(token, _)| token);
     if let Some((token, cap)) = quota {
-        let unfinished: i64 = tx.query_row(
-            "SELECT count(*) FROM jobs WHERE token_id = ?1 AND state IN ('queued', 'running')",
-            [to_sql(token)],
-            |row| row.get(0),
-        )?;
-        if unfinished as u64 >= cap {
+        let stored: i64 = conn
+            .prepare_cached(
+                "SELECT count(*) FROM jobs WHERE token_id = ?1 AND state IN ('queued', 'running')",
+            )?
+            .query_row([to_sql(token)], |row| row.get(0))?;
+        let unfinished = stored as u64 + accepted;
+        if unfinished >= cap {
             return Err(StoreError::TooManyUnfinishedJobs {
                 token,
-                unfinished: unfinished as u64,
+                unfinished,
                 cap,
             });
         }
     }
-    let known = tx
-        .query_row(
-            "SELECT 1 FROM modules WHERE hash = ?1",
-            [&job.module[..]],
-            |_| Ok(()),
-        )
+    let known = conn
+        .prepare_cached("SELECT 1 FROM modules WHERE hash = ?1")?
+        .query_row([&job.module[..]], |_| Ok(()))
         .optional()?;
     if known.is_none() {
         return Err(StoreError::UnknownModule(hex::encode(job.module)));
     }
-    let limits = &job.limits;
-    tx.execute(
-        "INSERT INTO jobs (module, state, priority, scheduler, fuel, memory_bytes, timeout_ms,
-             output_bytes, max_retries, total, queued, created_at_ms, not_before_ms,
-             retry_deterministic, token_id, result_bytes)
-         VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10, ?11, ?12, ?13, ?14)",
-        params![
-            &job.module[..],
-            job.priority,
-            job.scheduler.as_str(),
-            to_sql(limits.fuel),
-            to_sql(limits.memory_bytes),
-            to_sql(limits.timeout_ms),
-            limits.output_bytes,
-            job.max_retries,
-            task_count,
-            now_ms(),
-            job.not_before_ms.map(to_sql),
-            job.retry_deterministic,
-            token.map(to_sql),
-            limits.result_bytes,
-        ],
-    )?;
-    let id = schema::from_sql(tx.last_insert_rowid());
-    {
-        let mut insert =
-            tx.prepare_cached("INSERT INTO tasks (job_id, idx, args) VALUES (?1, ?2, ?3)")?;
-        for (idx, args) in (0u32..).zip(&job.args) {
-            insert.execute(params![to_sql(id), idx, args])?;
-        }
-    }
-    Ok(JobSpec {
-        id,
-        module: job.module,
-        limits: job.limits,
-        max_retries: job.max_retries,
-        priority: job.priority,
-        task_count,
-        scheduler: job.scheduler,
-        not_before_ms: job.not_before_ms,
-        retry_deterministic: job.retry_deterministic,
-    })
+    Ok(task_count)
 }
 
 pub(super) fn upsert_worker(

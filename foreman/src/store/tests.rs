@@ -658,3 +658,19 @@ async fn an_inserted_job_is_handed_out_before_it_commits_and_announced_once_stor
     ));
     assert_eq!(store.jobs(0, 10, None).unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn a_tokens_quota_counts_its_jobs_not_yet_stored() {
+    let (_dir, store) = open_temp();
+    store.put_module(&MODULE, b"wasm").unwrap();
+    let quota = Some((7, 1));
+    // The first job's insert may not have committed when the second is checked.
+    let (first, pending) = store.insert_job(new_job(args(1)), quota).await.unwrap();
+    assert!(matches!(
+        store.insert_job(new_job(args(1)), quota).await,
+        Err(StoreError::TooManyUnfinishedJobs { unfinished: 1, .. })
+    ));
+    store.job_stored(pending).await.unwrap();
+    let second = store.create_job(new_job(args(1))).unwrap();
+    assert_eq!(second.id, first.id + 1, "ids are handed out in order");
+}

@@ -12,8 +12,9 @@ use rusqlite::Connection;
 use wasmgrid_protocol::wire::Load;
 
 use super::schema::now_ms;
+use super::{queries, NewJob};
 use super::{ChangeEvents, Changes, JobEvents, StoreError};
-use crate::model::{JobState, Record, WorkerId};
+use crate::model::{JobId, JobSpec, JobState, Record, WorkerId};
 use apply::{apply, Deltas, Statements};
 pub(super) use inbox::Inbox;
 use inbox::Received;
@@ -50,6 +51,46 @@ pub(super) enum Change {
         worker: WorkerId,
         draining: bool,
     },
+    /// A job accepted by [`Writer::accept_job`]: its insert is lazy, so a
+    /// short job's insert commits together with its tasks' records.
+    NewJob(Box<NewJobRow>),
+}
+
+/// A job to check, number and insert (see `Store::insert_job`).
+pub(super) struct InsertJob {
+    pub(super) job: NewJob,
+    /// The submitting token and how many unfinished jobs it may have.
+    pub(super) quota: Option<(u64, u64)>,
+    /// Answered once the job is checked and numbered, before it commits.
+    pub(super) accepted: Reply<Result<JobSpec, StoreError>>,
+    /// Answered once its insert has committed (or was rejected).
+    pub(super) stored: Reply<Result<(), StoreError>>,
+}
+
+#[derive(Debug)]
+pub(super) struct NewJobRow {
+    pub(super) id: JobId,
+    pub(super) job: NewJob,
+    pub(super) token: Option<u64>,
+    pub(super) created_at_ms: i64,
+    stored: Option<Reply<Result<(), StoreError>>>,
+}
+
+/// Where the writer answers: a task awaiting it, or a thread blocked on it.
+#[derive(Debug)]
+pub(super) enum Reply<T> {
+    Async(tokio::sync::oneshot::Sender<T>),
+    Blocking(SyncSender<T>),
+}
+
+impl<T> Reply<T> {
+    /// False when nobody waits for the answer any more.
+    fn send(self, value: T) -> bool {
+        match self {
+            Reply::Async(sender) => sender.send(value).is_ok(),
+            Reply::Blocking(sender) => sender.send(value).is_ok(),
+        }
+    }
 }
 
 impl Change {
@@ -72,6 +113,7 @@ impl Change {
                     },
                 ..
             } | Change::Heartbeat { .. }
+                | Change::NewJob(_)
         )
     }
 }
@@ -84,13 +126,15 @@ pub(super) enum Command {
         durable: bool,
         run: ExecFn,
     },
+    /// Answered at once (the writer is woken for it); the insert is lazy.
+    InsertJob(Box<InsertJob>),
 }
 
 impl Command {
     fn is_lazy(&self) -> bool {
         match self {
             Command::Changes(changes) => changes.iter().all(Change::is_lazy),
-            Command::Flush(_) | Command::Exec { .. } => false,
+            Command::Flush(_) | Command::Exec { .. } | Command::InsertJob(_) => false,
         }
     }
 }
@@ -101,7 +145,9 @@ pub(super) fn spawn(
     job_events: JobEvents,
     changes: ChangeEvents,
 ) -> Result<JoinHandle<()>, StoreError> {
+    let next_job_id = queries::next_job_id(&conn)?;
     let writer = Writer {
+        next_job_id,
         conn,
         commands,
         job_events,
@@ -118,6 +164,8 @@ pub(super) fn spawn(
 }
 
 struct Writer {
+    /// The id the next accepted job gets.
+    next_job_id: JobId,
     conn: Connection,
     commands: Arc<Inbox>,
     /// Changes received and not yet committed, in order.
@@ -141,8 +189,12 @@ impl Writer {
             if self.pending.is_empty() {
                 match self.commands.recv() {
                     Some(Command::Changes(changes)) => self.pending = changes,
+                    Some(Command::InsertJob(insert)) => self.accept_job(*insert),
                     Some(other) => next = Some(other),
                     None => break,
+                }
+                if self.pending.is_empty() && next.is_none() {
+                    continue;
                 }
             }
             // Group commit: take whatever else is already queued, without
@@ -160,6 +212,7 @@ impl Writer {
                         Received::Command(Command::Changes(changes)) => {
                             self.pending.extend(changes)
                         }
+                        Received::Command(Command::InsertJob(insert)) => self.accept_job(*insert),
                         Received::Command(other) => {
                             next = Some(other);
                             break;
@@ -178,7 +231,7 @@ impl Writer {
                     let _ = reply.send(self.flush_answer());
                 }
                 Some(Command::Exec { durable, run }) => self.exec(durable, run),
-                Some(Command::Changes(_)) | None => {}
+                Some(Command::Changes(_) | Command::InsertJob(_)) | None => {}
             }
             if closed {
                 break;
@@ -200,19 +253,40 @@ impl Writer {
         while !self.pending.is_empty() {
             let n = self.pending.len().min(BATCH_MAX);
             match self.commit_batch(n) {
-                Ok(()) => {
+                Ok(mut rejected) => {
                     // Nobody listening (no dashboard open): skip gathering ids.
                     let mut touched = (self.changes.receiver_count() > 0).then(Changes::default);
-                    for change in self.pending.drain(..n) {
+                    for (i, change) in self.pending.drain(..n).enumerate() {
                         if let Some(touched) = touched.as_mut() {
                             touched.add(&change);
                         }
-                        if let Change::Record {
-                            record: Record::JobStateChanged { job, state },
-                            ..
-                        } = change
-                        {
-                            let _ = self.job_events.send((job, state));
+                        match change {
+                            Change::Record {
+                                record: Record::JobStateChanged { job, state },
+                                ..
+                            } => {
+                                let _ = self.job_events.send((job, state));
+                            }
+                            Change::NewJob(mut row) => {
+                                let outcome = match rejected.iter().position(|(at, _)| *at == i) {
+                                    Some(at) => Err(StoreError::Rejected {
+                                        count: 1,
+                                        first: rejected.swap_remove(at).1,
+                                    }),
+                                    None => Ok(()),
+                                };
+                                if outcome.is_ok() {
+                                    tracing::info!(
+                                        job = row.id,
+                                        tasks = row.job.args.len(),
+                                        "job stored"
+                                    );
+                                }
+                                if let Some(stored) = row.stored.take() {
+                                    stored.send(outcome);
+                                }
+                            }
+                            _ => {}
                         }
                     }
                     if let Some(touched) = touched.filter(|t| !t.is_empty()) {
@@ -243,8 +317,8 @@ impl Writer {
 
     /// Applies the first `n` pending records in one transaction. If one of
     /// them cannot be applied, the batch is redone record by record, each in
-    /// a savepoint, and the bad ones are dropped.
-    fn commit_batch(&mut self, n: usize) -> Result<(), StoreError> {
+    /// a savepoint, and the bad ones are dropped: returned with why, by index.
+    fn commit_batch(&mut self, n: usize) -> Result<Vec<(usize, String)>, StoreError> {
         let records = &self.pending[..n];
         let started = Instant::now();
         let now = now_ms();
@@ -270,7 +344,7 @@ impl Writer {
         if failed_at.is_none() {
             tx.commit()?;
             tracing::trace!(records = n, elapsed = ?started.elapsed(), "batch committed");
-            return Ok(());
+            return Ok(Vec::new());
         }
         tx.rollback()?;
 
@@ -279,7 +353,7 @@ impl Writer {
         {
             let mut st = Statements::prepare(&tx)?;
             let mut deltas = Deltas::default();
-            for record in records {
+            for (i, record) in records.iter().enumerate() {
                 tx.execute_batch("SAVEPOINT record")?;
                 let mut mine = Deltas::default();
                 match apply(&mut st, record, &mut mine) {
@@ -290,7 +364,7 @@ impl Writer {
                     Err(e) if is_bad_record(&e) => {
                         tx.execute_batch("ROLLBACK TO record; RELEASE record")?;
                         tracing::error!(error = %e, ?record, "record rejected");
-                        rejections.push(e.to_string());
+                        rejections.push((i, e.to_string()));
                     }
                     // Not the record's fault (I/O, disk full): retry the batch later.
                     Err(e) => return Err(e),
@@ -302,9 +376,58 @@ impl Writer {
         // Counted only once committed: a batch that is retried is not counted twice.
         self.rejected += rejections.len() as u64;
         if self.first_rejection.is_none() {
-            self.first_rejection = rejections.into_iter().next();
+            self.first_rejection = rejections.first().map(|(_, why)| why.clone());
         }
-        Ok(())
+        Ok(rejections)
+    }
+
+    /// Checks and numbers a job and answers at once; its insert joins the
+    /// pending changes, after whatever came before it.
+    fn accept_job(&mut self, insert: InsertJob) {
+        let InsertJob {
+            job,
+            quota,
+            accepted,
+            stored,
+        } = insert;
+        let token = quota.map(|(token, _)| token);
+        // This token's jobs accepted and not inserted yet count towards its quota.
+        let waiting = self
+            .pending
+            .iter()
+            .filter(|c| matches!(c, Change::NewJob(row) if token.is_some() && row.token == token))
+            .count() as u64;
+        let task_count = match queries::check_new_job(&self.conn, &job, quota, waiting) {
+            Ok(task_count) => task_count,
+            Err(error) => {
+                accepted.send(Err(error));
+                return;
+            }
+        };
+        let id = self.next_job_id;
+        self.next_job_id += 1;
+        let spec = JobSpec {
+            id,
+            module: job.module,
+            limits: job.limits,
+            max_retries: job.max_retries,
+            priority: job.priority,
+            task_count,
+            scheduler: job.scheduler,
+            not_before_ms: job.not_before_ms,
+            retry_deterministic: job.retry_deterministic,
+        };
+        // The submitter gave up before it could dispatch the job: forget it.
+        if !accepted.send(Ok(spec)) {
+            return;
+        }
+        self.pending.push(Change::NewJob(Box::new(NewJobRow {
+            id,
+            job,
+            token,
+            created_at_ms: now_ms(),
+            stored: Some(stored),
+        })));
     }
 
     fn exec(&mut self, durable: bool, run: ExecFn) {
@@ -336,6 +459,7 @@ impl Changes {
                 Record::WorkerCooledDown { worker, .. }
                 | Record::WorkerViolation { worker, .. } => self.workers.push(*worker),
             },
+            Change::NewJob(row) => self.job_states.push(row.id),
             Change::Heartbeat { worker, .. } | Change::Draining { worker, .. } => {
                 self.workers.push(*worker)
             }

@@ -9,7 +9,7 @@ use wasmgrid_protocol::{Failure, FailureKind, TaskReport};
 use super::super::schema::{self, to_sql};
 use super::super::views::{latency_bucket, GRID_RUN_TIMES, LATENCY_BUCKETS_MS};
 use super::super::StoreError;
-use super::Change;
+use super::{Change, NewJobRow};
 use crate::model::{JobId, JobState, Record, TaskIndex, TaskState, WorkerId};
 
 /// The statements a batch uses, prepared once per batch.
@@ -29,6 +29,8 @@ pub(super) struct Statements<'c> {
     worker_draining: CachedStatement<'c>,
     worker_violation: CachedStatement<'c>,
     run_times: CachedStatement<'c>,
+    insert_job: CachedStatement<'c>,
+    insert_task: CachedStatement<'c>,
 }
 
 impl<'c> Statements<'c> {
@@ -105,6 +107,15 @@ impl<'c> Statements<'c> {
                  VALUES (min(-1, (SELECT coalesce(min(attempt), 0) FROM worker_failures) - 1),
                          ?1, 0, 0, 'ProtocolViolation', ?2, ?3)",
             )?,
+            insert_job: conn.prepare_cached(
+                "INSERT INTO jobs (id, module, state, priority, scheduler, fuel, memory_bytes,
+                     timeout_ms, output_bytes, max_retries, total, queued, created_at_ms,
+                     not_before_ms, retry_deterministic, token_id, result_bytes)
+                 VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11, ?12, ?13,
+                     ?14, ?15)",
+            )?,
+            insert_task: conn
+                .prepare_cached("INSERT INTO tasks (job_id, idx, args) VALUES (?1, ?2, ?3)")?,
             run_times: conn.prepare_cached(
                 "INSERT INTO run_time_buckets (job_id, bucket, count, sum_us) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (job_id, bucket) DO UPDATE SET count = count + excluded.count,
@@ -236,7 +247,34 @@ pub(super) fn apply(
                 .execute(params![to_sql(*worker), draining])?;
             Ok(())
         }
+        Change::NewJob(row) => insert_job(st, row),
     }
+}
+
+fn insert_job(st: &mut Statements<'_>, row: &NewJobRow) -> Result<(), StoreError> {
+    let job = &row.job;
+    let limits = &job.limits;
+    st.insert_job.execute(params![
+        to_sql(row.id),
+        &job.module[..],
+        job.priority,
+        job.scheduler.as_str(),
+        to_sql(limits.fuel),
+        to_sql(limits.memory_bytes),
+        to_sql(limits.timeout_ms),
+        limits.output_bytes,
+        job.max_retries,
+        job.args.len(),
+        row.created_at_ms,
+        job.not_before_ms.map(to_sql),
+        job.retry_deterministic,
+        row.token.map(to_sql),
+        limits.result_bytes,
+    ])?;
+    for (idx, args) in (0u32..).zip(&job.args) {
+        st.insert_task.execute(params![to_sql(row.id), idx, args])?;
+    }
+    Ok(())
 }
 
 fn apply_record(
