@@ -22,7 +22,7 @@ use super::params::Params;
 use super::{ApiError, ApiState, Caller, OutputLimits};
 use crate::driver::Input;
 use crate::model::{JobId, JobState, TaskState};
-use crate::store::{JobRow, NewJob, TaskOutcomeRow};
+use crate::store::{JobRow, NewJob, StoreError, TaskOutcomeRow};
 use utoipa::ToSchema;
 
 #[derive(Deserialize, ToSchema)]
@@ -188,7 +188,15 @@ pub(super) async fn submit(
     let changes = query.wait_ms.map(|_| state.store.job_events());
     // Dispatched while the insert commits: a short job's task runs meanwhile.
     state.driver.send(Input::Submit { spec, args });
-    if let Err(error) = state.store.job_stored(pending).await {
+    let stored = tokio::time::timeout(STORE_WAIT, state.store.job_stored(pending))
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::WriteFailed(format!(
+                "the job was not stored within {} s (see the foreman's log)",
+                STORE_WAIT.as_secs()
+            )))
+        });
+    if let Err(error) = stored {
         // Not stored, so not accepted: stop what was dispatched.
         state.driver.cancel(submitted.id).await;
         return Err(error.into());
@@ -388,6 +396,9 @@ pub(super) struct WaitQuery {
 
 /// Longest a `wait` holds the request open.
 const MAX_WAIT: Duration = Duration::from_secs(60);
+/// How long a submission waits for its job to be stored: the store retries
+/// a failing commit (a full disk) for ever, the submitter should not.
+const STORE_WAIT: Duration = Duration::from_secs(30);
 
 /// Jobs of up to this many tasks have their results read on the request's
 /// own thread: a few rows take less than the two thread hops of
