@@ -17,7 +17,7 @@ use crate::net::{self, NetContext};
 use crate::store::Store;
 use crate::tokens::Tokens;
 use wasmgrid_jobspec::SubmitLimits;
-use wasmgrid_worker::executor::Executor;
+use wasmgrid_worker::executor::{Executor, ExecutorOptions};
 
 pub struct ServeOptions {
     pub data_dir: PathBuf,
@@ -79,9 +79,13 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         }),
     ));
 
-    let validator = Arc::new(Executor::new(Some(
-        options.data_dir.join("validated-modules"),
-    ))?);
+    // It compiles and links modules but never instantiates one, so it needs
+    // the smallest instance pool (each pooled memory reserves address space).
+    let validator = Arc::new(Executor::with_options(ExecutorOptions {
+        cache_dir: Some(options.data_dir.join("validated-modules")),
+        concurrency: 1,
+        ..ExecutorOptions::default()
+    })?);
     let app = api::router(Arc::new(ApiState {
         store: store.clone(),
         driver: driver.clone(),
