@@ -18,6 +18,15 @@ pub(super) fn open_temp() -> (tempfile::TempDir, Store) {
     (dir, store)
 }
 
+/// A store with the test module, worker "w1" and a job of `tasks` tasks.
+fn store_with_job(tasks: usize) -> (tempfile::TempDir, Store, WorkerId, JobId) {
+    let (dir, store) = open_temp();
+    store.put_module(&MODULE, b"wasm").unwrap();
+    let w = store.upsert_worker(&worker("w1", "pc1")).unwrap();
+    let job = store.create_job(new_job(args(tasks))).unwrap().id;
+    (dir, store, w, job)
+}
+
 pub(super) fn new_job(args: Vec<String>) -> NewJob {
     NewJob {
         module: MODULE,
@@ -571,10 +580,7 @@ fn create_job_keeps_scheduler_and_not_before() {
 
 #[test]
 fn attempts_are_committed_soon_without_a_flush() {
-    let (_dir, store) = open_temp();
-    store.put_module(&MODULE, b"wasm").unwrap();
-    let w = store.upsert_worker(&worker("w1", "pc1")).unwrap();
-    let job = store.create_job(new_job(args(3))).unwrap().id;
+    let (_dir, store, w, job) = store_with_job(3);
     // Starts and ends wait a little for company (more of the job's tasks)
     // before they commit, but not for ever; each keeps the time it was queued.
     let before = super::schema::now_ms();
@@ -607,10 +613,7 @@ fn attempts_are_committed_soon_without_a_flush() {
 
 #[test]
 fn a_jobs_end_is_announced_with_its_tasks_results_committed() {
-    let (_dir, store) = open_temp();
-    store.put_module(&MODULE, b"wasm").unwrap();
-    let w = store.upsert_worker(&worker("w1", "pc1")).unwrap();
-    let job = store.create_job(new_job(args(2))).unwrap().id;
+    let (_dir, store, w, job) = store_with_job(2);
     let mut events = store.job_events();
     // The ends are lazy; the job's end is not, and it commits them with it.
     for task in 0..2 {
