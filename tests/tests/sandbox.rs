@@ -76,6 +76,24 @@ fn an_endless_loop_with_plenty_of_fuel_times_out() {
     assert!(message.contains("0.300 s"), "{message}");
 }
 
+/// Most of this guest's time goes to WASI writes, where a stop cannot land:
+/// it must still end at its deadline.
+#[test]
+fn an_endless_stream_of_host_calls_times_out() {
+    let report = misbehave(
+        "print",
+        u64::MAX / 2,
+        TaskLimits {
+            fuel: u64::MAX,
+            timeout_ms: 300,
+            ..limits()
+        },
+    );
+    let (kind, message) = failure(&report);
+    assert_eq!(kind, FailureKind::Timeout, "{message}");
+    assert!(report.stdout.truncated && report.stdout.text.len() <= 64 << 10);
+}
+
 #[test]
 fn unbounded_allocation_hits_the_memory_limit_not_a_panic() {
     let report = misbehave("alloc", 4, limits());

@@ -66,6 +66,10 @@ pub async fn run(options: JoinOptions) -> anyhow::Result<()> {
         cpu_limit_percent: options.cpu_limit_percent,
         ..ExecutorOptions::default()
     })?);
+    tracing::info!(
+        "overrunning tasks are stopped by {}",
+        executor.interruption()
+    );
     let pool = Arc::new(SlotPool::new(executor.clone(), options.slots as usize)?);
     let status = Status::new(StaticInfo {
         name: options.name.clone(),

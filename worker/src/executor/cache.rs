@@ -14,6 +14,7 @@ use wasmtime::Engine;
 use wasmgrid_protocol::{CacheSource, Failure, FailureKind};
 
 use super::bindings::TaskPre;
+use super::preempt::GuestCode;
 use super::sandbox::Sandbox;
 
 const WASM_MAGIC: &[u8; 4] = b"\0asm";
@@ -49,6 +50,8 @@ impl fmt::Debug for ModuleId {
 pub struct PreparedTask {
     pub id: ModuleId,
     pub(super) pre: TaskPre<Sandbox>,
+    /// Where its compiled functions lie, for stopping it by signal.
+    pub(super) code: GuestCode,
 }
 
 impl fmt::Debug for PreparedTask {
@@ -171,7 +174,11 @@ impl ModuleCache {
                 ),
             )
         })?;
-        Ok(PreparedTask { id, pre })
+        Ok(PreparedTask {
+            id,
+            pre,
+            code: GuestCode::of(component),
+        })
     }
 }
 

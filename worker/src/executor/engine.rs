@@ -41,7 +41,9 @@ pub const MAX_MEMORY_BYTES: u64 = 4 << 30;
 /// come from a pool sized for that many, so a fresh instance per task reuses
 /// memory already mapped instead of paying mmap/munmap (and the kernel's
 /// TLB shootdowns) each time.
-pub fn new_engine(metering: Metering, concurrency: u32) -> wasmtime::Result<Engine> {
+/// `epoch`: compile epoch checks into guests (for wall-clock limits where
+/// signals cannot stop a guest, and for the CPU cap's rests).
+pub fn new_engine(metering: Metering, concurrency: u32, epoch: bool) -> wasmtime::Result<Engine> {
     let concurrency = concurrency.max(1);
     let mut pool = PoolingAllocationConfig::default();
     // A wasip2 component holds a handful of core instances, memories and
@@ -65,7 +67,7 @@ pub fn new_engine(metering: Metering, concurrency: u32) -> wasmtime::Result<Engi
     config
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
         .consume_fuel(metering == Metering::Fuel)
-        .epoch_interruption(metering != Metering::Unbounded)
+        .epoch_interruption(epoch && metering != Metering::Unbounded)
         .max_wasm_stack(MAX_WASM_STACK)
         .cranelift_opt_level(OptLevel::Speed);
     Engine::new(&config)
@@ -162,7 +164,7 @@ mod tests {
 
     #[test]
     fn the_clock_ticks_only_while_a_task_runs() {
-        let engine = new_engine(Metering::WallClockOnly, 1).unwrap();
+        let engine = new_engine(Metering::WallClockOnly, 1, true).unwrap();
         let clock = EpochClock::start(&engine).unwrap();
         let ticks = || clock.shared.ticks.load(Ordering::Relaxed);
         thread::sleep(EPOCH_TICK * 10);

@@ -5,6 +5,7 @@
 mod cache;
 mod engine;
 mod output;
+mod preempt;
 mod run;
 mod sandbox;
 mod slots;
@@ -39,7 +40,7 @@ pub(crate) mod bindings {
 pub enum ExecutorError {
     #[error("could not set up the wasm engine: {0:#}")]
     Engine(wasmtime::Error),
-    #[error("could not start the epoch clock thread: {0}")]
+    #[error("could not start the thread that stops overrunning tasks: {0}")]
     Clock(std::io::Error),
 }
 
@@ -55,6 +56,25 @@ pub struct ExecutorOptions {
     /// 100: no cap). A capped slot sleeps between epoch ticks so that it
     /// runs this share of the time; wall-clock limits still count real time.
     pub cpu_limit_percent: u32,
+    pub interruption: Interruption,
+}
+
+/// How a running task is stopped from outside, at its deadline or when cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Interruption {
+    /// By signal where the platform allows it (the guest's code carries no
+    /// checks), else by epoch. A CPU cap always uses epochs: its rests are
+    /// taken at the checks.
+    #[default]
+    Auto,
+    /// By an epoch check compiled into every loop and function entry.
+    Epoch,
+}
+
+/// What stops this executor's running tasks.
+pub(crate) enum Stopper {
+    Signal(preempt::Watchdog),
+    Epoch(EpochClock),
 }
 
 impl Default for ExecutorOptions {
@@ -64,6 +84,7 @@ impl Default for ExecutorOptions {
             metering: Metering::Fuel,
             concurrency: 16,
             cpu_limit_percent: 100,
+            interruption: Interruption::Auto,
         }
     }
 }
@@ -73,7 +94,7 @@ pub struct Executor {
     concurrency: u32,
     cpu_limit_percent: u32,
     cache: ModuleCache,
-    clock: EpochClock,
+    stopper: Stopper,
 }
 
 impl Executor {
@@ -91,19 +112,33 @@ impl Executor {
             metering,
             concurrency,
             cpu_limit_percent,
+            interruption,
         } = options;
-        let engine = engine::new_engine(metering, concurrency).map_err(ExecutorError::Engine)?;
+        let cpu_limit_percent = throttle::DutyCycle::new(cpu_limit_percent).percent();
+        let by_signal = interruption == Interruption::Auto
+            && cpu_limit_percent == 100
+            && metering != Metering::Unbounded;
+        let watchdog = if by_signal {
+            preempt::Watchdog::start().map_err(ExecutorError::Clock)?
+        } else {
+            None
+        };
+        let engine = engine::new_engine(metering, concurrency, watchdog.is_none())
+            .map_err(ExecutorError::Engine)?;
         let mut linker = Linker::<Sandbox>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(ExecutorError::Engine)?;
         bindings::Task::add_to_linker::<Sandbox, HasSelf<Sandbox>>(&mut linker, |s| s)
             .map_err(ExecutorError::Engine)?;
-        let clock = EpochClock::start(&engine).map_err(ExecutorError::Clock)?;
+        let stopper = match watchdog {
+            Some(watchdog) => Stopper::Signal(watchdog),
+            None => Stopper::Epoch(EpochClock::start(&engine).map_err(ExecutorError::Clock)?),
+        };
         Ok(Executor {
             cache: ModuleCache::new(engine.clone(), linker, cache_dir),
             engine,
             concurrency: concurrency.max(1),
-            cpu_limit_percent: throttle::DutyCycle::new(cpu_limit_percent).percent(),
-            clock,
+            cpu_limit_percent,
+            stopper,
         })
     }
 
@@ -122,9 +157,21 @@ impl Executor {
         &self.engine
     }
 
-    /// Keeps the epoch clock ticking for code that runs on [`Executor::engine`].
-    pub(crate) fn ticking(&self) -> Ticking<'_> {
-        self.clock.ticking()
+    /// How running tasks are stopped: `"signal"` or `"epoch"`.
+    pub fn interruption(&self) -> &'static str {
+        match self.stopper {
+            Stopper::Signal(_) => "signal",
+            Stopper::Epoch(_) => "epoch",
+        }
+    }
+
+    /// Keeps the epoch clock ticking for code that runs on [`Executor::engine`]
+    /// (`None` when tasks are stopped by signal: there is no clock).
+    pub(crate) fn ticking(&self) -> Option<Ticking<'_>> {
+        match &self.stopper {
+            Stopper::Epoch(clock) => Some(clock.ticking()),
+            Stopper::Signal(_) => None,
+        }
     }
 
     /// Validates and prepares a module, reusing any earlier compilation.
@@ -161,9 +208,9 @@ impl Executor {
         args: &str,
         limits: &TaskLimits,
     ) -> TaskReport {
-        let _ticking = self.clock.ticking();
         run::run_task(
             &self.engine,
+            &self.stopper,
             task,
             load,
             args,
@@ -182,9 +229,9 @@ impl Executor {
         limits: &TaskLimits,
         cancel: CancelFlag,
     ) -> TaskReport {
-        let _ticking = self.clock.ticking();
         run::run_task(
             &self.engine,
+            &self.stopper,
             task,
             load,
             args,

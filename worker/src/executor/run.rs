@@ -12,8 +12,9 @@ use wasmgrid_protocol::{CacheSource, Failure, FailureKind, TaskLimits, TaskRepor
 use super::bindings::TaskError;
 use super::cache::PreparedTask;
 use super::engine::EpochClock;
+use super::preempt::Stopped;
 use super::sandbox::Sandbox;
-use super::throttle;
+use super::{throttle, Stopper};
 
 /// How the module was obtained for this attempt, copied into its report.
 #[derive(Debug, Clone, Copy)]
@@ -29,7 +30,8 @@ impl Load {
     };
 }
 
-/// Set from another thread to stop a task: it ends as `Cancelled` within an epoch tick.
+/// Set from another thread to stop a task: it ends as `Cancelled` within
+/// a watchdog poll or an epoch tick.
 pub type CancelFlag = Arc<AtomicBool>;
 
 /// The error a cancelled task's instance is stopped with.
@@ -37,8 +39,10 @@ pub type CancelFlag = Arc<AtomicBool>;
 #[error("the task was cancelled")]
 struct CancelledMarker;
 
+#[allow(clippy::too_many_arguments)]
 pub fn run_task(
     engine: &Engine,
+    stopper: &Stopper,
     task: &PreparedTask,
     load: Load,
     args: &str,
@@ -57,9 +61,63 @@ pub fn run_task(
     let _ = store.set_fuel(limits.fuel);
     let timeout = Duration::from_millis(limits.timeout_ms);
     let started = Instant::now();
+    let mut _ticking = None;
+    let watching = match stopper {
+        Stopper::Signal(watchdog) => Some(watchdog.watch(&task.code, timeout, cancel)),
+        Stopper::Epoch(clock) => {
+            _ticking = Some(clock.ticking());
+            stop_at_epochs(&mut store, started, timeout, cancel, capped);
+            None
+        }
+    };
+
+    let instance = task.pre.instantiate(&mut store);
+    let instantiated = Instant::now();
+    let result = instance.and_then(|instance| instance.call_run(&mut store, args));
+    let finished = Instant::now();
+    let stopped = watching.as_ref().and_then(|watching| watching.stopped());
+    drop(watching);
+    if capped {
+        throttle::end();
+    }
+
+    let fuel_used = store
+        .get_fuel()
+        .map_or(0, |left| limits.fuel.saturating_sub(left));
+    let outcome = match result {
+        Ok(Ok(json)) => check_result_size(json, limits),
+        Ok(Err(TaskError::BadArgs(message))) => Err(Failure::new(FailureKind::BadArgs, message)),
+        Ok(Err(TaskError::Failed(message))) => Err(Failure::new(FailureKind::GuestError, message)),
+        Err(_) if stopped == Some(Stopped::Cancelled) => Err(cancelled()),
+        Err(_) if stopped == Some(Stopped::TimedOut) => Err(timed_out(limits)),
+        Err(error) => Err(classify_trap(&error, store.data(), limits)),
+    }
+    .map_err(Failure::bounded);
+    let sandbox = store.data();
+    TaskReport {
+        outcome,
+        fuel_used,
+        cache: load.source,
+        timings: TaskTimings {
+            load_us: load.micros,
+            instantiate_us: micros(instantiated - started),
+            run_us: micros(finished - instantiated),
+        },
+        stdout: sandbox.stdout.captured(),
+        stderr: sandbox.stderr.captured(),
+    }
+}
+
+/// Epoch checks stop the task: each tick checks the CPU cap's rest, the
+/// cancel flag, then the wall clock (which counts the rest: it is real time).
+fn stop_at_epochs(
+    store: &mut Store<Sandbox>,
+    started: Instant,
+    timeout: Duration,
+    cancel: Option<CancelFlag>,
+    capped: bool,
+) {
     match cancel {
-        // Checked at every epoch tick: the CPU cap's rest, the cancel flag,
-        // then the wall clock (which counts the rest: it is real time).
         Some(cancel) => {
             store.set_epoch_deadline(1);
             store.epoch_deadline_callback(move |_| {
@@ -91,38 +149,23 @@ pub fn run_task(
             store.epoch_deadline_trap();
         }
     }
+}
 
-    let instance = task.pre.instantiate(&mut store);
-    let instantiated = Instant::now();
-    let result = instance.and_then(|instance| instance.call_run(&mut store, args));
-    let finished = Instant::now();
-    if capped {
-        throttle::end();
-    }
+fn cancelled() -> Failure {
+    Failure::new(
+        FailureKind::Cancelled,
+        "the job was cancelled while the task ran",
+    )
+}
 
-    let fuel_used = store
-        .get_fuel()
-        .map_or(0, |left| limits.fuel.saturating_sub(left));
-    let outcome = match result {
-        Ok(Ok(json)) => check_result_size(json, limits),
-        Ok(Err(TaskError::BadArgs(message))) => Err(Failure::new(FailureKind::BadArgs, message)),
-        Ok(Err(TaskError::Failed(message))) => Err(Failure::new(FailureKind::GuestError, message)),
-        Err(error) => Err(classify_trap(&error, store.data(), limits)),
-    }
-    .map_err(Failure::bounded);
-    let sandbox = store.data();
-    TaskReport {
-        outcome,
-        fuel_used,
-        cache: load.source,
-        timings: TaskTimings {
-            load_us: load.micros,
-            instantiate_us: micros(instantiated - started),
-            run_us: micros(finished - instantiated),
-        },
-        stdout: sandbox.stdout.captured(),
-        stderr: sandbox.stderr.captured(),
-    }
+fn timed_out(limits: &TaskLimits) -> Failure {
+    Failure::new(
+        FailureKind::Timeout,
+        format!(
+            "the task ran past its wall-clock limit of {:.3} s",
+            limits.timeout_ms as f64 / 1000.0
+        ),
+    )
 }
 
 /// A result over the limit is dropped here, so it never leaves the worker.
@@ -148,10 +191,7 @@ fn micros(d: Duration) -> u64 {
 /// causes, because guests' allocators turn it into a plain `unreachable`.
 fn classify_trap(error: &wasmtime::Error, sandbox: &Sandbox, limits: &TaskLimits) -> Failure {
     if error.downcast_ref::<CancelledMarker>().is_some() {
-        return Failure::new(
-            FailureKind::Cancelled,
-            "the job was cancelled while the task ran",
-        );
+        return cancelled();
     }
     if let Some(wanted) = sandbox.memory.refused {
         return Failure::new(
@@ -168,13 +208,7 @@ fn classify_trap(error: &wasmtime::Error, sandbox: &Sandbox, limits: &TaskLimits
             FailureKind::OutOfFuel,
             format!("the task used all of its {} units of fuel", limits.fuel),
         ),
-        Some(Trap::Interrupt) => Failure::new(
-            FailureKind::Timeout,
-            format!(
-                "the task ran past its wall-clock limit of {:.3} s",
-                limits.timeout_ms as f64 / 1000.0
-            ),
-        ),
+        Some(Trap::Interrupt) => timed_out(limits),
         trap => {
             let backtrace = error.downcast_ref::<WasmBacktrace>();
             let mut message = String::new();
