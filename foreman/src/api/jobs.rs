@@ -179,7 +179,7 @@ pub(super) async fn submit(
     let cap = state.submit_limits.max_unfinished_jobs_per_token;
     let quota = caller.map(|Extension(c)| (c.token_id, cap));
     let args: Vec<Arc<str>> = new_job.args.iter().map(|a| Arc::from(a.as_str())).collect();
-    let (spec, pending) = state.store.insert_job(new_job, quota).await?;
+    let (spec, pending) = state.store.insert_job(new_job, quota)?;
     let submitted = Submitted {
         id: spec.id,
         tasks: spec.task_count,

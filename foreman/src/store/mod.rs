@@ -12,6 +12,7 @@
 //! WAL they never block the writer and the writer never blocks them. Reads see
 //! committed data only: call [`Store::flush`] first to read your own records.
 
+mod admission;
 mod queries;
 mod schema;
 mod tokens;
@@ -37,7 +38,8 @@ use wasmgrid_protocol::{Failure, FailureKind, TaskLimits};
 
 use crate::model::{JobId, JobSpec, JobState, Record, Scheduler, TaskIndex, TaskState, WorkerId};
 
-use writer::{Change, Command, Inbox, InsertJob, Reply};
+use admission::Admission;
+use writer::{Change, Command, Inbox, NewJobRow, Reply};
 
 pub use tokens::{TokenKind, TokenRow};
 pub use views::{
@@ -258,6 +260,10 @@ struct Inner {
     commands: Arc<Inbox>,
     writer: Option<JoinHandle<()>>,
     readers: Mutex<Vec<Connection>>,
+    admission: Arc<Admission>,
+    /// Modules known to be stored (none is ever deleted), so accepting a
+    /// job by a module's hash usually needs no read.
+    known_modules: Mutex<std::collections::HashSet<ModuleHash>>,
 }
 
 impl Drop for Inner {
@@ -290,7 +296,14 @@ impl Store {
         let commands = Arc::new(Inbox::new());
         let (job_events, _) = tokio::sync::broadcast::channel(1024);
         let (changes, _) = tokio::sync::broadcast::channel(1024);
-        let writer = writer::spawn(conn, commands.clone(), job_events.clone(), changes.clone())?;
+        let admission = Arc::new(Admission::load(&conn)?);
+        let writer = writer::spawn(
+            conn,
+            commands.clone(),
+            job_events.clone(),
+            changes.clone(),
+            admission.clone(),
+        )?;
         tracing::info!(path = %path.display(), "store opened");
         Ok(Store {
             inner: Arc::new(Inner {
@@ -300,6 +313,8 @@ impl Store {
                 commands,
                 writer: Some(writer),
                 readers: Mutex::new(Vec::new()),
+                admission,
+                known_modules: Mutex::default(),
             }),
         })
     }
@@ -353,41 +368,84 @@ impl Store {
         job: NewJob,
         quota: Option<(u64, u64)>,
     ) -> Result<JobSpec, StoreError> {
-        let (accepted, spec) = mpsc::sync_channel(1);
         let (stored, done) = mpsc::sync_channel(1);
-        self.try_send(Command::InsertJob(Box::new(InsertJob {
-            job,
-            quota,
-            accepted: Reply::Blocking(accepted),
-            stored: Reply::Blocking(stored),
-        })))?;
-        let spec = spec.recv().map_err(|_| StoreError::Closed)??;
+        let spec = self.admit_job(job, quota, Reply::Blocking(stored))?;
         done.recv().map_err(|_| StoreError::Closed)??;
         Ok(spec)
     }
 
     /// [`Store::create_job_within`] for async callers, in two steps: the
-    /// job's spec comes back once it is checked and numbered, before it is
-    /// stored, so the caller can dispatch it at once. Its insert waits, like
-    /// an attempt's start, to commit with what follows (a short job's whole
-    /// life is then one transaction). The caller awaits
-    /// [`Store::job_stored`] before saying the job was accepted.
-    pub async fn insert_job(
+    /// job's spec comes back at once, checked and numbered on the caller's
+    /// thread, before it is stored, so the caller can dispatch it. Its
+    /// insert waits, like an attempt's start, to commit with what follows
+    /// (a short job's whole life is then one transaction). The caller
+    /// awaits [`Store::job_stored`] before saying the job was accepted.
+    pub fn insert_job(
         &self,
         job: NewJob,
         quota: Option<(u64, u64)>,
     ) -> Result<(JobSpec, PendingJob), StoreError> {
-        let (accepted, spec) = tokio::sync::oneshot::channel();
         let (stored, done) = tokio::sync::oneshot::channel();
-        self.try_send(Command::InsertJob(Box::new(InsertJob {
+        let spec = self.admit_job(job, quota, Reply::Async(stored))?;
+        Ok((spec, PendingJob { stored: done }))
+    }
+
+    /// Checks a job (its module is stored, its token is under its cap),
+    /// numbers it and queues its insert; `stored` is answered once it commits.
+    fn admit_job(
+        &self,
+        job: NewJob,
+        quota: Option<(u64, u64)>,
+        stored: Reply<Result<(), StoreError>>,
+    ) -> Result<JobSpec, StoreError> {
+        let task_count = u32::try_from(job.args.len())
+            .map_err(|_| StoreError::InvalidJob(format!("{} tasks is too many", job.args.len())))?;
+        if !self.module_known(&job.module)? {
+            return Err(StoreError::UnknownModule(hex::encode(job.module)));
+        }
+        let id = self.inner.admission.admit(quota)?;
+        let spec = JobSpec {
+            id,
+            module: job.module,
+            limits: job.limits,
+            max_retries: job.max_retries,
+            priority: job.priority,
+            task_count,
+            scheduler: job.scheduler,
+            not_before_ms: job.not_before_ms,
+            retry_deterministic: job.retry_deterministic,
+        };
+        let row = NewJobRow {
+            id,
             job,
-            quota,
-            accepted: Reply::Async(accepted),
-            stored: Reply::Async(stored),
-        })))?;
-        let spec = spec.await.map_err(|_| StoreError::Closed)??;
-        let pending = PendingJob { stored: done };
-        Ok((spec, pending))
+            token: quota.map(|(token, _)| token),
+            created_at_ms: schema::now_ms(),
+            stored: Some(stored),
+        };
+        if let Err(error) = self.try_send(Command::Changes(vec![Change::NewJob(Box::new(row))])) {
+            self.inner.admission.finished(id);
+            return Err(error);
+        }
+        Ok(spec)
+    }
+
+    fn module_known(&self, hash: &ModuleHash) -> Result<bool, StoreError> {
+        let known = &self.inner.known_modules;
+        if known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(hash)
+        {
+            return Ok(true);
+        }
+        let stored = self.read(|conn| admission::module_known(conn, hash))?;
+        if stored {
+            known
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(*hash);
+        }
+        Ok(stored)
     }
 
     /// Waits until a job from [`Store::insert_job`] is committed.

@@ -11,7 +11,7 @@ use wasmgrid_protocol::{Failure, TaskLimits};
 
 use super::schema::{self, from_sql, now_ms, to_sql, u32_from_sql};
 use super::{
-    JobRow, NewJob, StoreError, TaskOutcomeRow, UnfinishedJob, WorkerRow, RECENT_FAILURES_WINDOW_MS,
+    JobRow, StoreError, TaskOutcomeRow, UnfinishedJob, WorkerRow, RECENT_FAILURES_WINDOW_MS,
 };
 use crate::model::{JobId, JobSpec, JobState, WorkerId};
 
@@ -43,8 +43,8 @@ pub(super) fn put_module(
     Ok(())
 }
 
-/// The id the next job gets. Jobs are inserted only by the writer, which
-/// hands out ids from here on, so a job's id is known before it commits.
+/// The id the next job gets. The store's admission hands out ids from here
+/// on, so a job's id is known before it commits.
 pub(super) fn next_job_id(conn: &Connection) -> Result<JobId, StoreError> {
     let last: i64 = conn.query_row(
         "SELECT max(coalesce((SELECT max(id) FROM jobs), 0),
@@ -53,43 +53,6 @@ pub(super) fn next_job_id(conn: &Connection) -> Result<JobId, StoreError> {
         |row| row.get(0),
     )?;
     Ok(schema::from_sql(last) + 1)
-}
-
-/// Checks a job before it is accepted: its size, its module, and its
-/// token's quota. `quota`: the submitting token and how many unfinished
-/// jobs it may have; `accepted`: that token's jobs accepted and not yet
-/// inserted, which count too. Returns the number of tasks.
-pub(super) fn check_new_job(
-    conn: &Connection,
-    job: &NewJob,
-    quota: Option<(u64, u64)>,
-    accepted: u64,
-) -> Result<u32, StoreError> {
-    let task_count = u32::try_from(job.args.len())
-        .map_err(|_| StoreError::InvalidJob(format!("{} tasks is too many", job.args.len())))?;
-    if let Some((token, cap)) = quota {
-        let stored: i64 = conn
-            .prepare_cached(
-                "SELECT count(*) FROM jobs WHERE token_id = ?1 AND state IN ('queued', 'running')",
-            )?
-            .query_row([to_sql(token)], |row| row.get(0))?;
-        let unfinished = stored as u64 + accepted;
-        if unfinished >= cap {
-            return Err(StoreError::TooManyUnfinishedJobs {
-                token,
-                unfinished,
-                cap,
-            });
-        }
-    }
-    let known = conn
-        .prepare_cached("SELECT 1 FROM modules WHERE hash = ?1")?
-        .query_row([&job.module[..]], |_| Ok(()))
-        .optional()?;
-    if known.is_none() {
-        return Err(StoreError::UnknownModule(hex::encode(job.module)));
-    }
-    Ok(task_count)
 }
 
 pub(super) fn upsert_worker(

@@ -641,7 +641,7 @@ async fn an_inserted_job_is_handed_out_before_it_commits_and_announced_once_stor
     let (_dir, store) = open_temp();
     store.put_module(&MODULE, b"wasm").unwrap();
     let mut changes = store.changes();
-    let (spec, pending) = store.insert_job(new_job(args(2)), None).await.unwrap();
+    let (spec, pending) = store.insert_job(new_job(args(2)), None).unwrap();
     assert_eq!(spec.task_count, 2);
     store.job_stored(pending).await.unwrap();
     assert!(changes.recv().await.unwrap().job_states.contains(&spec.id));
@@ -651,12 +651,12 @@ async fn an_inserted_job_is_handed_out_before_it_commits_and_announced_once_stor
     let mut unknown = new_job(args(1));
     unknown.module = [9; 32];
     assert!(matches!(
-        store.insert_job(unknown, None).await,
+        store.insert_job(unknown, None),
         Err(StoreError::UnknownModule(_))
     ));
     let quota = Some((7, 0));
     assert!(matches!(
-        store.insert_job(new_job(args(1)), quota).await,
+        store.insert_job(new_job(args(1)), quota),
         Err(StoreError::TooManyUnfinishedJobs { .. })
     ));
     assert_eq!(store.jobs(0, 10, None).unwrap().len(), 1);
@@ -668,12 +668,43 @@ async fn a_tokens_quota_counts_its_jobs_not_yet_stored() {
     store.put_module(&MODULE, b"wasm").unwrap();
     let quota = Some((7, 1));
     // The first job's insert may not have committed when the second is checked.
-    let (first, pending) = store.insert_job(new_job(args(1)), quota).await.unwrap();
+    let (first, pending) = store.insert_job(new_job(args(1)), quota).unwrap();
     assert!(matches!(
-        store.insert_job(new_job(args(1)), quota).await,
+        store.insert_job(new_job(args(1)), quota),
         Err(StoreError::TooManyUnfinishedJobs { unfinished: 1, .. })
     ));
     store.job_stored(pending).await.unwrap();
     let second = store.create_job(new_job(args(1))).unwrap();
     assert_eq!(second.id, first.id + 1, "ids are handed out in order");
+}
+
+#[tokio::test]
+async fn a_job_stops_counting_against_its_token_once_its_end_commits() {
+    let (dir, store) = open_temp();
+    store.put_module(&MODULE, b"wasm").unwrap();
+    let quota = Some((7, 2));
+    let (first, pending) = store.insert_job(new_job(args(1)), quota).unwrap();
+    store.job_stored(pending).await.unwrap();
+    let second = store.create_job_within(new_job(args(1)), quota).unwrap();
+    assert!(matches!(
+        store.insert_job(new_job(args(1)), quota),
+        Err(StoreError::TooManyUnfinishedJobs { unfinished: 2, .. })
+    ));
+    store.record(Record::JobStateChanged {
+        job: first.id,
+        state: JobState::Cancelled,
+    });
+    store.flush().unwrap();
+    assert_eq!(store.inner.admission.unfinished(7), 1);
+    let (third, pending) = store.insert_job(new_job(args(1)), quota).unwrap();
+    store.job_stored(pending).await.unwrap();
+
+    // A foreman that starts again counts the token's unfinished jobs from the database.
+    let path = store.inner.path.clone();
+    drop(store);
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.inner.admission.unfinished(7), 2);
+    let next = store.create_job(new_job(args(1))).unwrap();
+    assert!(next.id > third.id.max(second.id));
+    drop(dir);
 }

@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 use rusqlite::Connection;
 use wasmgrid_protocol::wire::Load;
 
+use super::admission::Admission;
 use super::schema::now_ms;
-use super::{queries, NewJob};
+use super::NewJob;
 use super::{ChangeEvents, Changes, JobEvents, StoreError};
-use crate::model::{JobId, JobSpec, JobState, Record, WorkerId};
+use crate::model::{JobId, JobState, Record, WorkerId};
 use apply::{apply, Deltas, Statements};
 pub(super) use inbox::Inbox;
 use inbox::Received;
@@ -51,20 +52,9 @@ pub(super) enum Change {
         worker: WorkerId,
         draining: bool,
     },
-    /// A job accepted by [`Writer::accept_job`]: its insert is lazy, so a
+    /// A job accepted by the store's admission: its insert is lazy, so a
     /// short job's insert commits together with its tasks' records.
     NewJob(Box<NewJobRow>),
-}
-
-/// A job to check, number and insert (see `Store::insert_job`).
-pub(super) struct InsertJob {
-    pub(super) job: NewJob,
-    /// The submitting token and how many unfinished jobs it may have.
-    pub(super) quota: Option<(u64, u64)>,
-    /// Answered once the job is checked and numbered, before it commits.
-    pub(super) accepted: Reply<Result<JobSpec, StoreError>>,
-    /// Answered once its insert has committed (or was rejected).
-    pub(super) stored: Reply<Result<(), StoreError>>,
 }
 
 #[derive(Debug)]
@@ -73,7 +63,7 @@ pub(super) struct NewJobRow {
     pub(super) job: NewJob,
     pub(super) token: Option<u64>,
     pub(super) created_at_ms: i64,
-    stored: Option<Reply<Result<(), StoreError>>>,
+    pub(super) stored: Option<Reply<Result<(), StoreError>>>,
 }
 
 /// Where the writer answers: a task awaiting it, or a thread blocked on it.
@@ -126,15 +116,13 @@ pub(super) enum Command {
         durable: bool,
         run: ExecFn,
     },
-    /// Answered at once (the writer is woken for it); the insert is lazy.
-    InsertJob(Box<InsertJob>),
 }
 
 impl Command {
     fn is_lazy(&self) -> bool {
         match self {
             Command::Changes(changes) => changes.iter().all(Change::is_lazy),
-            Command::Flush(_) | Command::Exec { .. } | Command::InsertJob(_) => false,
+            Command::Flush(_) | Command::Exec { .. } => false,
         }
     }
 }
@@ -144,10 +132,10 @@ pub(super) fn spawn(
     commands: Arc<Inbox>,
     job_events: JobEvents,
     changes: ChangeEvents,
+    admission: Arc<Admission>,
 ) -> Result<JoinHandle<()>, StoreError> {
-    let next_job_id = queries::next_job_id(&conn)?;
     let writer = Writer {
-        next_job_id,
+        admission,
         conn,
         commands,
         job_events,
@@ -164,8 +152,8 @@ pub(super) fn spawn(
 }
 
 struct Writer {
-    /// The id the next accepted job gets.
-    next_job_id: JobId,
+    /// Told when a job ends or is never stored, so its token's count drops.
+    admission: Arc<Admission>,
     conn: Connection,
     commands: Arc<Inbox>,
     /// Changes received and not yet committed, in order.
@@ -189,7 +177,6 @@ impl Writer {
             if self.pending.is_empty() {
                 match self.commands.recv() {
                     Some(Command::Changes(changes)) => self.pending = changes,
-                    Some(Command::InsertJob(insert)) => self.accept_job(*insert),
                     Some(other) => next = Some(other),
                     None => break,
                 }
@@ -212,7 +199,6 @@ impl Writer {
                         Received::Command(Command::Changes(changes)) => {
                             self.pending.extend(changes)
                         }
-                        Received::Command(Command::InsertJob(insert)) => self.accept_job(*insert),
                         Received::Command(other) => {
                             next = Some(other);
                             break;
@@ -231,7 +217,7 @@ impl Writer {
                     let _ = reply.send(self.flush_answer());
                 }
                 Some(Command::Exec { durable, run }) => self.exec(durable, run),
-                Some(Command::Changes(_) | Command::InsertJob(_)) | None => {}
+                Some(Command::Changes(_)) | None => {}
             }
             if closed {
                 break;
@@ -265,6 +251,9 @@ impl Writer {
                                 record: Record::JobStateChanged { job, state },
                                 ..
                             } => {
+                                if state.is_finished() {
+                                    self.admission.finished(job);
+                                }
                                 let _ = self.job_events.send((job, state));
                             }
                             Change::NewJob(mut row) => {
@@ -275,7 +264,9 @@ impl Writer {
                                     }),
                                     None => Ok(()),
                                 };
-                                if outcome.is_ok() {
+                                if outcome.is_err() {
+                                    self.admission.finished(row.id);
+                                } else {
                                     tracing::info!(
                                         job = row.id,
                                         tasks = row.job.args.len(),
@@ -379,55 +370,6 @@ impl Writer {
             self.first_rejection = rejections.first().map(|(_, why)| why.clone());
         }
         Ok(rejections)
-    }
-
-    /// Checks and numbers a job and answers at once; its insert joins the
-    /// pending changes, after whatever came before it.
-    fn accept_job(&mut self, insert: InsertJob) {
-        let InsertJob {
-            job,
-            quota,
-            accepted,
-            stored,
-        } = insert;
-        let token = quota.map(|(token, _)| token);
-        // This token's jobs accepted and not inserted yet count towards its quota.
-        let waiting = self
-            .pending
-            .iter()
-            .filter(|c| matches!(c, Change::NewJob(row) if token.is_some() && row.token == token))
-            .count() as u64;
-        let task_count = match queries::check_new_job(&self.conn, &job, quota, waiting) {
-            Ok(task_count) => task_count,
-            Err(error) => {
-                accepted.send(Err(error));
-                return;
-            }
-        };
-        let id = self.next_job_id;
-        self.next_job_id += 1;
-        let spec = JobSpec {
-            id,
-            module: job.module,
-            limits: job.limits,
-            max_retries: job.max_retries,
-            priority: job.priority,
-            task_count,
-            scheduler: job.scheduler,
-            not_before_ms: job.not_before_ms,
-            retry_deterministic: job.retry_deterministic,
-        };
-        // The submitter gave up before it could dispatch the job: forget it.
-        if !accepted.send(Ok(spec)) {
-            return;
-        }
-        self.pending.push(Change::NewJob(Box::new(NewJobRow {
-            id,
-            job,
-            token,
-            created_at_ms: now_ms(),
-            stored: Some(stored),
-        })));
     }
 
     fn exec(&mut self, durable: bool, run: ExecFn) {
