@@ -166,6 +166,12 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
             options.data_dir.join("local-worker-cache"),
         ));
     }
+    // Replies are small and awaited: never hold one back for an ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY: {error}");
+        }
+    });
     axum::serve(listener, app)
         .await
         .context("the REST API stopped")?;
