@@ -187,14 +187,32 @@ fn main() {
     println!("# wasmgrid grid benchmarks (foreman + workers on 127.0.0.1, real QUIC and SQLite)");
     let dir = tempfile::tempdir().expect("temp dir");
 
+    // `cargo bench -- NAME` runs only the sections whose name contains NAME
+    // (throughput, roundtrip, scaling).
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
     let grid = Grid::start(&dir.path().join("two"), 2);
     let add = sha256_of(&grid, "add");
+    if wanted("throughput") {
+        throughput_and_footprint(&grid, &add);
+    }
+    if wanted("roundtrip") {
+        round_trip(&grid, &add);
+    }
+    if wanted("scaling") {
+        scaling(&grid, dir.path());
+    }
+}
 
+fn throughput_and_footprint(grid: &Grid, add: &str) {
     let tasks = 100_000u64;
     let args: Vec<Value> = (0..tasks).map(|i| json!([i, 1])).collect();
     let steal = StealMeter::start();
     let started = Instant::now();
-    let results = grid.run_job(Module::Hash(add.clone()), Value::Array(args));
+    let results = grid.run_job(Module::Hash(add.to_owned()), Value::Array(args));
     let wall = started.elapsed();
     assert_eq!(results.as_array().map(Vec::len), Some(tasks as usize));
     assert_eq!(results[99_999], json!(100_000));
@@ -215,14 +233,17 @@ fn main() {
         grid.foreman_peak_rss_mib(),
         ms(grid.startup)
     );
+}
 
+fn round_trip(grid: &Grid, add: &str) {
     // The two ways a client runs a one-task job, interleaved.
     let mut phases: [Vec<Duration>; 5] = Default::default();
     let steal = StealMeter::start();
     for i in 0..600u64 {
         let started = Instant::now();
         if i % 2 == 0 {
-            let (results, parts) = grid.run_job_timed(Module::Hash(add.clone()), json!([[i, 1]]));
+            let (results, parts) =
+                grid.run_job_timed(Module::Hash(add.to_owned()), json!([[i, 1]]));
             let total = started.elapsed();
             assert_eq!(results, json!([i + 1]));
             if i >= 40 {
@@ -231,7 +252,7 @@ fn main() {
                 }
             }
         } else {
-            let results = grid.call_job(Module::Hash(add.clone()), json!([[i, 1]]));
+            let results = grid.call_job(Module::Hash(add.to_owned()), json!([[i, 1]]));
             let total = started.elapsed();
             assert_eq!(results, json!([i + 1]));
             if i >= 40 {
@@ -266,7 +287,9 @@ fn main() {
     );
     row("`POST /api/jobs?wait_ms=` (1)", &phases[4], None);
     println!("\n{}", steal.describe());
+}
 
+fn scaling(grid: &Grid, dir: &Path) {
     // This machine's vCPUs change speed by up to 2× for seconds at a time
     // (other tenants), so each figure is the median of interleaved pairs,
     // with both grids up all along, and the executor alone (`worker exec`
@@ -278,10 +301,10 @@ fn main() {
         serde_json::from_str(&std::fs::read_to_string(&small_path).expect("args")).expect("JSON");
     let step = 2_000_000_000u64 / 64;
     let large = Value::Array((0..64).map(|i| json!([i * step, (i + 1) * step])).collect());
-    let large_path = dir.path().join("large.json");
+    let large_path = dir.join("large.json");
     std::fs::write(&large_path, large.to_string()).expect("write args");
-    let primes = sha256_of(&grid, "primes");
-    let one_grid = Grid::start(&dir.path().join("one"), 1);
+    let primes = sha256_of(grid, "primes");
+    let one_grid = Grid::start(&dir.join("one"), 1);
     one_grid.run_job(upload("primes"), json!([[0, 10]]));
     let timed = |grid: &Grid, args: &Value, expected: u64| {
         let started = Instant::now();
@@ -295,7 +318,7 @@ fn main() {
         assert_eq!(total, expected);
         started.elapsed()
     };
-    let exec_cache = dir.path().join("exec-cache");
+    let exec_cache = dir.join("exec-cache");
     // The run as `worker exec` times it: from the first task to the last.
     let exec = |args: &Path, slots: &str| {
         let output = std::process::Command::new(binary("worker"))
@@ -323,7 +346,7 @@ fn main() {
         ("below 20,000,000", &small, &small_path, 1_270_607, 15),
         ("below 2,000,000,000", &large, &large_path, 98_222_287, 3),
     ] {
-        timed(&grid, args, expected);
+        timed(grid, args, expected);
         timed(&one_grid, args, expected);
         let steal = StealMeter::start();
         let (mut ones, mut twos, mut speedups, mut ceilings) = (vec![], vec![], vec![], vec![]);
@@ -331,9 +354,9 @@ fn main() {
             // Alternate which goes first, so a drift in speed favours neither.
             let (one, two) = if pair % 2 == 0 {
                 let one = timed(&one_grid, args, expected);
-                (one, timed(&grid, args, expected))
+                (one, timed(grid, args, expected))
             } else {
-                let two = timed(&grid, args, expected);
+                let two = timed(grid, args, expected);
                 (timed(&one_grid, args, expected), two)
             };
             ones.push(one);
