@@ -17,6 +17,9 @@ use crate::sysinfo::LoadSampler;
 
 /// How long a finished stream may wait for the foreman's acknowledgement.
 const FINISH_ACK: Duration = Duration::from_secs(5);
+/// Longest a lone report waits for company while this worker has tasks
+/// queued (so the foreman loses nothing by hearing of it later).
+const REPORT_HOLD: Duration = Duration::from_millis(2);
 
 pub enum Outgoing {
     /// A report; consecutive ones go out in one message.
@@ -64,7 +67,19 @@ pub fn spawn(
                     let mut batch = vec![first];
                     // Past the byte budget the rest waits, so no frame nears the foreman's limit.
                     while bytes < FINISHED_BATCH_BYTES {
-                        let Ok(next) = queue.try_recv() else { break };
+                        let next = match queue.try_recv() {
+                            Ok(next) => next,
+                            // Tasks of a millisecond or so would cost the
+                            // foreman a wakeup each: one report waits for the
+                            // next while queued tasks keep this worker busy.
+                            Err(_) if batch.len() == 1 && pool.queued() > 0 => {
+                                match tokio::time::timeout(REPORT_HOLD, queue.recv()).await {
+                                    Ok(Some(next)) => next,
+                                    Ok(None) | Err(_) => break,
+                                }
+                            }
+                            Err(_) => break,
+                        };
                         match next {
                             Outgoing::Finished(finished) => {
                                 bytes += report_bytes(&finished);

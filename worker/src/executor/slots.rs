@@ -152,6 +152,11 @@ impl SlotPool {
         self.running.load(Ordering::Relaxed)
     }
 
+    /// Tasks queued for a slot (a hint: some may have been taken back).
+    pub fn queued(&self) -> usize {
+        self.jobs.as_ref().map_or(0, |jobs| jobs.len())
+    }
+
     /// Queues a task; `reply` is called on a slot thread with its report.
     pub fn submit(
         &self,
