@@ -80,10 +80,10 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     ));
 
     // It compiles and links modules but never instantiates one, so it needs
-    // the smallest instance pool (each pooled memory reserves address space).
+    // no instance pool (each pooled memory reserves gigabytes of address space).
     let validator = Arc::new(Executor::with_options(ExecutorOptions {
         cache_dir: Some(options.data_dir.join("validated-modules")),
-        concurrency: 1,
+        concurrency: 0,
         ..ExecutorOptions::default()
     })?);
     let app = api::router(Arc::new(ApiState {

@@ -40,11 +40,11 @@ pub const MAX_MEMORY_BYTES: u64 = 4 << 30;
 /// `concurrency`: the most tasks that may be instantiated at once. Instances
 /// come from a pool sized for that many, so a fresh instance per task reuses
 /// memory already mapped instead of paying mmap/munmap (and the kernel's
-/// TLB shootdowns) each time.
+/// TLB shootdowns) each time. 0: the engine only compiles and links (a
+/// validator), so it reserves no pool and instantiates on demand.
 /// `epoch`: compile epoch checks into guests (for wall-clock limits where
 /// signals cannot stop a guest, and for the CPU cap's rests).
 pub fn new_engine(metering: Metering, concurrency: u32, epoch: bool) -> wasmtime::Result<Engine> {
-    let concurrency = concurrency.max(1);
     let mut pool = PoolingAllocationConfig::default();
     // A wasip2 component holds a handful of core instances, memories and
     // tables; the margin covers slots whose reset is still under way.
@@ -65,7 +65,11 @@ pub fn new_engine(metering: Metering, concurrency: u32, epoch: bool) -> wasmtime
         .table_keep_resident(64 << 10);
     let mut config = Config::new();
     config
-        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+        .allocation_strategy(if concurrency == 0 {
+            InstanceAllocationStrategy::OnDemand
+        } else {
+            InstanceAllocationStrategy::Pooling(pool)
+        })
         .consume_fuel(metering == Metering::Fuel)
         .epoch_interruption(epoch && metering != Metering::Unbounded)
         .max_wasm_stack(MAX_WASM_STACK)

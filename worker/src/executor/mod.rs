@@ -50,7 +50,9 @@ pub struct ExecutorOptions {
     /// Where compiled modules persist between runs; `None` keeps them in memory only.
     pub cache_dir: Option<PathBuf>,
     pub metering: Metering,
-    /// The most tasks running at once (slots); instances are pooled for that many.
+    /// The most tasks running at once (slots); instances are pooled for that
+    /// many. 0: this executor validates modules and runs none, so it
+    /// reserves no pool (each pooled memory reserves gigabytes of address space).
     pub concurrency: u32,
     /// The volunteer's cap on each slot's CPU time, in percent (1..=100;
     /// 100: no cap). A capped slot sleeps between epoch ticks so that it
