@@ -94,6 +94,35 @@ fn an_endless_stream_of_host_calls_times_out() {
     assert!(report.stdout.truncated && report.stdout.text.len() <= 64 << 10);
 }
 
+/// Waiting on a clock happens in the host, where no limit can stop a
+/// task: the sleep ends at the deadline, and the task with it.
+#[test]
+fn a_guest_that_sleeps_past_its_limit_times_out_at_it() {
+    let started = std::time::Instant::now();
+    let report = misbehave(
+        "sleep",
+        20,
+        TaskLimits {
+            timeout_ms: 300,
+            ..limits()
+        },
+    );
+    let (kind, message) = failure(&report);
+    assert_eq!(kind, FailureKind::Timeout, "{message}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "the sleep ran its course"
+    );
+}
+
+/// A sleep within the limit still sleeps as long as asked.
+#[test]
+fn a_short_sleep_is_kept() {
+    let report = misbehave("sleep", 1, limits());
+    assert_eq!(report.outcome, Ok("\"slept 1 s\"".into()));
+    assert!(report.timings.run_us >= 1_000_000, "{:?}", report.timings);
+}
+
 #[test]
 fn unbounded_allocation_hits_the_memory_limit_not_a_panic() {
     let report = misbehave("alloc", 4, limits());
@@ -509,6 +538,29 @@ fn a_cancel_flag_stops_a_running_task_and_deadlines_still_hold() {
         Default::default(),
     );
     assert_eq!(report.outcome, Ok("\"5\"".to_owned()));
+}
+
+#[test]
+fn a_sleeping_task_is_cancelled_without_waiting_for_its_sleep() {
+    let executor = executor();
+    let (task, _) = executor.load(&guest_wasm("misbehave")).unwrap();
+    let flag = wasmgrid_worker::executor::CancelFlag::default();
+    let setter = flag.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        setter.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let started = std::time::Instant::now();
+    let patient = TaskLimits {
+        timeout_ms: 60_000,
+        ..limits()
+    };
+    let report = executor.run_cancellable(&task, Load::WARM, "[\"sleep\", 20]", &patient, flag);
+    assert_eq!(failure(&report).0, FailureKind::Cancelled);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "the sleep ran its course"
+    );
 }
 
 #[test]

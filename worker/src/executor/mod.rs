@@ -4,6 +4,7 @@
 
 mod cache;
 mod engine;
+mod naps;
 mod output;
 mod preempt;
 mod run;
@@ -129,6 +130,7 @@ impl Executor {
             .map_err(ExecutorError::Engine)?;
         let mut linker = Linker::<Sandbox>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(ExecutorError::Engine)?;
+        naps::add_to_linker(&mut linker).map_err(ExecutorError::Engine)?;
         bindings::Task::add_to_linker::<Sandbox, HasSelf<Sandbox>>(&mut linker, |s| s)
             .map_err(ExecutorError::Engine)?;
         let stopper = match watchdog {

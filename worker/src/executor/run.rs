@@ -12,6 +12,7 @@ use wasmgrid_protocol::{CacheSource, Failure, FailureKind, TaskLimits, TaskRepor
 use super::bindings::TaskError;
 use super::cache::PreparedTask;
 use super::engine::EpochClock;
+use super::naps;
 use super::preempt::Stopped;
 use super::sandbox::Sandbox;
 use super::{throttle, Stopper};
@@ -54,12 +55,13 @@ pub fn run_task(
     if capped {
         throttle::begin(cpu_limit_percent, cancel.as_ref());
     }
-    let sandbox = Sandbox::new(limits.memory_bytes, limits.output_bytes as usize);
+    let timeout = Duration::from_millis(limits.timeout_ms);
+    let mut sandbox = Sandbox::new(limits.memory_bytes, limits.output_bytes as usize, timeout);
+    sandbox.cancel = cancel.clone();
     let mut store = Store::new(engine, sandbox);
     store.limiter(|sandbox| &mut sandbox.memory);
     // Fails only on an engine without fuel metering, where there is nothing to set.
     let _ = store.set_fuel(limits.fuel);
-    let timeout = Duration::from_millis(limits.timeout_ms);
     let started = Instant::now();
     let mut _ticking = None;
     let watching = match stopper {
@@ -84,11 +86,14 @@ pub fn run_task(
     let fuel_used = store
         .get_fuel()
         .map_or(0, |left| limits.fuel.saturating_sub(left));
+    let nap_cut = store.data().nap_cut.load(Ordering::Acquire);
     let outcome = match result {
+        _ if nap_cut == naps::CUT_BY_CANCEL => Err(cancelled()),
+        Err(_) if stopped == Some(Stopped::Cancelled) => Err(cancelled()),
+        _ if nap_cut == naps::CUT_BY_DEADLINE => Err(timed_out(limits)),
         Ok(Ok(json)) => check_result_size(json, limits),
         Ok(Err(TaskError::BadArgs(message))) => Err(Failure::new(FailureKind::BadArgs, message)),
         Ok(Err(TaskError::Failed(message))) => Err(Failure::new(FailureKind::GuestError, message)),
-        Err(_) if stopped == Some(Stopped::Cancelled) => Err(cancelled()),
         Err(_) if stopped == Some(Stopped::TimedOut) => Err(timed_out(limits)),
         Err(error) => Err(classify_trap(&error, store.data(), limits)),
     }

@@ -1,11 +1,17 @@
 //! The state each task's store carries: an empty WASI context, bounded output
 //! pipes, the memory guard, and the host side of the `wasmgrid:task/host` import.
 
+use std::sync::atomic::AtomicU8;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use wasmtime::ResourceLimiter;
 use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::wasmgrid::task::{host, types};
+use super::naps::TaskClock;
 use super::output::BoundedPipe;
+use super::CancelFlag;
 
 /// Longest panic message kept, so a guest cannot grow the report without bound.
 const MAX_PANIC_MESSAGE: usize = 16 * 1024;
@@ -13,9 +19,19 @@ const MAX_PANIC_MESSAGE: usize = 16 * 1024;
 /// Most table elements one instance may have; guards host memory against huge tables.
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
+/// A deadline this far off stands for none.
+const FAR_OFF: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 pub struct Sandbox {
     wasi: WasiCtx,
-    table: ResourceTable,
+    pub(super) table: ResourceTable,
+    /// The guest's monotonic clock, and when its sleeps end at the latest.
+    pub(super) clock: TaskClock,
+    pub(super) deadline: Instant,
+    /// Why a sleep was cut short, if one was (see `naps`).
+    pub(super) nap_cut: Arc<AtomicU8>,
+    /// Ends sleeps early too, so a cancelled task is back where it can be stopped.
+    pub(super) cancel: Option<CancelFlag>,
     pub memory: MemoryGuard,
     pub stdout: BoundedPipe,
     pub stderr: BoundedPipe,
@@ -23,12 +39,21 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    /// A sandbox with no files, no environment, no arguments, no network, and
-    /// stdout/stderr captured up to `output_bytes` each.
-    pub fn new(memory_bytes: u64, output_bytes: usize) -> Self {
+    /// A sandbox with no files, no environment, no arguments, no network,
+    /// stdout/stderr captured up to `output_bytes` each, and sleeps that end
+    /// by `timeout` from now.
+    pub fn new(memory_bytes: u64, output_bytes: usize, timeout: Duration) -> Self {
         let stdout = BoundedPipe::new(output_bytes);
         let stderr = BoundedPipe::new(output_bytes);
+        let clock = TaskClock {
+            started: Instant::now(),
+        };
+        let deadline = clock
+            .started
+            .checked_add(timeout.min(FAR_OFF))
+            .unwrap_or(clock.started);
         let wasi = WasiCtxBuilder::new()
+            .monotonic_clock(clock)
             .stdout(stdout.clone())
             .stderr(stderr.clone())
             .allow_tcp(false)
@@ -38,6 +63,10 @@ impl Sandbox {
         Sandbox {
             wasi,
             table: ResourceTable::new(),
+            clock,
+            deadline,
+            nap_cut: Arc::default(),
+            cancel: None,
             memory: MemoryGuard::new(memory_bytes),
             stdout,
             stderr,
