@@ -1,17 +1,19 @@
-//! Numbers new jobs and holds each token to its cap on unfinished jobs, in
-//! memory: a submission is accepted on the caller's thread, with no trip to
-//! the writer thread and back, and the count is exact at every moment
-//! (a job counts from its acceptance until the writer commits its end).
+//! Taking in new jobs: each is checked, numbered and held to its token's
+//! cap on unfinished jobs in memory, on the caller's thread, with no trip to
+//! the writer thread and back (the count is exact at every moment: a job
+//! counts from its acceptance until the writer commits its end); its insert
+//! is then queued for the writer like any record.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{mpsc, Mutex, MutexGuard};
 
 use rusqlite::Connection;
+use wasmgrid_protocol::wire::ModuleHash;
 
-use super::queries;
-use super::schema::from_sql;
-use super::StoreError;
-use crate::model::JobId;
+use super::schema::{self, from_sql};
+use super::writer::{Change, Command, NewJobRow, Reply};
+use super::{queries, NewJob, PendingJob, Store, StoreError};
+use crate::model::{JobId, JobSpec};
 
 pub(super) struct Admission {
     counts: Mutex<Counts>,
@@ -104,6 +106,111 @@ impl Counts {
         if self.owner.insert(job, token).is_none() {
             *self.unfinished.entry(token).or_default() += 1;
         }
+    }
+}
+
+impl Store {
+    /// Accepts a job: allocates its id, stores the job and one task per
+    /// argument set in one transaction. Durable when it returns.
+    pub fn create_job(&self, job: NewJob) -> Result<JobSpec, StoreError> {
+        self.create_job_for(job, None)
+    }
+
+    /// [`Store::create_job`], recording the client token that submitted it.
+    pub fn create_job_for(&self, job: NewJob, token: Option<u64>) -> Result<JobSpec, StoreError> {
+        self.create_job_within(job, token.map(|token| (token, u64::MAX)))
+    }
+
+    /// [`Store::create_job_for`], refused when the token (first) already has
+    /// as many queued or running jobs as its cap (second).
+    pub fn create_job_within(
+        &self,
+        job: NewJob,
+        quota: Option<(u64, u64)>,
+    ) -> Result<JobSpec, StoreError> {
+        let (stored, done) = mpsc::sync_channel(1);
+        let spec = self.admit_job(job, quota, Reply::Blocking(stored))?;
+        done.recv().map_err(|_| StoreError::Closed)??;
+        Ok(spec)
+    }
+
+    /// [`Store::create_job_within`] for async callers, in two steps: the
+    /// job's spec comes back at once, checked and numbered on the caller's
+    /// thread, before it is stored, so the caller can dispatch it. Its
+    /// insert waits, like an attempt's start, to commit with what follows
+    /// (a short job's whole life is then one transaction). The caller
+    /// awaits [`Store::job_stored`] before saying the job was accepted.
+    pub fn insert_job(
+        &self,
+        job: NewJob,
+        quota: Option<(u64, u64)>,
+    ) -> Result<(JobSpec, PendingJob), StoreError> {
+        let (stored, done) = tokio::sync::oneshot::channel();
+        let spec = self.admit_job(job, quota, Reply::Async(stored))?;
+        Ok((spec, PendingJob { stored: done }))
+    }
+
+    /// Checks a job (its module is stored, its token is under its cap),
+    /// numbers it and queues its insert; `stored` is answered once it commits.
+    fn admit_job(
+        &self,
+        job: NewJob,
+        quota: Option<(u64, u64)>,
+        stored: Reply<Result<(), StoreError>>,
+    ) -> Result<JobSpec, StoreError> {
+        let task_count = u32::try_from(job.args.len())
+            .map_err(|_| StoreError::InvalidJob(format!("{} tasks is too many", job.args.len())))?;
+        if !self.module_known(&job.module)? {
+            return Err(StoreError::UnknownModule(hex::encode(job.module)));
+        }
+        let id = self.inner.admission.admit(quota)?;
+        let spec = JobSpec {
+            id,
+            module: job.module,
+            limits: job.limits,
+            max_retries: job.max_retries,
+            priority: job.priority,
+            task_count,
+            scheduler: job.scheduler,
+            not_before_ms: job.not_before_ms,
+            retry_deterministic: job.retry_deterministic,
+        };
+        let row = NewJobRow {
+            id,
+            job,
+            token: quota.map(|(token, _)| token),
+            created_at_ms: schema::now_ms(),
+            stored: Some(stored),
+        };
+        if let Err(error) = self.try_send(Command::Changes(vec![Change::NewJob(Box::new(row))])) {
+            self.inner.admission.finished(id);
+            return Err(error);
+        }
+        Ok(spec)
+    }
+
+    fn module_known(&self, hash: &ModuleHash) -> Result<bool, StoreError> {
+        let known = &self.inner.known_modules;
+        if known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(hash)
+        {
+            return Ok(true);
+        }
+        let stored = self.read(|conn| module_known(conn, hash))?;
+        if stored {
+            known
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(*hash);
+        }
+        Ok(stored)
+    }
+
+    /// Waits until a job from [`Store::insert_job`] is committed.
+    pub async fn job_stored(&self, pending: PendingJob) -> Result<(), StoreError> {
+        pending.stored.await.map_err(|_| StoreError::Closed)?
     }
 }
 
