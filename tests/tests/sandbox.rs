@@ -21,6 +21,15 @@ fn limits() -> TaskLimits {
     }
 }
 
+/// Only the wall clock stops these: fuel for ever, 300 ms.
+fn unmetered_300_ms() -> TaskLimits {
+    TaskLimits {
+        fuel: u64::MAX,
+        timeout_ms: 300,
+        ..limits()
+    }
+}
+
 fn misbehave(action: &str, amount: u64, limits: TaskLimits) -> TaskReport {
     let executor = executor();
     let (task, load) = executor
@@ -62,15 +71,7 @@ fn an_endless_loop_runs_out_of_fuel() {
 
 #[test]
 fn an_endless_loop_with_plenty_of_fuel_times_out() {
-    let report = misbehave(
-        "loop",
-        0,
-        TaskLimits {
-            fuel: u64::MAX,
-            timeout_ms: 300,
-            ..limits()
-        },
-    );
+    let report = misbehave("loop", 0, unmetered_300_ms());
     let (kind, message) = failure(&report);
     assert_eq!(kind, FailureKind::Timeout, "{message}");
     assert!(message.contains("0.300 s"), "{message}");
@@ -80,15 +81,7 @@ fn an_endless_loop_with_plenty_of_fuel_times_out() {
 /// it must still end at its deadline.
 #[test]
 fn an_endless_stream_of_host_calls_times_out() {
-    let report = misbehave(
-        "print",
-        u64::MAX / 2,
-        TaskLimits {
-            fuel: u64::MAX,
-            timeout_ms: 300,
-            ..limits()
-        },
-    );
+    let report = misbehave("print", u64::MAX / 2, unmetered_300_ms());
     let (kind, message) = failure(&report);
     assert_eq!(kind, FailureKind::Timeout, "{message}");
     assert!(report.stdout.truncated && report.stdout.text.len() <= 64 << 10);
@@ -99,14 +92,7 @@ fn an_endless_stream_of_host_calls_times_out() {
 #[test]
 fn a_guest_that_sleeps_past_its_limit_times_out_at_it() {
     let started = std::time::Instant::now();
-    let report = misbehave(
-        "sleep",
-        20,
-        TaskLimits {
-            timeout_ms: 300,
-            ..limits()
-        },
-    );
+    let report = misbehave("sleep", 20, unmetered_300_ms());
     let (kind, message) = failure(&report);
     assert_eq!(kind, FailureKind::Timeout, "{message}");
     assert!(
