@@ -486,16 +486,22 @@ fn the_disk_cache_is_reused_and_a_corrupt_entry_is_rebuilt() {
     );
 }
 
+/// A cancel flag that another thread sets after `delay`.
+fn cancelled_after(delay: std::time::Duration) -> wasmgrid_worker::executor::CancelFlag {
+    let flag = wasmgrid_worker::executor::CancelFlag::default();
+    let setter = flag.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(delay);
+        setter.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    flag
+}
+
 #[test]
 fn a_cancel_flag_stops_a_running_task_and_deadlines_still_hold() {
     let executor = Arc::new(executor());
     let (task, _) = executor.load(&guest_wasm("misbehave")).unwrap();
-    let flag = wasmgrid_worker::executor::CancelFlag::default();
-    let setter = flag.clone();
-    std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        setter.store(true, std::sync::atomic::Ordering::Relaxed);
-    });
+    let flag = cancelled_after(std::time::Duration::from_millis(100));
     let spin = TaskLimits {
         fuel: u64::MAX,
         timeout_ms: 60_000,
@@ -530,12 +536,7 @@ fn a_cancel_flag_stops_a_running_task_and_deadlines_still_hold() {
 fn a_sleeping_task_is_cancelled_without_waiting_for_its_sleep() {
     let executor = executor();
     let (task, _) = executor.load(&guest_wasm("misbehave")).unwrap();
-    let flag = wasmgrid_worker::executor::CancelFlag::default();
-    let setter = flag.clone();
-    std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        setter.store(true, std::sync::atomic::Ordering::Relaxed);
-    });
+    let flag = cancelled_after(std::time::Duration::from_millis(100));
     let started = std::time::Instant::now();
     let patient = TaskLimits {
         timeout_ms: 60_000,
