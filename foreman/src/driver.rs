@@ -156,6 +156,9 @@ async fn run(mut core: Core, store: Store, mut inputs: mpsc::UnboundedReceiver<I
                 Command::Cancel { worker, attempts } => {
                     send_to(&mut core, &outboxes, worker, ToWorker::Cancel(attempts))
                 }
+                Command::Recall { worker, attempts } => {
+                    send_to(&mut core, &outboxes, worker, ToWorker::GiveBack(attempts))
+                }
                 Command::CutOff { worker, reason } => {
                     if let Some(link) = outboxes.remove(&worker) {
                         (link.cut_off)(&reason);

@@ -11,12 +11,12 @@ use serde::{Deserialize, Serialize};
 use crate::{TaskLimits, TaskReport};
 
 /// Protocol version; bumped on any change to the messages below.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// TLS application protocols a worker offers: this exact version first, then
 /// the bare name, which lets a foreman of another version still answer with
 /// a message that says both versions.
-pub const ALPN_VERSIONED: &[u8] = b"wasmgrid/3";
+pub const ALPN_VERSIONED: &[u8] = b"wasmgrid/4";
 pub const ALPN_ANY_VERSION: &[u8] = b"wasmgrid";
 
 /// Largest frame either side accepts (a module upload is the biggest message).
@@ -123,8 +123,9 @@ pub enum ToForeman {
     /// The worker is leaving: it grants no more credit, finishes what runs
     /// (within its grace period) and hands back what has not started.
     Draining,
-    /// Attempts handed back unstarted (while draining); each returns one
-    /// credit and the task is queued again without counting as an attempt.
+    /// Attempts handed back unstarted (while draining, or when asked with
+    /// `GiveBack`); each returns one credit and the task is queued again
+    /// without counting as an attempt.
     Returned(Vec<AttemptId>),
 }
 
@@ -147,6 +148,10 @@ pub enum ToWorker {
     /// attempts, let running ones finish for at most `grace_ms` (then cancel
     /// them), report, and close.
     Drain { grace_ms: u64 },
+    /// Hand back those of these attempts no slot has started, with
+    /// `Returned` (if any): another worker is idle at the end of their job.
+    /// Those already started run and report as usual.
+    GiveBack(Vec<AttemptId>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

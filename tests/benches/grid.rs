@@ -117,8 +117,8 @@ impl Grid {
         self.run_job_timed(module, args).0
     }
 
-    /// Also returns the time of each of the three requests.
-    fn run_job_timed(&self, module: Module, args: Value) -> (Value, [Duration; 3]) {
+    /// Also returns the time of each of the three requests, and the job id.
+    fn run_job_timed(&self, module: Module, args: Value) -> (Value, [Duration; 3], u64) {
         let mut body = json!({ "args": args });
         match module {
             Module::Hash(hash) => body["module_sha256"] = Value::String(hash),
@@ -139,7 +139,7 @@ impl Grid {
         }
         let t2 = Instant::now();
         let results = self.get(&format!("/api/jobs/{id}/results"))["results"].clone();
-        (results, [t1 - t0, t2 - t1, t2.elapsed()])
+        (results, [t1 - t0, t2 - t1, t2.elapsed()], id)
     }
 }
 
@@ -242,7 +242,7 @@ fn round_trip(grid: &Grid, add: &str) {
     for i in 0..600u64 {
         let started = Instant::now();
         if i % 2 == 0 {
-            let (results, parts) =
+            let (results, parts, _) =
                 grid.run_job_timed(Module::Hash(add.to_owned()), json!([[i, 1]]));
             let total = started.elapsed();
             assert_eq!(results, json!([i + 1]));
@@ -306,9 +306,12 @@ fn scaling(grid: &Grid, dir: &Path) {
     let primes = sha256_of(grid, "primes");
     let one_grid = Grid::start(&dir.join("one"), 1);
     one_grid.run_job(upload("primes"), json!([[0, 10]]));
+    // The job's wall time, and the time the workers' slots spent on its
+    // tasks (instantiating and running them, summed over workers).
     let timed = |grid: &Grid, args: &Value, expected: u64| {
         let started = Instant::now();
-        let results = grid.run_job(Module::Hash(primes.clone()), args.clone());
+        let (results, _, id) = grid.run_job_timed(Module::Hash(primes.clone()), args.clone());
+        let wall = started.elapsed();
         let total: u64 = results
             .as_array()
             .expect("array")
@@ -316,7 +319,14 @@ fn scaling(grid: &Grid, dir: &Path) {
             .filter_map(Value::as_u64)
             .sum();
         assert_eq!(total, expected);
-        started.elapsed()
+        let summary = grid.get(&format!("/api/jobs/{id}/summary"));
+        let busy_us: u64 = summary["by_worker"]
+            .as_array()
+            .expect("by_worker")
+            .iter()
+            .filter_map(|w| w["busy_us"].as_u64())
+            .sum();
+        (wall, Duration::from_micros(busy_us))
     };
     let exec_cache = dir.join("exec-cache");
     // The run as `worker exec` times it: from the first task to the last.
@@ -340,8 +350,8 @@ fn scaling(grid: &Grid, dir: &Path) {
         Duration::from_secs_f64(secs)
     };
     println!("\n## CPU-bound: `primes` in 64 tasks, 1 worker vs 2 workers (1 slot each, 2 cores shared with the foreman)\n");
-    println!("| range | pairs | 1 worker (median) | 2 workers (median) | speedup, median of pairs (min–max) | `worker exec` 1 → 2 slots, same pairs | host steal | target |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| range | pairs | 1 worker (median) | 2 workers (median) | speedup, median of pairs (min–max) | `worker exec` 1 → 2 slots, same pairs | task time side by side ÷ alone | 2 workers' slots busy | host steal | target |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for (range, args, path, expected, pairs) in [
         ("below 20,000,000", &small, &small_path, 1_270_607, 15),
         ("below 2,000,000,000", &large, &large_path, 98_222_287, 3),
@@ -350,9 +360,10 @@ fn scaling(grid: &Grid, dir: &Path) {
         timed(&one_grid, args, expected);
         let steal = StealMeter::start();
         let (mut ones, mut twos, mut speedups, mut ceilings) = (vec![], vec![], vec![], vec![]);
+        let (mut slowdowns, mut busy_shares) = (vec![], vec![]);
         for pair in 0..pairs {
             // Alternate which goes first, so a drift in speed favours neither.
-            let (one, two) = if pair % 2 == 0 {
+            let ((one, one_busy), (two, two_busy)) = if pair % 2 == 0 {
                 let one = timed(&one_grid, args, expected);
                 (one, timed(grid, args, expected))
             } else {
@@ -362,6 +373,10 @@ fn scaling(grid: &Grid, dir: &Path) {
             ones.push(one);
             twos.push(two);
             speedups.push(one.as_secs_f64() / two.as_secs_f64());
+            // Both run the same tasks: the ratio of their busy times is how
+            // much slower a task runs with the other core busy too.
+            slowdowns.push(two_busy.as_secs_f64() / one_busy.as_secs_f64());
+            busy_shares.push(two_busy.as_secs_f64() / (2.0 * two.as_secs_f64()));
             let (solo, duo) = (exec(path, "1"), exec(path, "2"));
             ceilings.push(solo.as_secs_f64() / duo.as_secs_f64());
         }
@@ -376,11 +391,13 @@ fn scaling(grid: &Grid, dir: &Path) {
             speedups.iter().copied().fold(0.0, f64::max),
         );
         println!(
-            "| {range} | {pairs} | {} | {} | {:.2}× ({lo:.2}–{hi:.2}) | {:.2}× | {} | ≥ 1.9× |",
+            "| {range} | {pairs} | {} | {} | {:.2}× ({lo:.2}–{hi:.2}) | {:.2}× | {:.2}× | {:.0}% | {} | ≥ 1.9× |",
             ms(ones[ones.len() / 2]),
             ms(twos[twos.len() / 2]),
             median(&mut speedups),
             median(&mut ceilings),
+            median(&mut slowdowns),
+            100.0 * median(&mut busy_shares),
             steal
                 .percent()
                 .map_or("?".to_owned(), |p| format!("{p:.1}%")),

@@ -75,11 +75,18 @@ impl Attempts {
     /// Takes back every attempt no slot has started: they will never run or
     /// report, and are no longer held. Returns their ids.
     pub fn take_back_unstarted(&self) -> Vec<AttemptId> {
+        let all: Vec<AttemptId> = self.lock().keys().copied().collect();
+        self.take_back(&all)
+    }
+
+    /// Takes back those of `attempts` no slot has started (unknown ids are
+    /// ignored: they already finished). Returns their ids, in order.
+    pub fn take_back(&self, attempts: &[AttemptId]) -> Vec<AttemptId> {
         let mut held = self.lock();
-        let mut taken: Vec<AttemptId> = held
+        let mut taken: Vec<AttemptId> = attempts
             .iter()
-            .filter(|(_, h)| h.state.try_take_back())
-            .map(|(&attempt, _)| attempt)
+            .copied()
+            .filter(|attempt| held.get(attempt).is_some_and(|h| h.state.try_take_back()))
             .collect();
         for attempt in &taken {
             held.remove(attempt);
@@ -89,6 +96,7 @@ impl Attempts {
             self.left.notify_one();
         }
         taken.sort_unstable();
+        taken.dedup();
         taken
     }
 
@@ -173,6 +181,55 @@ mod tests {
         let (attempt, report) = rx.recv_timeout(PATIENCE).unwrap();
         assert_eq!(attempt, 10);
         assert_eq!(report.outcome.unwrap_err().kind, FailureKind::Cancelled);
+        drop(pool);
+        drop(tx);
+        assert_eq!(rx.iter().count(), 0, "a handed-back attempt ran");
+        assert!(attempts.is_empty());
+    }
+
+    #[test]
+    fn giving_back_hands_over_only_the_asked_for_attempts_not_started() {
+        let executor = executor(1);
+        let (task, load) = test_task(&executor);
+        let pool = SlotPool::new(executor.clone(), 1).unwrap();
+        let attempts = Attempts::new();
+        let (tx, rx) = mpsc::channel();
+        for (attempt, args) in [(10, SPIN), (11, "[]"), (12, "[]"), (13, "[]")] {
+            let (cancel, state) = attempts.add(attempt);
+            let tx = tx.clone();
+            let held = attempts.clone();
+            let mine = state.clone();
+            pool.submit_tracked(
+                task.clone(),
+                load,
+                args.into(),
+                patient_limits(),
+                Tracking::new(cancel, state),
+                move |report| {
+                    let _ = tx.send((attempt, report));
+                    held.finished(attempt, &mine);
+                },
+            );
+        }
+        let waiting = Instant::now();
+        while pool.running() == 0 {
+            assert!(waiting.elapsed() < PATIENCE, "the spinner never started");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // 10 runs, 99 is unknown, 11 was not asked for.
+        assert_eq!(attempts.take_back(&[13, 10, 99, 12, 13]), vec![12, 13]);
+        assert_eq!(attempts.len(), 2);
+
+        attempts.cancel(&[10]);
+        let mut reports: Vec<_> = (0..2).map(|_| rx.recv_timeout(PATIENCE).unwrap()).collect();
+        reports.sort_by_key(|(attempt, _)| *attempt);
+        assert_eq!(reports[0].0, 10);
+        assert_eq!(
+            reports[0].1.outcome.as_ref().unwrap_err().kind,
+            FailureKind::Cancelled
+        );
+        assert_eq!(reports[1].0, 11);
+        assert!(reports[1].1.outcome.is_ok(), "{:?}", reports[1].1.outcome);
         drop(pool);
         drop(tx);
         assert_eq!(rx.iter().count(), 0, "a handed-back attempt ran");

@@ -335,6 +335,12 @@ async fn serve(
                         run_batch(&connection, session, assignments, &out, &attempts).await?
                     }
                     Some(ToWorker::Cancel(ids)) => attempts.cancel(&ids),
+                    Some(ToWorker::GiveBack(ids)) => {
+                        let ids = attempts.take_back(&ids);
+                        if !ids.is_empty() {
+                            let _ = out.send(Outgoing::Message(ToForeman::Returned(ids)));
+                        }
+                    }
                     Some(ToWorker::Drain { grace_ms }) => {
                         let grace = Duration::from_millis(grace_ms);
                         match &mut drain {

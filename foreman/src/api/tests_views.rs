@@ -207,7 +207,11 @@ async fn a_summary_counts_failures_workers_and_run_times() {
     assert_eq!(json["failures_by_kind"], serde_json::json!({"Trap": 1}));
     assert_eq!(
         json["by_worker"],
-        serde_json::json!([{"worker": g.worker, "name": "w", "tasks": 3, "fuel_used": 30}])
+        serde_json::json!([{
+            "worker": g.worker, "name": "w", "tasks": 3, "fuel_used": 30,
+            // Instantiating 2 µs each, running 1500 + 7 + 3 µs.
+            "busy_us": 1516
+        }])
     );
     let buckets = json["latency_ms"].as_array().unwrap();
     assert_eq!(buckets.len(), crate::store::LATENCY_BUCKETS_MS.len() + 1);

@@ -35,13 +35,13 @@ const TAIL_RIVALS: usize = 64;
 
 /// Assignments per worker, in the order workers were first served.
 #[derive(Default)]
-struct Batches {
+pub(super) struct Batches {
     batches: Vec<(WorkerId, Vec<Assignment>)>,
     index: HashMap<WorkerId, usize>,
 }
 
 impl Batches {
-    fn push(&mut self, worker: WorkerId, assignment: Assignment) {
+    pub(super) fn push(&mut self, worker: WorkerId, assignment: Assignment) {
         // Chunks go to one worker in a row: skip the lookup.
         if let Some((last, batch)) = self.batches.last_mut() {
             if *last == worker {
@@ -59,8 +59,14 @@ impl Batches {
 
 impl Core {
     /// Assigns queued tasks to workers with free credit and emits one `Send`
-    /// per worker served.
+    /// per worker served; then, if nothing is left queued, evens out the
+    /// end of the jobs running (see `tail`).
     pub fn dispatch(&mut self) {
+        self.deal_queued();
+        self.even_out_tail();
+    }
+
+    fn deal_queued(&mut self) {
         if self.queued == 0 || !self.pool.any_ready() {
             return;
         }
@@ -89,6 +95,11 @@ impl Core {
                 self.order.remove_key(&key);
             }
         }
+        self.send(out);
+    }
+
+    /// One `Send` per worker served.
+    pub(super) fn send(&mut self, out: Batches) {
         for (worker, assignments) in out.batches {
             self.commands.push_back(Command::Send {
                 worker,
@@ -104,13 +115,13 @@ impl Core {
             .filter(|j| j.progress.queued > 0 && !j.progress.state.is_finished())
     }
 
-    fn memory_limit(&self, job: JobId) -> u64 {
+    pub(super) fn memory_limit(&self, job: JobId) -> u64 {
         self.jobs
             .get(&job)
             .map_or(0, |j| j.spec.limits.memory_bytes)
     }
 
-    fn can_take(&self, job: JobId, worker: WorkerId, limit: u64) -> bool {
+    pub(super) fn can_take(&self, job: JobId, worker: WorkerId, limit: u64) -> bool {
         self.pool
             .get(worker)
             .is_some_and(|w| w.ready() && w.fits(limit) && self.has_room(job, w))
@@ -218,7 +229,7 @@ impl Core {
 
     /// Starts the job's next queued task on `worker`; false when the job has
     /// none left.
-    fn give_one(&mut self, job: JobId, worker: WorkerId, out: &mut Batches) -> bool {
+    pub(super) fn give_one(&mut self, job: JobId, worker: WorkerId, out: &mut Batches) -> bool {
         let Some(task) = self.pop_queued(job) else {
             return false;
         };

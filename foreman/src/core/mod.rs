@@ -54,6 +54,13 @@
 //!
 //! A draining worker gets no more tasks; attempts it hands back unstarted
 //! are queued again at the front without counting as attempts.
+//!
+//! # The end of a job
+//!
+//! Once nothing is queued, a worker with an idle slot takes over part of
+//! what another holds unstarted: the core sends that worker a
+//! [`Command::Recall`], and the attempts it hands back go to the idle one
+//! (see `tail`). Attempts already started run on and report as usual.
 
 mod dispatch;
 mod health;
@@ -64,6 +71,9 @@ mod queue;
 mod schedule_tests;
 #[cfg(test)]
 mod sim;
+mod tail;
+#[cfg(test)]
+mod tail_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -98,6 +108,12 @@ pub enum Command {
     /// Tell this worker to stop these attempts (job cancelled, or the task
     /// was finished by another attempt).
     Cancel {
+        worker: WorkerId,
+        attempts: Vec<AttemptId>,
+    },
+    /// Ask this worker to hand back these attempts if it has not started
+    /// them: another worker idles at the end of their job.
+    Recall {
         worker: WorkerId,
         attempts: Vec<AttemptId>,
     },
@@ -197,6 +213,8 @@ pub struct Core {
     lost: HashMap<AttemptId, Held>,
     /// Per worker, attempts that ended without their report lately.
     released: HashMap<WorkerId, violations::RecentAttempts>,
+    /// Attempts asked back from their worker for an idle one.
+    recalls: tail::Recalls,
     commands: VecDeque<Command>,
 }
 
@@ -221,6 +239,7 @@ impl Core {
             live: HashMap::default(),
             lost: HashMap::default(),
             released: HashMap::default(),
+            recalls: tail::Recalls::default(),
             commands: VecDeque::new(),
         }
     }

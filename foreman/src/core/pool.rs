@@ -82,6 +82,11 @@ impl Worker {
             || self.reserved_bytes.saturating_add(limit_bytes) <= self.memory_bytes
     }
 
+    /// Attempts it holds beyond one per slot: those queued behind busy slots.
+    pub(super) fn queued_behind(&self) -> usize {
+        self.held.len().saturating_sub(self.slots as usize)
+    }
+
     fn load_key(&self) -> u64 {
         self.held.len() as u64 * LOAD_SCALE / u64::from(self.slots.max(1))
     }
@@ -98,6 +103,8 @@ pub(super) struct Pool {
     /// on every task taken or returned.
     track_load: bool,
     next_epoch: u64,
+    /// Sum of every worker's [`Worker::queued_behind`].
+    queued_behind: usize,
 }
 
 impl Pool {
@@ -107,6 +114,11 @@ impl Pool {
 
     pub(super) fn iter(&self) -> impl Iterator<Item = (WorkerId, &Worker)> {
         self.workers.iter().map(|(id, w)| (*id, w))
+    }
+
+    /// Attempts queued behind busy slots, over all workers.
+    pub(super) fn queued_behind(&self) -> usize {
+        self.queued_behind
     }
 
     pub(super) fn any_ready(&self) -> bool {
@@ -163,6 +175,7 @@ impl Pool {
     /// Removes the worker with its credit; its rotation entry goes stale.
     pub(super) fn leave(&mut self, id: WorkerId) -> Option<Worker> {
         let worker = self.workers.remove(&id)?;
+        self.queued_behind -= worker.queued_behind();
         if let Some(load) = worker.indexed_load {
             self.by_load.remove(&(load, id));
         }
@@ -183,7 +196,9 @@ impl Pool {
     pub(super) fn take(&mut self, id: WorkerId, attempt: AttemptId, memory: u64) {
         if let Some(w) = self.workers.get_mut(&id) {
             w.free = w.free.saturating_sub(1);
+            let before = w.queued_behind();
             w.held.insert(attempt, memory);
+            self.queued_behind += w.queued_behind() - before;
             w.reserved_bytes = w.reserved_bytes.saturating_add(memory);
         }
         self.sync(id);
@@ -195,7 +210,9 @@ impl Pool {
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
+        let before = w.queued_behind();
         if let Some(memory) = w.held.remove(&attempt) {
+            self.queued_behind -= before - w.queued_behind();
             w.reserved_bytes = w.reserved_bytes.saturating_sub(memory);
             w.free = w.free.saturating_add(1);
             self.sync(id);

@@ -70,6 +70,8 @@ impl Rng {
 /// A worker as it sees itself.
 struct FakeWorker {
     window: u32,
+    /// At most `window`: the rest of the window is its prefetch.
+    slots: u32,
     online: bool,
     /// Credit it has granted (explicitly or by reporting) and not seen used.
     free: u32,
@@ -98,6 +100,8 @@ struct Ledger {
     losers_cancelled: u32,
     /// Workers cut off for a protocol violation (a replayed report).
     violations: u32,
+    /// Attempts handed back unstarted, when asked for an idle worker.
+    handed_back: u32,
 }
 
 impl Ledger {
@@ -164,6 +168,10 @@ impl Ledger {
                             self.finish(key, *task_state);
                         }
                     }
+                    FailureKind::Cancelled if *task_state == TaskState::Queued => {
+                        assert!(!self.finished.contains_key(&key));
+                        self.handed_back += 1;
+                    }
                     FailureKind::Cancelled => match self.finished.get(&key) {
                         // A late report finishes the task right after this.
                         None if *task_state != TaskState::Cancelled => {
@@ -210,6 +218,8 @@ struct Sim {
     /// Reports sent and not yet delivered: (worker, attempt, report).
     in_flight: Vec<(WorkerId, AttemptId, TaskReport)>,
     delivered: Vec<(WorkerId, AttemptId, TaskReport)>,
+    /// `GiveBack`s on the wire to their worker.
+    recalls: Vec<(WorkerId, Vec<AttemptId>)>,
     cut_offs: u32,
 }
 
@@ -242,16 +252,42 @@ impl Sim {
                         }
                     }
                 }
+                Command::Recall { worker, attempts } => {
+                    assert!(self.workers[worker as usize].online);
+                    self.recalls.push((worker, attempts));
+                }
                 Command::Record(r) => self.ledger.apply(&r),
                 Command::CutOff { worker, .. } => self.cut_off(worker),
             }
         }
     }
 
+    /// A `GiveBack` arrives: the worker hands back what it holds of it,
+    /// except those it has started (a coin toss each).
+    fn answer_recall(&mut self, i: usize) {
+        let (id, attempts) = self.recalls.swap_remove(i);
+        let w = &mut self.workers[id as usize];
+        if !w.online {
+            return;
+        }
+        let mut returned = Vec::new();
+        for a in attempts {
+            if let Some(at) = w.held.iter().position(|&h| h == a) {
+                if self.rng.chance(600) {
+                    w.held.swap_remove(at);
+                    returned.push(a);
+                }
+            }
+        }
+        w.free += returned.len() as u32;
+        self.core.attempts_returned(id, &returned);
+    }
+
     /// The core closed the worker's connection: its reports on the wire are
     /// lost, and it starts afresh (as after a crash) when it joins again.
     fn cut_off(&mut self, id: WorkerId) {
         self.in_flight.retain(|(w, _, _)| *w != id);
+        self.recalls.retain(|(w, _)| *w != id);
         let w = &mut self.workers[id as usize];
         assert!(w.online, "worker {id} cut off twice");
         w.online = false;
@@ -284,6 +320,7 @@ impl Sim {
                 self.in_flight.swap_remove(i);
             }
         }
+        self.recalls.retain(|(w, _)| *w != id);
         self.core.worker_left(id);
         let w = &mut self.workers[id as usize];
         w.online = false;
@@ -297,8 +334,7 @@ impl Sim {
         let w = &mut self.workers[id as usize];
         w.online = true;
         w.free = w.window - w.held.len() as u32;
-        self.core
-            .worker_joined(id, WorkerSpec::with_slots(w.window));
+        self.core.worker_joined(id, WorkerSpec::with_slots(w.slots));
         self.core.grant_credit(id, w.free);
     }
 
@@ -407,12 +443,16 @@ fn simulate(seed: u64, worker_count: u64, sizes: [u32; 3], schedulers: [Schedule
     let jobs: [(JobId, u32, u32); 3] = [(1, sizes[0], 6), (2, sizes[1], 3), (3, sizes[2], 1)];
     let mut rng = Rng(seed);
     let workers = (0..worker_count)
-        .map(|_| FakeWorker {
-            window: 1 + rng.below(8) as u32,
-            online: false,
-            free: 0,
-            held: Vec::new(),
-            pace: [50, 300, 1000][rng.below(3) as usize],
+        .map(|_| {
+            let window = 1 + rng.below(8) as u32;
+            FakeWorker {
+                window,
+                slots: 1 + rng.below(u64::from(window)) as u32,
+                online: false,
+                free: 0,
+                held: Vec::new(),
+                pace: [50, 300, 1000][rng.below(3) as usize],
+            }
         })
         .collect();
     let mut sim = Sim {
@@ -422,6 +462,7 @@ fn simulate(seed: u64, worker_count: u64, sizes: [u32; 3], schedulers: [Schedule
         ledger: Ledger::default(),
         in_flight: Vec::new(),
         delivered: Vec::new(),
+        recalls: Vec::new(),
         cut_offs: 0,
     };
     for id in 0..worker_count {
@@ -453,6 +494,10 @@ fn simulate(seed: u64, worker_count: u64, sizes: [u32; 3], schedulers: [Schedule
             }
             let i = sim.rng.below(sim.in_flight.len() as u64) as usize;
             sim.deliver(i);
+        }
+        while !sim.recalls.is_empty() && sim.rng.chance(700) {
+            let i = sim.rng.below(sim.recalls.len() as u64) as usize;
+            sim.answer_recall(i);
         }
         // A report sent twice breaks the protocol: the worker is cut off.
         if !sim.delivered.is_empty() && sim.rng.chance(300) {
@@ -503,14 +548,16 @@ fn simulate(seed: u64, worker_count: u64, sizes: [u32; 3], schedulers: [Schedule
     }
     let l = &sim.ledger;
     eprintln!(
-        "seed {seed}: {steps} steps, {} attempts, {} lost, {} late reports ({} finished their task, {} cancelled another attempt)",
+        "seed {seed}: {steps} steps, {} attempts, {} lost, {} handed back, {} late reports ({} finished their task, {} cancelled another attempt)",
         l.task_of.len(),
         l.lost.len(),
+        l.handed_back,
         l.late_reports,
         l.late_finishes,
         l.losers_cancelled
     );
     assert!(l.lost.len() > 100 && l.late_finishes > 5 && l.losers_cancelled > 0);
+    assert!(l.handed_back > 0, "no attempt was handed to an idle worker");
     assert!(sim.cut_offs > 0);
     assert_eq!(l.violations, sim.cut_offs);
     assert_eq!(sim.ledger.job_final[&2], JobState::Cancelled);

@@ -78,9 +78,11 @@ impl Core {
 
     /// The worker hands these attempts back unstarted: each task is queued
     /// again at the front, the attempt not counted. Attempts it does not
-    /// hold are ignored.
+    /// hold are ignored. Those asked back for an idle worker start there
+    /// at once if it still has room.
     pub fn attempts_returned(&mut self, worker: WorkerId, attempts: &[AttemptId]) {
         let mut requeue = Vec::new();
+        let mut for_idle = Vec::new();
         for &attempt in attempts {
             let Some(held) = self.live.get(&attempt).copied() else {
                 continue;
@@ -88,6 +90,7 @@ impl Core {
             if held.worker != worker {
                 continue;
             }
+            let recalled_for = self.recalled_for(attempt);
             self.live.remove(&attempt);
             self.pool.release(worker, attempt);
             let Some(job) = self.jobs.get_mut(&held.job) else {
@@ -102,23 +105,30 @@ impl Core {
             job.progress
                 .move_task(TaskState::Running, TaskState::Queued);
             self.queued += 1;
+            let why = match recalled_for {
+                Some(idle) => {
+                    format!("handed back unstarted by worker {worker} for idle worker {idle}")
+                }
+                None => format!("handed back unstarted by draining worker {worker}"),
+            };
             self.commands
                 .push_back(Command::Record(Record::AttemptAbandoned {
                     job: held.job,
                     task: held.task,
                     attempt,
                     worker,
-                    failure: Failure::new(
-                        FailureKind::Cancelled,
-                        format!("handed back unstarted by draining worker {worker}"),
-                    ),
+                    failure: Failure::new(FailureKind::Cancelled, why),
                     task_state: TaskState::Queued,
                 }));
             requeue.push((held.job, held.task));
+            if let Some(idle) = recalled_for {
+                for_idle.push((held.job, held.task, idle));
+            }
         }
         // In the order handed back, ahead of everything else.
         for (job, task) in requeue.into_iter().rev() {
             self.requeue_front(job, task);
         }
+        self.hand_to_idle(&for_idle);
     }
 }

@@ -232,6 +232,8 @@ pub struct WorkerShare {
     /// Attempts this worker ended for the job.
     pub tasks: u64,
     pub fuel_used: u64,
+    /// Time its slots spent instantiating and running the job's tasks, in µs.
+    pub busy_us: u64,
 }
 
 /// One histogram bucket: attempts whose run time is at most `le`
@@ -277,7 +279,8 @@ pub(super) fn job_summary(
     let mut by_worker = Vec::new();
     {
         let mut stmt = tx.prepare_cached(
-            "SELECT a.worker_id, w.name, count(*), coalesce(sum(a.fuel_used), 0)
+            "SELECT a.worker_id, w.name, count(*), coalesce(sum(a.fuel_used), 0),
+                    coalesce(sum(a.instantiate_us), 0) + coalesce(sum(a.run_us), 0)
              FROM attempts a LEFT JOIN workers w ON w.id = a.worker_id
              WHERE a.job_id = ?1 AND a.ended_at_ms IS NOT NULL
              GROUP BY a.worker_id ORDER BY a.worker_id",
@@ -289,6 +292,7 @@ pub(super) fn job_summary(
                 name: row.get(1)?,
                 tasks: from_sql(row.get(2)?),
                 fuel_used: from_sql(row.get(3)?),
+                busy_us: from_sql(row.get(4)?),
             });
         }
     }
