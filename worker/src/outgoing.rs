@@ -17,8 +17,9 @@ use crate::sysinfo::LoadSampler;
 
 /// How long a finished stream may wait for the foreman's acknowledgement.
 const FINISH_ACK: Duration = Duration::from_secs(5);
-/// Longest a lone report waits for company while this worker has tasks
-/// queued (so the foreman loses nothing by hearing of it later).
+/// Longest a report waits for company while this worker has tasks queued
+/// (so the foreman loses nothing by hearing of it later). The prefetch
+/// windows (`credit`, the foreman's dispatch) hold about twice this.
 const REPORT_HOLD: Duration = Duration::from_millis(2);
 
 pub enum Outgoing {
@@ -65,15 +66,17 @@ pub fn spawn(
                 Outgoing::Finished(first) => {
                     let mut bytes = report_bytes(&first);
                     let mut batch = vec![first];
+                    let held_since = tokio::time::Instant::now();
                     // Past the byte budget the rest waits, so no frame nears the foreman's limit.
                     while bytes < FINISHED_BATCH_BYTES {
                         let next = match queue.try_recv() {
                             Ok(next) => next,
                             // Tasks of a millisecond or so would cost the
-                            // foreman a wakeup each: one report waits for the
-                            // next while queued tasks keep this worker busy.
-                            Err(_) if batch.len() == 1 && pool.queued() > 0 => {
-                                match tokio::time::timeout(REPORT_HOLD, queue.recv()).await {
+                            // foreman a wakeup each: reports gather for up to
+                            // REPORT_HOLD while queued tasks keep this worker busy.
+                            Err(_) if pool.queued() > 0 => {
+                                let until = held_since + REPORT_HOLD;
+                                match tokio::time::timeout_at(until, queue.recv()).await {
                                     Ok(Some(next)) => next,
                                     Ok(None) | Err(_) => break,
                                 }
