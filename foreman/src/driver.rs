@@ -157,6 +157,7 @@ async fn run(mut core: Core, store: Store, mut inputs: mpsc::UnboundedReceiver<I
                     send_to(&mut core, &outboxes, worker, ToWorker::Cancel(attempts))
                 }
                 Command::Recall { worker, attempts } => {
+                    tracing::debug!(worker, ?attempts, "asked to hand back for an idle worker");
                     send_to(&mut core, &outboxes, worker, ToWorker::GiveBack(attempts))
                 }
                 Command::CutOff { worker, reason } => {

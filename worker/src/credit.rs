@@ -1,12 +1,15 @@
 //! How much work a joined worker asks for: credit for its slots plus a
 //! prefetch window sized in time, grown as it learns how long tasks take.
 
+use std::time::Duration;
+
+use wasmgrid_protocol::wire::MAX_PREFETCH_PER_SLOT;
+
 /// Queued work to hold per slot, measured in time: enough that tiny tasks are
 /// not bound by round trips nor by the reports held back (`outgoing`), little
 /// enough that long ones are not hoarded.
 const PIPE_TARGET_US: f64 = 4_000.0;
 const MIN_PREFETCH_PER_SLOT: u32 = 2;
-use wasmgrid_protocol::wire::MAX_PREFETCH_PER_SLOT;
 
 /// The credit this worker has granted, grown as it learns how long tasks take.
 pub struct CreditWindow {
@@ -30,6 +33,12 @@ impl CreditWindow {
         self.granted
     }
 
+    /// How long `queued` tasks keep the slots busy, at the usual task time.
+    pub fn queue_lasts(&self, queued: usize) -> Duration {
+        let micros = queued as f64 * self.task_us / f64::from(self.slots.max(1));
+        Duration::from_secs_f64(micros / 1e6)
+    }
+
     pub fn observe(&mut self, micros: u64) {
         self.task_us = 0.9 * self.task_us + 0.1 * (micros.max(1) as f64);
     }
@@ -51,6 +60,17 @@ impl CreditWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_queue_lasts_its_tasks_shared_over_the_slots() {
+        let mut window = CreditWindow::new(2);
+        for _ in 0..200 {
+            window.observe(1_000);
+        }
+        let lasts = window.queue_lasts(6).as_secs_f64();
+        assert!((lasts - 0.003).abs() < 1e-4, "{lasts}");
+        assert_eq!(window.queue_lasts(0), Duration::ZERO);
+    }
 
     #[test]
     fn credit_grows_for_tiny_tasks_and_stays_small_for_long_ones() {

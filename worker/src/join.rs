@@ -335,8 +335,9 @@ async fn serve(
                         run_batch(&connection, session, assignments, &out, &attempts).await?
                     }
                     Some(ToWorker::Cancel(ids)) => attempts.cancel(&ids),
-                    Some(ToWorker::GiveBack(ids)) => {
-                        let ids = attempts.take_back(&ids);
+                    Some(ToWorker::GiveBack(asked)) => {
+                        let ids = attempts.take_back(&asked);
+                        tracing::debug!(?asked, handed_back = ?ids, "the foreman asked for tasks back");
                         if !ids.is_empty() {
                             let _ = out.send(Outgoing::Message(ToForeman::Returned(ids)));
                         }

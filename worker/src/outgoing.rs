@@ -17,10 +17,13 @@ use crate::sysinfo::LoadSampler;
 
 /// How long a finished stream may wait for the foreman's acknowledgement.
 const FINISH_ACK: Duration = Duration::from_secs(5);
-/// Longest a report waits for company while this worker has tasks queued
-/// (so the foreman loses nothing by hearing of it later). The prefetch
-/// windows (`credit`, the foreman's dispatch) hold about twice this.
+/// Longest a report waits for company while this worker's queued tasks keep
+/// it busy (so the foreman loses nothing by hearing of it later). The
+/// prefetch windows (`credit`, the foreman's dispatch) hold about twice this.
 const REPORT_HOLD: Duration = Duration::from_millis(2);
+/// Reports wait only while the queue lasts this much longer than they do:
+/// new tasks must arrive before it runs dry.
+const HOLD_MARGIN: Duration = Duration::from_millis(1);
 
 pub enum Outgoing {
     /// A report; consecutive ones go out in one message.
@@ -74,11 +77,19 @@ pub fn spawn(
                             // Tasks of a millisecond or so would cost the
                             // foreman a wakeup each: reports gather for up to
                             // REPORT_HOLD while queued tasks keep this worker busy.
-                            Err(_) if pool.queued() > 0 => {
-                                let until = held_since + REPORT_HOLD;
-                                match tokio::time::timeout_at(until, queue.recv()).await {
-                                    Ok(Some(next)) => next,
-                                    Ok(None) | Err(_) => break,
+                            // A slot that finds its queue empty (what was left
+                            // may have been handed back) ends the wait.
+                            Err(_)
+                                if window.queue_lasts(pool.queued())
+                                    > REPORT_HOLD + HOLD_MARGIN =>
+                            {
+                                tokio::select! {
+                                    next = queue.recv() => match next {
+                                        Some(next) => next,
+                                        None => break,
+                                    },
+                                    _ = pool.slot_idle() => break,
+                                    _ = tokio::time::sleep_until(held_since + REPORT_HOLD) => break,
                                 }
                             }
                             Err(_) => break,

@@ -16,6 +16,12 @@ use super::pool::Worker;
 use super::{Command, Core};
 use crate::model::{JobId, TaskIndex, WorkerId};
 
+/// How long a recalled task takes to start on the idle worker: the recall,
+/// the hand-back and the send, each a message between machines whose cores
+/// are busy (measured on loopback: 0.4–0.8 ms). Tasks much shorter than
+/// this are not worth recalling.
+const RECALL_LATENCY_US: f64 = 1_000.0;
+
 /// Attempts asked back from their worker, each with the idle worker it is for.
 #[derive(Debug, Default)]
 pub(super) struct Recalls {
@@ -87,7 +93,8 @@ impl Core {
             else {
                 continue;
             };
-            let share = fair_share(thief, idle.idle_slots, victim, spare).min(idle.room);
+            let latency = self.recall_latency_in_tasks(victim);
+            let share = fair_share(thief, idle.idle_slots, victim, spare, latency).min(idle.room);
             let picked = self.pick_unstarted(holder, idle.id, share);
             for &attempt in &picked {
                 self.recalls.meant_for.insert(attempt, idle.id);
@@ -106,6 +113,23 @@ impl Core {
         for (worker, attempts) in recalls {
             self.commands
                 .push_back(Command::Recall { worker, attempts });
+        }
+    }
+
+    /// [`RECALL_LATENCY_US`] in tasks of the job of the holder's newest
+    /// attempt (0 while the job's task time is unknown).
+    fn recall_latency_in_tasks(&self, holder: &Worker) -> f64 {
+        let task_us = holder
+            .held
+            .keys()
+            .max()
+            .and_then(|attempt| self.live.get(attempt))
+            .and_then(|held| self.jobs.get(&held.job))
+            .map_or(0.0, |job| job.task_us);
+        if task_us > 0.0 {
+            RECALL_LATENCY_US / task_us
+        } else {
+            0.0
         }
     }
 
@@ -154,30 +178,42 @@ impl Core {
 }
 
 /// How many of `spare` queued attempts the idle worker should take so that
-/// the later of the two finishes soonest: the holder's work left is its
-/// queue plus its running tasks (half done, on average), and each gets
-/// through work at its rate. Equal speeds unless both are known.
+/// the later of the two finishes soonest. Time is counted in tasks on one
+/// of the holder's slots: the holder's work left is its queue plus its
+/// running tasks (half done, on average); the idle worker starts `latency`
+/// late and goes at its speed relative to the holder's (equal unless both
+/// are known).
 pub(super) fn fair_share(
     thief: &Worker,
     idle_slots: usize,
     victim: &Worker,
     spare: usize,
+    latency: f64,
 ) -> usize {
-    let (thief_speed, victim_speed) = if thief.speed > 0.0 && victim.speed > 0.0 {
-        (thief.speed, victim.speed)
+    let relative_speed = if thief.speed > 0.0 && victim.speed > 0.0 {
+        thief.speed / victim.speed
     } else {
-        (1.0, 1.0)
+        1.0
     };
-    let thief_rate = idle_slots as f64 * thief_speed;
-    let victim_rate = f64::from(victim.slots) * victim_speed;
+    let thief_rate = idle_slots as f64 * relative_speed;
+    let victim_rate = f64::from(victim.slots);
     let work = spare as f64 + f64::from(victim.slots) / 2.0;
-    let finish = |k: usize| ((work - k as f64) / victim_rate).max(k as f64 / thief_rate);
-    let balanced = work * thief_rate / (thief_rate + victim_rate);
-    let (low, high) = (balanced.floor() as usize, balanced.ceil() as usize);
-    let best = if finish(high) < finish(low) {
-        high
-    } else {
-        low
+    let finish = |k: usize| {
+        let holder = (work - k as f64) / victim_rate;
+        if k == 0 {
+            holder
+        } else {
+            holder.max(latency + k as f64 / thief_rate)
+        }
     };
-    best.min(spare)
+    let balanced =
+        ((work - latency * victim_rate) * thief_rate / (thief_rate + victim_rate)).max(0.0);
+    let (low, high) = (balanced.floor() as usize, balanced.ceil() as usize);
+    let mut best = 0;
+    for k in [low.min(spare), high.min(spare)] {
+        if finish(k) < finish(best) {
+            best = k;
+        }
+    }
+    best
 }

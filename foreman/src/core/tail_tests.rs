@@ -2,7 +2,7 @@
 //! handed-back tasks go.
 
 use wasmgrid_protocol::wire::AttemptId;
-use wasmgrid_protocol::FailureKind;
+use wasmgrid_protocol::{FailureKind, TaskReport};
 
 use super::tail::fair_share;
 use super::tests::{args, events, ok, spec, Ev, Harness};
@@ -30,6 +30,13 @@ fn recalls(commands: &[Command]) -> Vec<(WorkerId, Vec<AttemptId>)> {
             _ => None,
         })
         .collect()
+}
+
+/// A success after 100 ms: far longer than a recall takes.
+fn long() -> TaskReport {
+    let mut report = ok();
+    report.timings.run_us = 100_000;
+    report
 }
 
 /// Attempts sent to each worker, in order.
@@ -67,22 +74,32 @@ fn the_share_asked_back_finishes_both_workers_soonest() {
         join(&mut h, 1, slots, slots, speed);
         h
     };
-    let share = |idle: (u32, u64), busy: (u32, u64), spare: usize| {
+    // (slots, speed) of the idle worker and of the holder, the holder's
+    // queue, and how late a recalled task starts (in tasks).
+    let share = |idle: (u32, u64), busy: (u32, u64), spare: usize, latency: f64| {
         let (a, b) = (worker(idle.0, idle.1), worker(busy.0, busy.1));
         let (a, b) = (a.core.pool.get(1).unwrap(), b.core.pool.get(1).unwrap());
-        fair_share(a, idle.0 as usize, b, spare)
+        fair_share(a, idle.0 as usize, b, spare, latency)
     };
     // Equal speeds: the queue plus half the running task, split in two.
-    assert_eq!(share((1, 0), (1, 0), 1), 1);
-    assert_eq!(share((1, 0), (1, 0), 2), 1);
-    assert_eq!(share((1, 0), (1, 0), 4), 2);
-    assert_eq!(share((1, 0), (1, 0), 9), 5);
+    assert_eq!(share((1, 0), (1, 0), 1, 0.0), 1);
+    assert_eq!(share((1, 0), (1, 0), 2, 0.0), 1);
+    assert_eq!(share((1, 0), (1, 0), 4, 0.0), 2);
+    assert_eq!(share((1, 0), (1, 0), 9, 0.0), 5);
     // Known speeds weigh in; unknown on either side count as equal.
-    assert_eq!(share((1, 1_000), (1, 4_000), 2), 0);
-    assert_eq!(share((1, 4_000), (1, 1_000), 4), 4);
-    assert_eq!(share((1, 0), (1, 4_000), 2), 1);
+    assert_eq!(share((1, 1_000), (1, 4_000), 2, 0.0), 0);
+    assert_eq!(share((1, 4_000), (1, 1_000), 4, 0.0), 4);
+    assert_eq!(share((1, 40_000), (1, 1_000), 4, 0.0), 4);
+    assert_eq!(share((1, 0), (1, 4_000), 2, 0.0), 1);
     // A busy worker with more slots keeps more.
-    assert_eq!(share((1, 0), (3, 0), 6), 2);
+    assert_eq!(share((1, 0), (3, 0), 6, 0.0), 2);
+    // Tasks short next to the recall's latency: only a long queue is worth it.
+    assert_eq!(share((1, 0), (1, 0), 1, 1.7), 0);
+    assert_eq!(share((1, 0), (1, 0), 2, 1.7), 0);
+    assert_eq!(share((1, 0), (1, 0), 4, 1.7), 1);
+    assert_eq!(share((1, 0), (1, 0), 9, 1.7), 4);
+    // Long tasks: the latency hardly counts.
+    assert_eq!(share((1, 0), (1, 0), 1, 0.01), 1);
 }
 
 #[test]
@@ -90,7 +107,7 @@ fn an_idle_worker_gets_an_unstarted_task_from_anothers_queue() {
     let (mut h, first, second) = two_workers_holding_three_each();
     // Worker 2 gets through all three while worker 1 is still on its first.
     for (i, &a) in second.iter().enumerate() {
-        h.finish(2, a, ok());
+        h.finish(2, a, long());
         h.core.dispatch();
         let commands = h.drain();
         if i < 2 {
@@ -125,9 +142,9 @@ fn an_idle_worker_gets_an_unstarted_task_from_anothers_queue() {
     let progress = h.core.job_progress(1).unwrap();
     assert_eq!((progress.queued, progress.running), (0, 3));
     // The attempt handed back does not count against the task's retries.
-    h.finish(1, first[0], ok());
-    h.finish(1, first[1], ok());
-    h.finish(2, moved[0].1[0], ok());
+    h.finish(1, first[0], long());
+    h.finish(1, first[1], long());
+    h.finish(2, moved[0].1[0], long());
     let progress = h.core.job_progress(1).unwrap();
     assert_eq!(progress.succeeded, 6);
     assert!(progress.state.is_finished());
@@ -137,7 +154,7 @@ fn an_idle_worker_gets_an_unstarted_task_from_anothers_queue() {
 fn attempts_already_started_run_on_where_they_are() {
     let (mut h, first, second) = two_workers_holding_three_each();
     for &a in &second {
-        h.finish(2, a, ok());
+        h.finish(2, a, long());
     }
     h.core.dispatch();
     assert_eq!(recalls(&h.drain()), [(1, vec![first[2]])]);
@@ -145,7 +162,7 @@ fn attempts_already_started_run_on_where_they_are() {
     h.core.attempts_returned(1, &[]);
     assert!(super::tests::sends(&h.drain()).is_empty());
     for &a in &first {
-        let commands = h.finish(1, a, ok());
+        let commands = h.finish(1, a, long());
         assert!(recalls(&commands).is_empty());
     }
     let progress = h.core.job_progress(1).unwrap();
@@ -183,7 +200,7 @@ fn a_much_slower_worker_is_not_given_a_faster_ones_queue() {
     let (fast, slow) = (of(1), of(2));
     assert_eq!((fast.len(), slow.len()), (2, 2));
     for &a in &slow {
-        h.finish(2, a, ok());
+        h.finish(2, a, long());
     }
     h.core.dispatch();
     // The fast one has 1.5 tasks to go at 4× the speed: its queued task
@@ -192,18 +209,36 @@ fn a_much_slower_worker_is_not_given_a_faster_ones_queue() {
 }
 
 #[test]
+fn a_task_shorter_than_a_recall_stays_where_it_is() {
+    let (mut h, first, second) = two_workers_holding_three_each();
+    // Tasks of 0.3 ms: worker 1's one queued task starts there sooner than
+    // it could on worker 2 after a recall.
+    let mut short = ok();
+    short.timings.run_us = 300;
+    for &a in &second {
+        h.finish(2, a, short.clone());
+    }
+    h.core.dispatch();
+    assert!(recalls(&h.drain()).is_empty());
+    assert_eq!(h.core.outstanding(1), first.len());
+}
+
+#[test]
 fn tasks_asked_back_for_a_worker_that_left_go_to_whoever_is_free() {
     let (mut h, first, second) = two_workers_holding_three_each();
     for &a in &second {
-        h.finish(2, a, ok());
+        h.finish(2, a, long());
     }
     h.core.dispatch();
     assert_eq!(recalls(&h.drain()), [(1, vec![first[2]])]);
     h.core.worker_left(2);
     h.drain();
     h.core.attempts_returned(1, &[first[2]]);
-    h.drain();
-    // Worker 1 got its credit back for it, so it takes it again.
+    assert!(super::tests::sends(&h.drain()).is_empty());
+    assert_eq!(h.core.queued_tasks(), 1);
+    // It waits in the queue for whoever has room: worker 1, once its
+    // running task is done (tasks of 100 ms: one queued per slot).
+    h.finish(1, first[0], long());
     let again = sent_to(&mut h, 1);
     let tasks: Vec<_> = again.iter().map(|a| h.task_of[a].1).collect();
     assert_eq!(tasks, [2]);

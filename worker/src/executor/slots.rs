@@ -88,6 +88,8 @@ pub struct SlotPool {
     threads: Vec<thread::JoinHandle<()>>,
     /// Tasks running on a slot now.
     running: Arc<AtomicUsize>,
+    /// Notified each time a slot finds nothing left to run.
+    idle: Arc<tokio::sync::Notify>,
 }
 
 impl SlotPool {
@@ -96,16 +98,18 @@ impl SlotPool {
         let slots = slots.clamp(1, executor.concurrency() as usize);
         let (sender, receiver) = crossbeam_channel::unbounded::<Job>();
         let running = Arc::new(AtomicUsize::new(0));
+        let idle = Arc::new(tokio::sync::Notify::new());
         let threads = (0..slots)
             .map(|slot| {
                 let executor = executor.clone();
                 let receiver = receiver.clone();
                 let running = running.clone();
+                let idle = idle.clone();
                 thread::Builder::new()
                     .name(format!("wasmgrid-slot-{slot}"))
                     .stack_size(SLOT_THREAD_STACK)
                     .spawn(move || {
-                        for job in receiver {
+                        while let Some(job) = next_job(&receiver, &idle) {
                             if job.state.as_ref().is_some_and(|state| !state.try_start()) {
                                 // Taken back: neither run nor reported.
                                 continue;
@@ -140,7 +144,14 @@ impl SlotPool {
             jobs: Some(sender),
             threads,
             running,
+            idle,
         })
+    }
+
+    /// Resolves when a slot next finds nothing left to run (at once if one
+    /// did since the last call): what was queued has all started.
+    pub async fn slot_idle(&self) {
+        self.idle.notified().await;
     }
 
     pub fn slots(&self) -> usize {
@@ -226,6 +237,22 @@ impl SlotPool {
     }
 }
 
+/// The next task for a slot, telling `idle` first when there is none yet;
+/// `None` once the pool is gone.
+fn next_job(
+    receiver: &crossbeam_channel::Receiver<Job>,
+    idle: &tokio::sync::Notify,
+) -> Option<Job> {
+    match receiver.try_recv() {
+        Ok(job) => Some(job),
+        Err(crossbeam_channel::TryRecvError::Empty) => {
+            idle.notify_one();
+            receiver.recv().ok()
+        }
+        Err(crossbeam_channel::TryRecvError::Disconnected) => None,
+    }
+}
+
 impl Drop for SlotPool {
     fn drop(&mut self) {
         self.jobs = None;
@@ -254,6 +281,53 @@ mod tests {
         let (task, load) = test_task(&executor);
         let report = executor.run(&task, load, "[]", &patient_limits());
         assert_eq!(report.outcome, Ok("1".into()));
+    }
+
+    #[tokio::test]
+    async fn a_slot_says_when_it_runs_out_of_work_even_if_the_rest_was_taken_back() {
+        let executor = executor(1);
+        let (task, load) = test_task(&executor);
+        let pool = SlotPool::new(executor.clone(), 1).unwrap();
+        // Whatever the pool said before it had work does not count.
+        let _ = tokio::time::timeout(Duration::from_millis(100), pool.slot_idle()).await;
+        let spin_cancel = CancelFlag::default();
+        let spin_state = TaskState::new();
+        let queued_state = TaskState::new();
+        for (args, cancel, state) in [
+            (SPIN, spin_cancel.clone(), spin_state.clone()),
+            ("[]", CancelFlag::default(), queued_state.clone()),
+        ] {
+            pool.submit_tracked(
+                task.clone(),
+                load,
+                args.into(),
+                patient_limits(),
+                Tracking::new(cancel, state),
+                |_| {},
+            );
+        }
+        let waiting = std::time::Instant::now();
+        while !spin_state.has_started() {
+            assert!(waiting.elapsed() < PATIENCE, "the spinner never started");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(queued_state.try_take_back());
+        assert_eq!(
+            pool.queued(),
+            1,
+            "the entry taken back is still in the queue"
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), pool.slot_idle())
+                .await
+                .is_err(),
+            "idle while spinning"
+        );
+        spin_cancel.store(true, Ordering::Relaxed);
+        tokio::time::timeout(PATIENCE, pool.slot_idle())
+            .await
+            .expect("the slot said it is idle");
+        assert_eq!(pool.queued(), 0);
     }
 
     #[test]
