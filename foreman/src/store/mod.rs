@@ -22,6 +22,8 @@ mod writer;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_fold;
+#[cfg(test)]
 mod tests_schema;
 #[cfg(test)]
 mod tests_workers;

@@ -17,10 +17,12 @@ use super::NewJob;
 use super::{ChangeEvents, Changes, JobEvents, StoreError};
 use crate::model::{JobId, JobState, Record, WorkerId};
 use apply::{apply, Deltas, Statements};
+use fold::Folds;
 pub(super) use inbox::Inbox;
 use inbox::Received;
 
 mod apply;
+mod fold;
 mod inbox;
 
 /// A batch is committed this long after its first record at the latest...
@@ -28,8 +30,11 @@ mod inbox;
 const BATCH_MAX: usize = 2_000;
 /// Pause before retrying a batch whose commit failed.
 const RETRY_DELAY: Duration = Duration::from_millis(200);
-/// How long a batch of only [`Change::is_lazy`] changes may wait for more.
-const LAZY_DELAY: Duration = Duration::from_millis(5);
+/// How long a batch of only [`Change::is_lazy`] changes may wait for more:
+/// long enough that most attempts of short tasks start and end in one batch
+/// (see `fold`), short enough that progress shows promptly. A crash loses at
+/// most this much of attempts' history; their tasks run again.
+const LAZY_DELAY: Duration = Duration::from_millis(20);
 
 pub(super) type ExecFn = Box<dyn FnOnce(&mut Connection) + Send>;
 
@@ -318,8 +323,9 @@ impl Writer {
         {
             let mut st = Statements::prepare(&tx)?;
             let mut deltas = Deltas::default();
+            let mut folds = Folds::plan(records);
             for (i, record) in records.iter().enumerate() {
-                match apply(&mut st, record, &mut deltas) {
+                match apply(&mut st, record, &mut deltas, &mut folds) {
                     Ok(()) => {}
                     Err(e) if is_bad_record(&e) => {
                         failed_at = Some(i);
@@ -347,7 +353,8 @@ impl Writer {
             for (i, record) in records.iter().enumerate() {
                 tx.execute_batch("SAVEPOINT record")?;
                 let mut mine = Deltas::default();
-                match apply(&mut st, record, &mut mine) {
+                // One by one, so a rejected record takes nothing else with it.
+                match apply(&mut st, record, &mut mine, &mut Folds::default()) {
                     Ok(()) => {
                         tx.execute_batch("RELEASE record")?;
                         deltas.merge(mine);

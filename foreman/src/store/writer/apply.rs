@@ -9,6 +9,7 @@ use wasmgrid_protocol::{Failure, FailureKind, TaskReport};
 use super::super::schema::{self, to_sql};
 use super::super::views::{latency_bucket, GRID_RUN_TIMES, LATENCY_BUCKETS_MS};
 use super::super::StoreError;
+use super::fold::Folds;
 use super::{Change, NewJobRow};
 use crate::model::{JobId, JobState, Record, TaskIndex, TaskState, WorkerId};
 
@@ -18,6 +19,7 @@ pub(super) struct Statements<'c> {
     start_task: CachedStatement<'c>,
     start_attempt: CachedStatement<'c>,
     end_task: CachedStatement<'c>,
+    count_attempt: CachedStatement<'c>,
     end_attempt: CachedStatement<'c>,
     worker_failure: CachedStatement<'c>,
     job_state: CachedStatement<'c>,
@@ -45,16 +47,21 @@ impl<'c> Statements<'c> {
                 "INSERT INTO attempts (id, job_id, idx, worker_id, started_at_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
             )?,
+            // ?9: 1 when the attempt's start was folded into this end.
             end_task: conn.prepare_cached(
                 "UPDATE tasks SET state = ?3, worker_id = ?4, fuel_used = fuel_used + ?5,
-                     result = ?6, failure_kind = ?7, failure_message = ?8
+                     result = ?6, failure_kind = ?7, failure_message = ?8,
+                     attempts = attempts + ?9
                  WHERE job_id = ?1 AND idx = ?2",
+            )?,
+            count_attempt: conn.prepare_cached(
+                "UPDATE tasks SET attempts = attempts + 1 WHERE job_id = ?1 AND idx = ?2",
             )?,
             end_attempt: conn.prepare_cached(
                 "INSERT INTO attempts (id, job_id, idx, worker_id, started_at_ms, ended_at_ms,
                      outcome_kind, message, fuel_used, cache, load_us, instantiate_us, run_us,
                      stdout, stdout_truncated, stderr, stderr_truncated)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+                 VALUES (?1, ?2, ?3, ?4, ?17, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
                  ON CONFLICT (id) DO UPDATE SET ended_at_ms = excluded.ended_at_ms,
                      outcome_kind = excluded.outcome_kind, message = excluded.message,
                      fuel_used = excluded.fuel_used, cache = excluded.cache,
@@ -219,14 +226,16 @@ impl Deltas {
     }
 }
 
-/// Applies one change. Deltas are added only once all its statements succeeded.
+/// Applies one change. Deltas are added only once all its statements
+/// succeeded. An attempt in `folds` is written at its end, start included.
 pub(super) fn apply(
     st: &mut Statements<'_>,
     change: &Change,
     deltas: &mut Deltas,
+    folds: &mut Folds,
 ) -> Result<(), StoreError> {
     match change {
-        Change::Record { record, at_ms } => apply_record(st, record, *at_ms, deltas),
+        Change::Record { record, at_ms } => apply_record(st, record, *at_ms, deltas, folds),
         Change::Heartbeat {
             worker,
             load,
@@ -282,6 +291,7 @@ fn apply_record(
     record: &Record,
     now: i64,
     deltas: &mut Deltas,
+    folds: &mut Folds,
 ) -> Result<(), StoreError> {
     match record {
         Record::AttemptStarted {
@@ -291,6 +301,11 @@ fn apply_record(
             worker,
             at_ms,
         } => {
+            // The core's clock starts at 0 until its first tick.
+            let started_at = if *at_ms > 0 { to_sql(*at_ms) } else { now };
+            if folds.defer_start(*attempt, started_at) {
+                return Ok(());
+            }
             let from = current_state(st, *job, *task)?;
             st.start_task
                 .execute(params![to_sql(*job), task, to_sql(*worker)])?;
@@ -299,8 +314,7 @@ fn apply_record(
                 to_sql(*job),
                 task,
                 to_sql(*worker),
-                // The core's clock starts at 0 until its first tick.
-                if *at_ms > 0 { to_sql(*at_ms) } else { now }
+                started_at
             ])?;
             deltas.task_moved(*job, from, TaskState::Running, 1);
         }
@@ -314,7 +328,8 @@ fn apply_record(
         } => {
             let end = End::new(*job, *task, *attempt, *worker, *task_state);
             let failure = report.outcome.as_ref().err();
-            end_attempt(st, &end, Some(report), failure, now, deltas)?;
+            let started = folds.take_start(*attempt);
+            end_attempt(st, &end, Some(report), failure, now, started, deltas)?;
         }
         Record::AttemptAbandoned {
             job,
@@ -325,7 +340,8 @@ fn apply_record(
             task_state,
         } => {
             let end = End::new(*job, *task, *attempt, *worker, *task_state);
-            end_attempt(st, &end, None, Some(failure), now, deltas)?;
+            let started = folds.take_start(*attempt);
+            end_attempt(st, &end, None, Some(failure), now, started, deltas)?;
         }
         // Worker references carry no foreign key (see the schema): an
         // unknown worker changes nothing rather than failing the batch.
@@ -380,12 +396,15 @@ impl End {
     }
 }
 
+/// `started`: when the attempt started, if its start record was folded into
+/// this end (then the task's attempt count is raised here).
 fn end_attempt(
     st: &mut Statements<'_>,
     end: &End,
     report: Option<&TaskReport>,
     failure: Option<&Failure>,
     now: i64,
+    started: Option<i64>,
     deltas: &mut Deltas,
 ) -> Result<(), StoreError> {
     let from = current_state(st, end.job, end.task)?;
@@ -409,7 +428,11 @@ fn end_attempt(
             result,
             task_failure.map(|f| f.kind.as_str()),
             task_failure.map(|f| f.message.as_str()),
+            i64::from(started.is_some()),
         ])?;
+    } else if started.is_some() {
+        st.count_attempt
+            .execute(params![to_sql(end.job), end.task])?;
     }
     let text = |s: &str| (!s.is_empty()).then(|| s.to_owned());
     st.end_attempt.execute(params![
@@ -429,6 +452,7 @@ fn end_attempt(
         report.map(|r| r.stdout.truncated),
         report.and_then(|r| text(&r.stderr.text)),
         report.map(|r| r.stderr.truncated),
+        started.unwrap_or(now),
     ])?;
     // A cancellation is the job's doing, not the worker's.
     if let Some(f) = failure.filter(|f| f.kind != FailureKind::Cancelled) {
