@@ -27,7 +27,7 @@ mod inbox;
 
 /// A batch is committed this long after its first record at the latest...
 /// ...or once it holds this many records.
-const BATCH_MAX: usize = 2_000;
+const BATCH_MAX: usize = 4_000;
 /// Pause before retrying a batch whose commit failed.
 const RETRY_DELAY: Duration = Duration::from_millis(200);
 /// How long a batch of only [`Change::is_lazy`] changes may wait for more:
