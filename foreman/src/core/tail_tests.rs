@@ -5,7 +5,7 @@ use wasmgrid_protocol::wire::AttemptId;
 use wasmgrid_protocol::{FailureKind, TaskReport};
 
 use super::tail::fair_share;
-use super::tests::{args, events, ok, spec, Ev, Harness};
+use super::tests::{args, events, ok, spec, Batch, Ev, Harness};
 use super::{Command, WorkerSpec};
 use crate::model::{TaskState, WorkerId};
 
@@ -39,13 +39,17 @@ fn long() -> TaskReport {
     report
 }
 
-/// Attempts sent to each worker, in order.
-fn sent_to(h: &mut Harness, worker: WorkerId) -> Vec<AttemptId> {
-    h.dispatch()
-        .into_iter()
+/// The attempts these batches send to `worker`, in order.
+fn attempts_of(sent: &[Batch], worker: WorkerId) -> Vec<AttemptId> {
+    sent.iter()
         .filter(|(w, _)| *w == worker)
-        .flat_map(|(_, v)| v.into_iter().map(|(a, _, _)| a))
+        .flat_map(|(_, v)| v.iter().map(|&(a, _, _)| a))
         .collect()
+}
+
+/// Dispatches; the attempts sent to `worker`, in order.
+fn sent_to(h: &mut Harness, worker: WorkerId) -> Vec<AttemptId> {
+    attempts_of(&h.dispatch(), worker)
 }
 
 /// Two one-slot workers that each got three of a six-task job (one to
@@ -56,13 +60,7 @@ fn two_workers_holding_three_each() -> (Harness, Vec<AttemptId>, Vec<AttemptId>)
     join(&mut h, 2, 1, 3, 0);
     h.core.submit_job(spec(1, 6, 0), args(6));
     let sent = h.dispatch();
-    let of = |w: WorkerId| -> Vec<AttemptId> {
-        sent.iter()
-            .filter(|(x, _)| *x == w)
-            .flat_map(|(_, v)| v.iter().map(|&(a, _, _)| a))
-            .collect()
-    };
-    let (first, second) = (of(1), of(2));
+    let (first, second) = (attempts_of(&sent, 1), attempts_of(&sent, 2));
     assert_eq!((first.len(), second.len()), (3, 3));
     (h, first, second)
 }
@@ -191,13 +189,7 @@ fn a_much_slower_worker_is_not_given_a_faster_ones_queue() {
     join(&mut h, 2, 1, 3, 1_000_000_000);
     h.core.submit_job(spec(1, 4, 0), args(4));
     let sent = h.dispatch();
-    let of = |w: WorkerId| -> Vec<AttemptId> {
-        sent.iter()
-            .filter(|(x, _)| *x == w)
-            .flat_map(|(_, v)| v.iter().map(|&(a, _, _)| a))
-            .collect()
-    };
-    let (fast, slow) = (of(1), of(2));
+    let (fast, slow) = (attempts_of(&sent, 1), attempts_of(&sent, 2));
     assert_eq!((fast.len(), slow.len()), (2, 2));
     for &a in &slow {
         h.finish(2, a, long());
