@@ -136,7 +136,7 @@ mod tests {
     use std::sync::mpsc;
     use std::time::{Duration, Instant};
 
-    use wasmgrid_protocol::FailureKind;
+    use wasmgrid_protocol::{FailureKind, TaskReport};
 
     use super::*;
     use crate::executor::test_support::{executor, patient_limits, test_task, SPIN};
@@ -144,14 +144,21 @@ mod tests {
 
     const PATIENCE: Duration = Duration::from_secs(60);
 
-    #[test]
-    fn draining_hands_back_the_queued_and_cancels_the_running() {
+    const SPINNER: AttemptId = 10;
+
+    /// Attempts on a one-slot pool: SPINNER spins (running once this
+    /// returns), `queued` answer at once but wait behind it. Reports arrive
+    /// on the receiver as (attempt, report).
+    fn behind_a_spinner(
+        attempts: &Attempts,
+        queued: &[AttemptId],
+    ) -> (SlotPool, mpsc::Receiver<(AttemptId, TaskReport)>) {
         let executor = executor(1);
         let (task, load) = test_task(&executor);
         let pool = SlotPool::new(executor.clone(), 1).unwrap();
-        let attempts = Attempts::new();
         let (tx, rx) = mpsc::channel();
-        for (attempt, args) in [(10, SPIN), (11, "[]"), (12, "[]")] {
+        let spinner = std::iter::once((SPINNER, SPIN));
+        for (attempt, args) in spinner.chain(queued.iter().map(|&a| (a, "[]"))) {
             let (cancel, state) = attempts.add(attempt);
             let tx = tx.clone();
             let held = attempts.clone();
@@ -173,57 +180,38 @@ mod tests {
             assert!(waiting.elapsed() < PATIENCE, "the spinner never started");
             std::thread::sleep(Duration::from_millis(1));
         }
+        (pool, rx)
+    }
+
+    #[test]
+    fn draining_hands_back_the_queued_and_cancels_the_running() {
+        let attempts = Attempts::new();
+        let (pool, rx) = behind_a_spinner(&attempts, &[11, 12]);
         assert_eq!(attempts.take_back_unstarted(), vec![11, 12]);
         assert_eq!(attempts.len(), 1, "the running attempt is still held");
         assert!(attempts.take_back_unstarted().is_empty());
 
         attempts.cancel_all();
         let (attempt, report) = rx.recv_timeout(PATIENCE).unwrap();
-        assert_eq!(attempt, 10);
+        assert_eq!(attempt, SPINNER);
         assert_eq!(report.outcome.unwrap_err().kind, FailureKind::Cancelled);
         drop(pool);
-        drop(tx);
         assert_eq!(rx.iter().count(), 0, "a handed-back attempt ran");
         assert!(attempts.is_empty());
     }
 
     #[test]
     fn giving_back_hands_over_only_the_asked_for_attempts_not_started() {
-        let executor = executor(1);
-        let (task, load) = test_task(&executor);
-        let pool = SlotPool::new(executor.clone(), 1).unwrap();
         let attempts = Attempts::new();
-        let (tx, rx) = mpsc::channel();
-        for (attempt, args) in [(10, SPIN), (11, "[]"), (12, "[]"), (13, "[]")] {
-            let (cancel, state) = attempts.add(attempt);
-            let tx = tx.clone();
-            let held = attempts.clone();
-            let mine = state.clone();
-            pool.submit_tracked(
-                task.clone(),
-                load,
-                args.into(),
-                patient_limits(),
-                Tracking::new(cancel, state),
-                move |report| {
-                    let _ = tx.send((attempt, report));
-                    held.finished(attempt, &mine);
-                },
-            );
-        }
-        let waiting = Instant::now();
-        while pool.running() == 0 {
-            assert!(waiting.elapsed() < PATIENCE, "the spinner never started");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        // 10 runs, 99 is unknown, 11 was not asked for.
-        assert_eq!(attempts.take_back(&[13, 10, 99, 12, 13]), vec![12, 13]);
+        let (pool, rx) = behind_a_spinner(&attempts, &[11, 12, 13]);
+        // The spinner runs, 99 is unknown, 11 was not asked for.
+        assert_eq!(attempts.take_back(&[13, SPINNER, 99, 12, 13]), vec![12, 13]);
         assert_eq!(attempts.len(), 2);
 
-        attempts.cancel(&[10]);
+        attempts.cancel(&[SPINNER]);
         let mut reports: Vec<_> = (0..2).map(|_| rx.recv_timeout(PATIENCE).unwrap()).collect();
         reports.sort_by_key(|(attempt, _)| *attempt);
-        assert_eq!(reports[0].0, 10);
+        assert_eq!(reports[0].0, SPINNER);
         assert_eq!(
             reports[0].1.outcome.as_ref().unwrap_err().kind,
             FailureKind::Cancelled
@@ -231,7 +219,6 @@ mod tests {
         assert_eq!(reports[1].0, 11);
         assert!(reports[1].1.outcome.is_ok(), "{:?}", reports[1].1.outcome);
         drop(pool);
-        drop(tx);
         assert_eq!(rx.iter().count(), 0, "a handed-back attempt ran");
         assert!(attempts.is_empty());
     }
