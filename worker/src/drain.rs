@@ -38,7 +38,7 @@ impl Drain {
     /// Sends `Draining`, then hands back every attempt not started.
     pub fn start(grace: Duration, attempts: &Attempts, out: &Sender) -> Self {
         let grace = grace.min(MAX_GRACE);
-        let _ = out.send(Outgoing::Message(ToForeman::Draining));
+        out.send(Outgoing::Message(ToForeman::Draining));
         let returned = attempts.take_back_unstarted();
         tracing::info!(
             returned = returned.len(),
@@ -47,7 +47,7 @@ impl Drain {
             "draining: handing back unstarted tasks, letting running ones finish"
         );
         if !returned.is_empty() {
-            let _ = out.send(Outgoing::Message(ToForeman::Returned(returned)));
+            out.send(Outgoing::Message(ToForeman::Returned(returned)));
         }
         Drain {
             cancel_at: Instant::now() + grace,

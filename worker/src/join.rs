@@ -329,7 +329,7 @@ async fn serve(
                     Some(ToWorker::Run(assignments)) if drain.is_some() => {
                         // Sent before the foreman heard that this worker drains.
                         let ids = assignments.iter().map(|a| a.attempt).collect();
-                        let _ = out.send(Outgoing::Message(ToForeman::Returned(ids)));
+                        out.send(Outgoing::Message(ToForeman::Returned(ids)));
                     }
                     Some(ToWorker::Run(assignments)) => {
                         run_batch(&connection, session, assignments, &out, &attempts).await?
@@ -339,7 +339,7 @@ async fn serve(
                         let ids = attempts.take_back(&asked);
                         tracing::debug!(?asked, handed_back = ?ids, "the foreman asked for tasks back");
                         if !ids.is_empty() {
-                            let _ = out.send(Outgoing::Message(ToForeman::Returned(ids)));
+                            out.send(Outgoing::Message(ToForeman::Returned(ids)));
                         }
                     }
                     Some(ToWorker::Drain { grace_ms }) => {
@@ -385,7 +385,7 @@ async fn serve(
         Ok(Ended::Drained) => {
             // Every report is queued before its attempt leaves `attempts`:
             // flush them, finish the stream, then close.
-            let _ = out.send(Outgoing::Finish);
+            out.send(Outgoing::Finish);
             match tokio::time::timeout(FOREMAN_SILENCE, writer).await {
                 Ok(Ok(Err(error))) => tracing::warn!("sending the last reports: {error:#}"),
                 Ok(_) => {}
@@ -456,7 +456,7 @@ async fn run_batch(
                         let report = crate::exec::failed_report(failure);
                         log_finished(attempt, &module, &report);
                         status.finished(attempt, &report);
-                        let _ = out.send(Outgoing::Finished(Finished { attempt, report }));
+                        out.send(Outgoing::Finished(Finished { attempt, report }));
                         continue;
                     }
                 }
@@ -489,7 +489,7 @@ async fn run_batch(
                 status.finished(attempt, &report);
                 // Queue the report before the attempt leaves: once none is
                 // left, a draining session flushes and closes.
-                let _ = out.send(Outgoing::Finished(Finished { attempt, report }));
+                out.send(Outgoing::Finished(Finished { attempt, report }));
                 attempts.finished(attempt, &mine);
             },
         );

@@ -4,10 +4,11 @@
 //! order they were queued, heartbeats with the machine's load, and credit
 //! grown as tasks turn out short (never while draining).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use wasmgrid_protocol::wire::{encode_frame, Finished, ToForeman, FINISHED_BATCH_BYTES};
 
@@ -35,7 +36,45 @@ pub enum Outgoing {
     Finish,
 }
 
-pub type Sender = mpsc::UnboundedSender<Outgoing>;
+/// Queues what the writer sends. A report does not wake a writer holding a
+/// batch (each wakeup would take a core from a running task); anything else does.
+#[derive(Clone)]
+pub struct Sender {
+    queue: mpsc::UnboundedSender<Outgoing>,
+    urgent: Arc<Notify>,
+}
+
+/// The writer's end of a [`Sender`].
+struct Inbox {
+    queue: mpsc::UnboundedReceiver<Outgoing>,
+    urgent: Arc<Notify>,
+}
+
+fn channel() -> (Sender, Inbox) {
+    let (queue, receiver) = mpsc::unbounded_channel();
+    let urgent = Arc::new(Notify::new());
+    let sender = Sender {
+        queue,
+        urgent: urgent.clone(),
+    };
+    (
+        sender,
+        Inbox {
+            queue: receiver,
+            urgent,
+        },
+    )
+}
+
+impl Sender {
+    /// Dropped when the writer has stopped: the session is ending anyway.
+    pub fn send(&self, item: Outgoing) {
+        let urgent = !matches!(item, Outgoing::Finished(_));
+        if self.queue.send(item).is_ok() && urgent {
+            self.urgent.notify_one();
+        }
+    }
+}
 
 /// Starts the writer; it ends on [`Outgoing::Finish`], when every sender is
 /// gone, or on the first write error (which it returns).
@@ -45,7 +84,7 @@ pub fn spawn(
     heartbeat: Duration,
     pool: Arc<SlotPool>,
 ) -> (Sender, JoinHandle<anyhow::Result<()>>) {
-    let (sender, mut queue) = mpsc::unbounded_channel::<Outgoing>();
+    let (sender, mut inbox) = channel();
     let writer = tokio::spawn(async move {
         let mut heartbeat = tokio::time::interval(heartbeat);
         let mut sampler = LoadSampler::new();
@@ -55,7 +94,7 @@ pub fn spawn(
             let item = match pending.take() {
                 Some(item) => item,
                 None => tokio::select! {
-                    item = queue.recv() => match item {
+                    item = inbox.queue.recv() => match item {
                         Some(item) => item,
                         None => break,
                     },
@@ -67,44 +106,17 @@ pub fn spawn(
             };
             let message = match item {
                 Outgoing::Finished(first) => {
-                    let mut bytes = report_bytes(&first);
-                    let mut batch = vec![first];
-                    let held_since = tokio::time::Instant::now();
-                    // Past the byte budget the rest waits, so no frame nears the foreman's limit.
-                    while bytes < FINISHED_BATCH_BYTES {
-                        let next = match queue.try_recv() {
-                            Ok(next) => next,
-                            // Tasks of a millisecond or so would cost the
-                            // foreman a wakeup each: reports gather for up to
-                            // REPORT_HOLD while queued tasks keep this worker busy.
-                            // A slot that finds its queue empty (what was left
-                            // may have been handed back) ends the wait.
-                            Err(_)
-                                if window.queue_lasts(pool.queued())
-                                    > REPORT_HOLD + HOLD_MARGIN =>
-                            {
-                                tokio::select! {
-                                    next = queue.recv() => match next {
-                                        Some(next) => next,
-                                        None => break,
-                                    },
-                                    _ = pool.slot_idle() => break,
-                                    _ = tokio::time::sleep_until(held_since + REPORT_HOLD) => break,
-                                }
-                            }
-                            Err(_) => break,
-                        };
-                        match next {
-                            Outgoing::Finished(finished) => {
-                                bytes += report_bytes(&finished);
-                                batch.push(finished);
-                            }
-                            other => {
-                                pending = Some(other);
-                                break;
-                            }
-                        }
-                    }
+                    // Tasks of a millisecond or so would cost the foreman a
+                    // wakeup each: reports gather for up to REPORT_HOLD while
+                    // queued tasks keep this worker busy long enough that new
+                    // ones arrive before it runs dry. A slot finding its queue
+                    // empty (what was left may have been handed back) ends it.
+                    let hold_until = (window.queue_lasts(pool.queued())
+                        > REPORT_HOLD + HOLD_MARGIN)
+                        .then(|| tokio::time::Instant::now() + REPORT_HOLD);
+                    let (batch, next) =
+                        gather(first, &mut inbox, hold_until, pool.slot_idle()).await;
+                    pending = next;
                     for finished in &batch {
                         let timings = finished.report.timings;
                         window.observe(timings.instantiate_us + timings.run_us);
@@ -139,6 +151,46 @@ pub fn spawn(
     (sender, writer)
 }
 
+/// One message's reports: `first`, those already queued and, until
+/// `hold_until`, those that come meanwhile, up to the byte budget. The wait
+/// ends early when `end_hold` completes or anything but a report is queued;
+/// that is returned to go next.
+async fn gather(
+    first: Finished,
+    inbox: &mut Inbox,
+    hold_until: Option<tokio::time::Instant>,
+    end_hold: impl Future<Output = ()>,
+) -> (Vec<Finished>, Option<Outgoing>) {
+    let mut bytes = report_bytes(&first);
+    let mut batch = vec![first];
+    let mut may_wait = hold_until.is_some();
+    let mut end_hold = std::pin::pin!(end_hold);
+    loop {
+        // Past the byte budget the rest waits, so no frame nears the foreman's limit.
+        while bytes < FINISHED_BATCH_BYTES {
+            match inbox.queue.try_recv() {
+                Ok(Outgoing::Finished(finished)) => {
+                    bytes += report_bytes(&finished);
+                    batch.push(finished);
+                }
+                Ok(other) => return (batch, Some(other)),
+                Err(_) => break,
+            }
+        }
+        let deadline = match hold_until {
+            Some(deadline) if may_wait && bytes < FINISHED_BATCH_BYTES => deadline,
+            _ => return (batch, None),
+        };
+        // Sleeps through the reports that arrive; takes them all once woken.
+        tokio::select! {
+            () = &mut end_hold => {}
+            () = inbox.urgent.notified() => {}
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+        may_wait = false;
+    }
+}
+
 /// Roughly what a report adds to a frame: its texts and a fixed part.
 fn report_bytes(finished: &Finished) -> usize {
     let report = &finished.report;
@@ -147,4 +199,108 @@ fn report_bytes(finished: &Finished) -> usize {
         Err(failure) => failure.message.len(),
     };
     64 + outcome + report.stdout.text.len() + report.stderr.text.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::tests::report;
+    use std::future::pending;
+    use tokio::time::Instant;
+    use wasmgrid_protocol::CacheSource;
+
+    fn finished(attempt: u64) -> Outgoing {
+        Outgoing::Finished(Finished {
+            attempt,
+            report: report(Ok("1"), CacheSource::Memory),
+        })
+    }
+
+    fn first() -> Finished {
+        Finished {
+            attempt: 0,
+            report: report(Ok("1"), CacheSource::Memory),
+        }
+    }
+
+    fn attempts(batch: &[Finished]) -> Vec<u64> {
+        batch.iter().map(|f| f.attempt).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_hold_only_what_is_queued_goes() {
+        let (sender, mut inbox) = channel();
+        sender.send(finished(1));
+        let (batch, next) = gather(first(), &mut inbox, None, pending()).await;
+        assert_eq!(attempts(&batch), [0, 1]);
+        assert!(next.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_takes_the_reports_that_come_until_its_end() {
+        let (sender, mut inbox) = channel();
+        let started = Instant::now();
+        let late = sender.clone();
+        tokio::spawn(async move {
+            // Timers tick in whole milliseconds.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            for attempt in 1..=3 {
+                late.send(finished(attempt));
+            }
+        });
+        let until = Some(started + REPORT_HOLD);
+        let (batch, next) = gather(first(), &mut inbox, until, pending()).await;
+        assert_eq!(attempts(&batch), [0, 1, 2, 3]);
+        assert!(next.is_none());
+        assert_eq!(started.elapsed(), REPORT_HOLD);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn another_message_ends_the_hold_and_goes_next() {
+        let (sender, mut inbox) = channel();
+        let started = Instant::now();
+        let late = sender.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_micros(300)).await;
+            late.send(finished(1));
+            late.send(Outgoing::Message(ToForeman::Returned(vec![7])));
+            late.send(finished(2));
+        });
+        let until = Some(started + REPORT_HOLD);
+        let (batch, next) = gather(first(), &mut inbox, until, pending()).await;
+        assert_eq!(attempts(&batch), [0, 1]);
+        assert!(matches!(
+            next,
+            Some(Outgoing::Message(ToForeman::Returned(ids))) if ids == [7]
+        ));
+        assert!(started.elapsed() < REPORT_HOLD);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_slot_ends_the_hold() {
+        let (_sender, mut inbox) = channel();
+        let started = Instant::now();
+        let idle = tokio::time::sleep(Duration::from_millis(1));
+        let until = Some(started + REPORT_HOLD);
+        let (batch, _) = gather(first(), &mut inbox, until, idle).await;
+        assert_eq!(attempts(&batch), [0]);
+        assert_eq!(started.elapsed(), Duration::from_millis(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_batch_goes_without_waiting() {
+        let (sender, mut inbox) = channel();
+        let big = "x".repeat(FINISHED_BATCH_BYTES / 2);
+        for attempt in 1..=3 {
+            let mut report = report(Ok("1"), CacheSource::Memory);
+            report.stdout.text = big.clone();
+            sender.send(Outgoing::Finished(Finished { attempt, report }));
+        }
+        let started = Instant::now();
+        let until = Some(started + REPORT_HOLD);
+        let (batch, _) = gather(first(), &mut inbox, until, pending()).await;
+        assert_eq!(attempts(&batch), [0, 1, 2]);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        assert!(matches!(inbox.queue.try_recv(), Ok(Outgoing::Finished(f)) if f.attempt == 3));
+    }
 }
