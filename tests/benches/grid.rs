@@ -6,6 +6,7 @@
 //! - CPU-bound scaling: `primes` below 20,000,000 in 64 tasks, 2 workers vs 1.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -289,11 +290,39 @@ fn round_trip(grid: &Grid, add: &str) {
     println!("\n{}", steal.describe());
 }
 
+/// The same tasks as native code on `threads` threads taking them in turn:
+/// what this machine's cores give with no wasm, no grid and no foreman.
+fn native(ranges: &[(u64, u64)], threads: usize, expected: u64) -> Duration {
+    let next = AtomicUsize::new(0);
+    let started = Instant::now();
+    let total: u64 = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut count = 0;
+                    while let Some(&(lo, hi)) = ranges.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        count += primes::count_primes_in(lo, hi);
+                    }
+                    count
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("no panic"))
+            .sum()
+    });
+    let elapsed = started.elapsed();
+    assert_eq!(total, expected);
+    elapsed
+}
+
 fn scaling(grid: &Grid, dir: &Path) {
     // This machine's vCPUs change speed by up to 2× for seconds at a time
     // (other tenants), so each figure is the median of interleaved pairs,
     // with both grids up all along, and the executor alone (`worker exec`
-    // with 1 slot vs 2, the same job) gives the ceiling measured alongside.
+    // with 1 slot vs 2, the same job) and the same tasks as native code on 1
+    // thread vs 2 give the ceilings measured alongside.
     // The job (20M in 64 tasks) is only ~50 ms of sieving, so fixed
     // costs weigh on it; a 100× larger range shows the scaling of long work.
     let small_path = example_args_path("primes");
@@ -350,8 +379,8 @@ fn scaling(grid: &Grid, dir: &Path) {
         Duration::from_secs_f64(secs)
     };
     println!("\n## CPU-bound: `primes` in 64 tasks, 1 worker vs 2 workers (1 slot each, 2 cores shared with the foreman)\n");
-    println!("| range | pairs | 1 worker (median) | 2 workers (median) | speedup, median of pairs (min–max) | `worker exec` 1 → 2 slots, same pairs | task time side by side ÷ alone | 2 workers' slots busy | host steal | target |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| range | pairs | 1 worker (median) | 2 workers (median) | speedup, median of pairs (min–max) | `worker exec` 1 → 2 slots, same pairs | native code 1 → 2 threads, same pairs | task time side by side ÷ alone | 2 workers' slots busy | host steal | target |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (range, args, path, expected, pairs) in [
         ("below 20,000,000", &small, &small_path, 1_270_607, 15),
         ("below 2,000,000,000", &large, &large_path, 98_222_287, 3),
@@ -360,7 +389,13 @@ fn scaling(grid: &Grid, dir: &Path) {
         timed(&one_grid, args, expected);
         let steal = StealMeter::start();
         let (mut ones, mut twos, mut speedups, mut ceilings) = (vec![], vec![], vec![], vec![]);
-        let (mut slowdowns, mut busy_shares) = (vec![], vec![]);
+        let (mut slowdowns, mut busy_shares, mut natives) = (vec![], vec![], vec![]);
+        let ranges: Vec<(u64, u64)> = args
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|pair| (pair[0].as_u64().expect("lo"), pair[1].as_u64().expect("hi")))
+            .collect();
         for pair in 0..pairs {
             // Alternate which goes first, so a drift in speed favours neither.
             let ((one, one_busy), (two, two_busy)) = if pair % 2 == 0 {
@@ -379,6 +414,8 @@ fn scaling(grid: &Grid, dir: &Path) {
             busy_shares.push(two_busy.as_secs_f64() / (2.0 * two.as_secs_f64()));
             let (solo, duo) = (exec(path, "1"), exec(path, "2"));
             ceilings.push(solo.as_secs_f64() / duo.as_secs_f64());
+            let (solo, duo) = (native(&ranges, 1, expected), native(&ranges, 2, expected));
+            natives.push(solo.as_secs_f64() / duo.as_secs_f64());
         }
         let median = |v: &mut Vec<f64>| {
             v.sort_by(f64::total_cmp);
@@ -391,11 +428,12 @@ fn scaling(grid: &Grid, dir: &Path) {
             speedups.iter().copied().fold(0.0, f64::max),
         );
         println!(
-            "| {range} | {pairs} | {} | {} | {:.2}× ({lo:.2}–{hi:.2}) | {:.2}× | {:.2}× | {:.0}% | {} | ≥ 1.9× |",
+            "| {range} | {pairs} | {} | {} | {:.2}× ({lo:.2}–{hi:.2}) | {:.2}× | {:.2}× | {:.2}× | {:.0}% | {} | ≥ 1.9× |",
             ms(ones[ones.len() / 2]),
             ms(twos[twos.len() / 2]),
             median(&mut speedups),
             median(&mut ceilings),
+            median(&mut natives),
             median(&mut slowdowns),
             100.0 * median(&mut busy_shares),
             steal
