@@ -160,6 +160,9 @@ async fn run(mut core: Core, store: Store, mut inputs: mpsc::UnboundedReceiver<I
                     tracing::debug!(worker, ?attempts, "asked to hand back for an idle worker");
                     send_to(&mut core, &outboxes, worker, ToWorker::GiveBack(attempts))
                 }
+                Command::Backlog { worker, waiting } => {
+                    send_to(&mut core, &outboxes, worker, ToWorker::Backlog(waiting))
+                }
                 Command::CutOff { worker, reason } => {
                     if let Some(link) = outboxes.remove(&worker) {
                         (link.cut_off)(&reason);

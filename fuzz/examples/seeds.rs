@@ -81,6 +81,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ToWorker::Cancel(vec![7]),
         ToWorker::Drain { grace_ms: 30_000 },
         ToWorker::GiveBack(vec![7]),
+        ToWorker::Backlog(false),
     ];
     // One file per message, one with a whole conversation, one with the preamble first.
     let mut conversation = Vec::new();

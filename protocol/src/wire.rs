@@ -11,12 +11,12 @@ use serde::{Deserialize, Serialize};
 use crate::{TaskLimits, TaskReport};
 
 /// Protocol version; bumped on any change to the messages below.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// TLS application protocols a worker offers: this exact version first, then
 /// the bare name, which lets a foreman of another version still answer with
 /// a message that says both versions.
-pub const ALPN_VERSIONED: &[u8] = b"wasmgrid/4";
+pub const ALPN_VERSIONED: &[u8] = b"wasmgrid/5";
 pub const ALPN_ANY_VERSION: &[u8] = b"wasmgrid";
 
 /// Largest frame either side accepts (a module upload is the biggest message).
@@ -152,6 +152,11 @@ pub enum ToWorker {
     /// `Returned` (if any): another worker is idle at the end of their job.
     /// Those already started run and report as usual.
     GiveBack(Vec<AttemptId>),
+    /// Whether tasks wait at the foreman for credit (a worker assumes they
+    /// do until told otherwise). While none waits, a worker may hold its
+    /// reports for company even with little queued: the credit they return
+    /// could not be used yet.
+    Backlog(bool),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -158,6 +158,7 @@ fn to_worker() -> impl Strategy<Value = ToWorker> {
         vec(any::<u64>(), 0..8).prop_map(ToWorker::Cancel),
         any::<u64>().prop_map(|grace_ms| ToWorker::Drain { grace_ms }),
         vec(any::<u64>(), 0..8).prop_map(ToWorker::GiveBack),
+        any::<bool>().prop_map(ToWorker::Backlog),
     ]
 }
 

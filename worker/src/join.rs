@@ -335,6 +335,7 @@ async fn serve(
                         run_batch(&connection, session, assignments, &out, &attempts).await?
                     }
                     Some(ToWorker::Cancel(ids)) => attempts.cancel(&ids),
+                    Some(ToWorker::Backlog(waiting)) => out.set_backlog(waiting),
                     Some(ToWorker::GiveBack(asked)) => {
                         let ids = attempts.take_back(&asked);
                         tracing::debug!(?asked, handed_back = ?ids, "the foreman asked for tasks back");
@@ -437,6 +438,8 @@ async fn run_batch(
         status,
         ..
     } = session;
+    // Idleness before this work is no news to the foreman.
+    pool.forget_idle();
     for assignment in assignments {
         let attempt = assignment.attempt;
         let module = assignment.module;

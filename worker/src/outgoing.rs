@@ -5,6 +5,7 @@
 //! grown as tasks turn out short (never while draining).
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,36 +43,51 @@ pub enum Outgoing {
 pub struct Sender {
     queue: mpsc::UnboundedSender<Outgoing>,
     urgent: Arc<Notify>,
+    /// Whether tasks wait at the foreman for this worker's credit.
+    backlog: Arc<AtomicBool>,
 }
 
 /// The writer's end of a [`Sender`].
 struct Inbox {
     queue: mpsc::UnboundedReceiver<Outgoing>,
     urgent: Arc<Notify>,
+    backlog: Arc<AtomicBool>,
 }
 
 fn channel() -> (Sender, Inbox) {
     let (queue, receiver) = mpsc::unbounded_channel();
     let urgent = Arc::new(Notify::new());
+    let backlog = Arc::new(AtomicBool::new(true));
     let sender = Sender {
         queue,
         urgent: urgent.clone(),
+        backlog: backlog.clone(),
     };
     (
         sender,
         Inbox {
             queue: receiver,
             urgent,
+            backlog,
         },
     )
 }
 
 impl Sender {
+    /// What the foreman said of its backlog. Tasks waiting again end a hold
+    /// taken while none did: their credit is wanted now.
+    pub fn set_backlog(&self, waiting: bool) {
+        let was_waiting = self.backlog.swap(waiting, Ordering::Relaxed);
+        if waiting && !was_waiting {
+            self.urgent.notify_waiters();
+        }
+    }
+
     /// Dropped when the writer has stopped: the session is ending anyway.
     pub fn send(&self, item: Outgoing) {
         let urgent = !matches!(item, Outgoing::Finished(_));
         if self.queue.send(item).is_ok() && urgent {
-            self.urgent.notify_one();
+            self.urgent.notify_waiters();
         }
     }
 }
@@ -107,12 +123,11 @@ pub fn spawn(
             let message = match item {
                 Outgoing::Finished(first) => {
                     // Tasks of a millisecond or so would cost the foreman a
-                    // wakeup each: reports gather for up to REPORT_HOLD while
-                    // queued tasks keep this worker busy long enough that new
-                    // ones arrive before it runs dry. A slot finding its queue
-                    // empty (what was left may have been handed back) ends it.
-                    let hold_until = (window.queue_lasts(pool.queued())
-                        > REPORT_HOLD + HOLD_MARGIN)
+                    // wakeup each: reports gather for up to REPORT_HOLD (see
+                    // `may_hold`). A slot finding its queue empty (what was
+                    // left may have been handed back) ends it.
+                    let backlog = inbox.backlog.load(Ordering::Relaxed);
+                    let hold_until = may_hold(backlog, window.queue_lasts(pool.queued()))
                         .then(|| tokio::time::Instant::now() + REPORT_HOLD);
                     let (batch, next) =
                         gather(first, &mut inbox, hold_until, pool.slot_idle()).await;
@@ -151,6 +166,14 @@ pub fn spawn(
     (sender, writer)
 }
 
+/// Reports may wait for company while the tasks queued here outlast the
+/// hold (new ones arrive before the slots run dry), or while no task waits at
+/// the foreman (the credit they return could not be used yet): at the end of
+/// every job, each report would otherwise go alone.
+fn may_hold(foreman_backlog: bool, queue_lasts: Duration) -> bool {
+    !foreman_backlog || queue_lasts > REPORT_HOLD + HOLD_MARGIN
+}
+
 /// One message's reports: `first`, those already queued and, until
 /// `hold_until`, those that come meanwhile, up to the byte budget. The wait
 /// ends early when `end_hold` completes or anything but a report is queued;
@@ -165,7 +188,13 @@ async fn gather(
     let mut batch = vec![first];
     let mut may_wait = hold_until.is_some();
     let mut end_hold = std::pin::pin!(end_hold);
+    let urgent = Arc::clone(&inbox.urgent);
     loop {
+        // Listening before the queue is read: a message queued after the
+        // read wakes the wait below (notify_waiters keeps no permit for a
+        // later hold).
+        let mut woken = std::pin::pin!(urgent.notified());
+        woken.as_mut().enable();
         // Past the byte budget the rest waits, so no frame nears the foreman's limit.
         while bytes < FINISHED_BATCH_BYTES {
             match inbox.queue.try_recv() {
@@ -184,7 +213,7 @@ async fn gather(
         // Sleeps through the reports that arrive; takes them all once woken.
         tokio::select! {
             () = &mut end_hold => {}
-            () = inbox.urgent.notified() => {}
+            () = woken => {}
             () = tokio::time::sleep_until(deadline) => {}
         }
         may_wait = false;
@@ -285,6 +314,46 @@ mod tests {
         let (batch, _) = gather(first(), &mut inbox, until, idle).await;
         assert_eq!(attempts(&batch), [0]);
         assert_eq!(started.elapsed(), Duration::from_millis(1));
+    }
+
+    #[test]
+    fn reports_wait_while_the_queue_lasts_or_nothing_waits_at_the_foreman() {
+        let long = REPORT_HOLD + HOLD_MARGIN + Duration::from_millis(1);
+        assert!(may_hold(true, long));
+        assert!(!may_hold(true, REPORT_HOLD));
+        assert!(may_hold(false, Duration::ZERO));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tasks_waiting_again_end_a_hold() {
+        let (sender, mut inbox) = channel();
+        sender.set_backlog(false);
+        let started = Instant::now();
+        let foreman = sender.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            foreman.set_backlog(false);
+            foreman.send(finished(1));
+            foreman.set_backlog(true);
+        });
+        let until = Some(started + REPORT_HOLD);
+        let (batch, next) = gather(first(), &mut inbox, until, pending()).await;
+        assert_eq!(attempts(&batch), [0, 1]);
+        assert!(next.is_none());
+        assert_eq!(started.elapsed(), Duration::from_millis(1));
+        assert!(inbox.backlog.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn news_from_before_a_hold_does_not_end_it() {
+        let (sender, mut inbox) = channel();
+        sender.set_backlog(false);
+        sender.set_backlog(true);
+        let started = Instant::now();
+        let until = Some(started + REPORT_HOLD);
+        let (batch, _) = gather(first(), &mut inbox, until, pending()).await;
+        assert_eq!(attempts(&batch), [0]);
+        assert_eq!(started.elapsed(), REPORT_HOLD);
     }
 
     #[tokio::test(start_paused = true)]

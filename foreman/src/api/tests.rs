@@ -414,6 +414,8 @@ async fn drain_reaches_a_connected_worker_and_names_the_others() {
         (status, json),
         (StatusCode::OK, serde_json::json!({ "draining": true }))
     );
+    // A worker that joins while nothing waits hears so first.
+    assert_eq!(to_worker.recv().await, Some(ToWorker::Backlog(false)));
     assert_eq!(
         to_worker.recv().await,
         Some(ToWorker::Drain { grace_ms: 1500 })

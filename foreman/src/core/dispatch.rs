@@ -65,6 +65,7 @@ impl Core {
     pub fn dispatch(&mut self) {
         self.deal_queued();
         self.even_out_tail();
+        self.announce_backlog();
     }
 
     fn deal_queued(&mut self) {

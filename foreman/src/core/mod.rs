@@ -62,6 +62,7 @@
 //! [`Command::Recall`], and the attempts it hands back go to the idle one
 //! (see `tail`). Attempts already started run on and report as usual.
 
+mod backlog;
 mod dispatch;
 mod health;
 mod outcome;
@@ -88,7 +89,7 @@ use rustc_hash::FxHashMap as HashMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use wasmgrid_protocol::wire::{Assignment, AttemptId};
+use wasmgrid_protocol::wire::{Assignment, AttemptId, ModuleHash};
 use wasmgrid_protocol::{Failure, FailureKind};
 
 use crate::model::{JobId, JobSpec, JobState, Record, TaskIndex, TaskState, WorkerId};
@@ -117,6 +118,8 @@ pub enum Command {
         worker: WorkerId,
         attempts: Vec<AttemptId>,
     },
+    /// Tell this worker whether tasks wait for its credit (see `backlog`).
+    Backlog { worker: WorkerId, waiting: bool },
     /// Persist this change (in order).
     Record(Record),
     /// Close this worker's connection: it broke the protocol. The core
@@ -175,9 +178,33 @@ struct Job {
     queue: JobQueue,
     /// EWMA of the fuel a task of this job burns; 0 until a task reports.
     fuel_per_task: f64,
-    /// EWMA of a task's instantiate + run time on one slot, in µs; 0 until
-    /// a task reports. Sizes the prefetch window.
+    /// EWMA of a task's instantiate + run time on one slot, in µs; seeded
+    /// from the module's last job, else 0 until a task reports. Sizes the
+    /// prefetch window.
     task_us: f64,
+}
+
+/// The task time of each module's last finished job: a new job of the same
+/// module (the usual way a grid is used) starts with its prefetch window
+/// sized, instead of learning it over its first reports. Bounded: forgotten
+/// wholesale past [`TaskTimes::MAX_MODULES`].
+#[derive(Debug, Default)]
+struct TaskTimes(HashMap<ModuleHash, f64>);
+
+impl TaskTimes {
+    const MAX_MODULES: usize = 4096;
+
+    fn remember(&mut self, module: ModuleHash, task_us: f64) {
+        if self.0.len() >= Self::MAX_MODULES && !self.0.contains_key(&module) {
+            self.0.clear();
+        }
+        self.0.insert(module, task_us);
+    }
+
+    /// 0 when unknown.
+    fn of(&self, module: &ModuleHash) -> f64 {
+        self.0.get(module).copied().unwrap_or(0.0)
+    }
 }
 
 /// Which task an attempt runs, and where.
@@ -215,6 +242,9 @@ pub struct Core {
     released: HashMap<WorkerId, violations::RecentAttempts>,
     /// Attempts asked back from their worker for an idle one.
     recalls: tail::Recalls,
+    /// What workers were told of the queue, so their reports may wait.
+    backlog: backlog::BacklogNotices,
+    task_us_by_module: TaskTimes,
     commands: VecDeque<Command>,
 }
 
@@ -240,6 +270,8 @@ impl Core {
             lost: HashMap::default(),
             released: HashMap::default(),
             recalls: tail::Recalls::default(),
+            backlog: backlog::BacklogNotices::default(),
+            task_us_by_module: TaskTimes::default(),
             commands: VecDeque::new(),
         }
     }
@@ -300,6 +332,7 @@ impl Core {
             progress.state = JobState::Running;
         }
         let id = spec.id;
+        let task_us = self.task_us_by_module.of(&spec.module);
         self.queued += progress.queued as usize;
         if progress.queued > 0 {
             self.order.activate(&spec, self.now_ms);
@@ -314,7 +347,7 @@ impl Core {
                 lost: Vec::new(),
                 queue: JobQueue::new(total),
                 fuel_per_task: 0.0,
-                task_us: 0.0,
+                task_us,
             },
         );
         self.maybe_finish(id);

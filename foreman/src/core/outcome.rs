@@ -234,6 +234,10 @@ impl Core {
         let state = p.state;
         job.args = Vec::new();
         job.queue.clear();
+        if job.task_us > 0.0 {
+            self.task_us_by_module
+                .remember(job.spec.module, job.task_us);
+        }
         self.order.remove(&job.spec);
         self.commands
             .push_back(Command::Record(Record::JobStateChanged {

@@ -402,3 +402,23 @@ fn a_worker_holds_about_two_ms_of_a_jobs_tasks_beyond_its_slots() {
         assert_eq!(held.0 + held.1, 399, "{scheduler:?}: {held:?}");
     }
 }
+
+#[test]
+fn a_new_job_of_a_known_module_starts_with_its_prefetch_window_sized() {
+    let mut h = Harness::new();
+    join(&mut h, 1, 1, 32, 0, 0);
+    // Unknown task time: one to run and two to queue.
+    h.core.submit_job(spec(1, 3, 0), args(3));
+    let first = h.dispatch();
+    assert_eq!(first[0].1.len(), 3);
+    for &(attempt, _, _) in &first[0].1 {
+        h.finish(1, attempt, timed(1_000, 1_000));
+    }
+    // The same module's next job: its 1 ms tasks fill the 4 ms window at once.
+    let second = JobSpec {
+        id: 2,
+        ..spec(1, 10, 0)
+    };
+    h.core.submit_job(second, args(10));
+    assert_eq!(h.dispatch()[0].1.len(), 5);
+}

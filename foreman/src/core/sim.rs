@@ -256,6 +256,9 @@ impl Sim {
                     assert!(self.workers[worker as usize].online);
                     self.recalls.push((worker, attempts));
                 }
+                Command::Backlog { worker, .. } => {
+                    assert!(self.workers[worker as usize].online);
+                }
                 Command::Record(r) => self.ledger.apply(&r),
                 Command::CutOff { worker, .. } => self.cut_off(worker),
             }

@@ -17,6 +17,7 @@ impl Core {
             self.worker_left(worker);
         }
         self.pool.join(worker, spec);
+        self.backlog.joined(worker);
         if let Some(until) = self.cooling_until(worker) {
             self.pool.set_cooling(worker, Some(until));
         }
@@ -37,6 +38,7 @@ impl Core {
         let Some(gone) = self.pool.leave(worker) else {
             return;
         };
+        self.backlog.left(worker);
         let mut held: Vec<AttemptId> = gone.held.into_keys().collect();
         held.sort_unstable();
         let mut requeue = Vec::new();

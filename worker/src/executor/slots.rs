@@ -1,6 +1,7 @@
 //! A fixed number of slot threads that run tasks, so callers (async or not)
 //! never block on wasm themselves.
 
+use futures_util::FutureExt as _;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -152,6 +153,13 @@ impl SlotPool {
     /// did since the last call): what was queued has all started.
     pub async fn slot_idle(&self) {
         self.idle.notified().await;
+    }
+
+    /// Forgets a [`SlotPool::slot_idle`] signal not yet awaited; called as
+    /// new work comes, which makes it stale (it would end the next wait for
+    /// no reason).
+    pub fn forget_idle(&self) {
+        let _ = self.idle.notified().now_or_never();
     }
 
     pub fn slots(&self) -> usize {
@@ -328,6 +336,26 @@ mod tests {
             .await
             .expect("the slot said it is idle");
         assert_eq!(pool.queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn idleness_from_before_new_work_is_forgotten() {
+        let executor = executor(1);
+        let (task, load) = test_task(&executor);
+        let pool = SlotPool::new(executor.clone(), 1).unwrap();
+        // The slot finds nothing to run on starting, and says so to nobody.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        pool.forget_idle();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), pool.slot_idle())
+                .await
+                .is_err(),
+            "a forgotten signal still ended the wait"
+        );
+        pool.submit(task, load, "[]".into(), patient_limits(), |_| {});
+        tokio::time::timeout(PATIENCE, pool.slot_idle())
+            .await
+            .expect("idle again after the new work");
     }
 
     #[test]
