@@ -252,6 +252,18 @@ mod tests {
         }
     }
 
+    /// Queues `items` after `after`, as slots and the session reader would
+    /// during a hold.
+    fn send_later(sender: &Sender, after: Duration, items: Vec<Outgoing>) {
+        let late = sender.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            for item in items {
+                late.send(item);
+            }
+        });
+    }
+
     fn attempts(batch: &[Finished]) -> Vec<u64> {
         batch.iter().map(|f| f.attempt).collect()
     }
@@ -269,14 +281,9 @@ mod tests {
     async fn a_hold_takes_the_reports_that_come_until_its_end() {
         let (sender, mut inbox) = channel();
         let started = Instant::now();
-        let late = sender.clone();
-        tokio::spawn(async move {
-            // Timers tick in whole milliseconds.
-            tokio::time::sleep(Duration::from_millis(1)).await;
-            for attempt in 1..=3 {
-                late.send(finished(attempt));
-            }
-        });
+        // Timers tick in whole milliseconds.
+        let reports = (1..=3).map(finished).collect();
+        send_later(&sender, Duration::from_millis(1), reports);
         let until = Some(started + REPORT_HOLD);
         let (batch, next) = gather(first(), &mut inbox, until, pending()).await;
         assert_eq!(attempts(&batch), [0, 1, 2, 3]);
@@ -288,13 +295,9 @@ mod tests {
     async fn another_message_ends_the_hold_and_goes_next() {
         let (sender, mut inbox) = channel();
         let started = Instant::now();
-        let late = sender.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_micros(300)).await;
-            late.send(finished(1));
-            late.send(Outgoing::Message(ToForeman::Returned(vec![7])));
-            late.send(finished(2));
-        });
+        let returned = Outgoing::Message(ToForeman::Returned(vec![7]));
+        let items = vec![finished(1), returned, finished(2)];
+        send_later(&sender, Duration::from_micros(300), items);
         let until = Some(started + REPORT_HOLD);
         let (batch, next) = gather(first(), &mut inbox, until, pending()).await;
         assert_eq!(attempts(&batch), [0, 1]);
