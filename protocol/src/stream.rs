@@ -19,3 +19,20 @@ pub async fn read_message<T: for<'de> Deserialize<'de>>(
         }
     }
 }
+
+/// Asks the peer to acknowledge after this many packets, or after
+/// [`ACK_DELAY`], unless it has data to send anyway (an ACK then rides
+/// along for free). Messages flow both ways all through a job, so nearly
+/// every ACK can ride on one; a lone ACK wakes the receiver's runtime thread,
+/// which on a busy worker takes a core from a running task.
+const ACKS_AFTER_PACKETS: u32 = 16;
+const ACK_DELAY: std::time::Duration = std::time::Duration::from_millis(25);
+
+/// Requests sparse acknowledgements from the peer (the QUIC ACK frequency
+/// extension; a peer without it acknowledges as RFC 9000 says).
+pub fn sparse_acks(transport: &mut quinn::TransportConfig) {
+    let mut acks = quinn::AckFrequencyConfig::default();
+    acks.ack_eliciting_threshold(ACKS_AFTER_PACKETS.into())
+        .max_ack_delay(Some(ACK_DELAY));
+    transport.ack_frequency_config(Some(acks));
+}

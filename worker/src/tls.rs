@@ -43,6 +43,7 @@ pub fn pinned_client_config(fingerprint: &str) -> anyhow::Result<(quinn::ClientC
     transport
         .max_idle_timeout(Some(FOREMAN_SILENCE.try_into()?))
         .keep_alive_interval(Some(FOREMAN_SILENCE / 5));
+    wasmgrid_protocol::stream::sparse_acks(&mut transport);
     config.transport_config(Arc::new(transport));
     Ok((config, mismatch))
 }

@@ -61,6 +61,7 @@ pub fn endpoint(identity: &Identity, addr: SocketAddr) -> anyhow::Result<quinn::
         .max_concurrent_bidi_streams((1 + MAX_MODULE_STREAMS).into())
         .max_concurrent_uni_streams(0u32.into())
         .receive_window(RECEIVE_WINDOW.into());
+    wasmgrid_protocol::stream::sparse_acks(&mut transport);
     server.transport_config(Arc::new(transport));
     quinn::Endpoint::server(server, addr).with_context(|| format!("cannot listen on {addr}/udp"))
 }
