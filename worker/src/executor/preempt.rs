@@ -21,10 +21,14 @@ use wasmtime::component::Component;
 
 use super::CancelFlag;
 
-/// How often the watchdog looks at running tasks: the granularity of
-/// wall-clock limits and of cancellation, and how soon a signal that landed
-/// outside the guest's code is sent again.
-pub const POLL: Duration = Duration::from_millis(5);
+/// How often the watchdog looks for cancelled tasks: the granularity of
+/// cancellation. It wakes for a deadline exactly when it is due, so a
+/// stream of short tasks wakes it rarely (each wakeup takes a core from a
+/// running task).
+const CANCEL_POLL: Duration = Duration::from_millis(20);
+
+/// How soon a signal that landed outside the guest's code is sent again.
+const RESIGNAL: Duration = Duration::from_millis(5);
 
 const RUNNING: u8 = 0;
 const TIMED_OUT: u8 = 1;
@@ -108,9 +112,9 @@ struct State {
     closing: bool,
 }
 
-/// Polls with nothing running before the watchdog sleeps until a task
+/// With nothing running this long, the watchdog sleeps until a task
 /// starts: a stream of short tasks must not wake it for every one.
-const IDLE_POLLS: u32 = 20;
+const IDLE_BEFORE_SLEEP: Duration = Duration::from_millis(100);
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -184,22 +188,23 @@ impl Drop for Watchdog {
 fn watch_loop(shared: &Shared) {
     let mut state = shared.lock();
     // Asleep from the start: nothing runs yet.
-    let mut idle_polls = IDLE_POLLS;
+    let mut idle_since = Instant::now().checked_sub(IDLE_BEFORE_SLEEP);
     while !state.closing {
-        if state.running.is_empty() {
-            idle_polls += 1;
-        } else {
-            idle_polls = 0;
-        }
-        if idle_polls > IDLE_POLLS {
-            state.asleep = true;
-            while state.asleep && !state.closing {
-                state = shared.wake.wait(state).unwrap_or_else(|p| p.into_inner());
-            }
-            idle_polls = 0;
-            continue;
-        }
         let now = Instant::now();
+        if state.running.is_empty() {
+            let since = *idle_since.get_or_insert(now);
+            if now.duration_since(since) >= IDLE_BEFORE_SLEEP {
+                state.asleep = true;
+                while state.asleep && !state.closing {
+                    state = shared.wake.wait(state).unwrap_or_else(|p| p.into_inner());
+                }
+                idle_since = None;
+                continue;
+            }
+        } else {
+            idle_since = None;
+        }
+        let mut next = now + CANCEL_POLL;
         for watch in &state.running {
             let reason = if watch
                 .cancel
@@ -210,6 +215,7 @@ fn watch_loop(shared: &Shared) {
             } else if now >= watch.deadline {
                 TIMED_OUT
             } else {
+                next = next.min(watch.deadline);
                 continue;
             };
             let _ =
@@ -218,10 +224,11 @@ fn watch_loop(shared: &Shared) {
                     .compare_exchange(RUNNING, reason, Ordering::AcqRel, Ordering::Acquire);
             // The thread is alive: it unregisters under this lock before it can end.
             watch.thread.signal();
+            next = next.min(now + RESIGNAL);
         }
         state = shared
             .wake
-            .wait_timeout(state, POLL)
+            .wait_timeout(state, next.saturating_duration_since(now))
             .unwrap_or_else(|p| p.into_inner())
             .0;
     }
