@@ -152,8 +152,7 @@ fn ensure_rustup_target() -> anyhow::Result<()> {
 /// worker two `mprotect`s per task (wasmtime makes the grown pages
 /// inaccessible again for the next instance), which slow tasks on the
 /// other cores too. Unused pages cost nothing.
-const GUEST_RUSTFLAGS: &str =
-    "-C target-feature=+simd128 -C link-arg=--initial-memory=4194304";
+const GUEST_RUSTFLAGS: &str = "-C target-feature=+simd128 -C link-arg=--initial-memory=4194304";
 
 fn rustup_cargo() -> Command {
     let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
