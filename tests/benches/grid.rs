@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use serde_json::{json, Value};
+use wasmgrid_protocol::TaskLimits;
 use wasmgrid_tests::host::StealMeter;
 use wasmgrid_tests::processes::{start_foreman, start_worker, Foreman, Running};
 use wasmgrid_tests::{binary, example_args_path, guest_path, guest_wasm};
@@ -359,9 +360,9 @@ fn scaling(grid: &Grid, dir: &Path) {
     };
     let exec_cache = dir.join("exec-cache");
     // The run as `worker exec` times it: from the first task to the last.
-    let exec = |args: &Path, slots: &str| {
+    let exec = |args: &Path, slots: &str, fuel: &str| {
         let output = std::process::Command::new(binary("worker"))
-            .args(["exec", "--slots", slots, "--cache-dir"])
+            .args(["exec", "--slots", slots, "--fuel", fuel, "--cache-dir"])
             .arg(&exec_cache)
             .arg(guest_path("primes"))
             .arg(args)
@@ -379,8 +380,8 @@ fn scaling(grid: &Grid, dir: &Path) {
         Duration::from_secs_f64(secs)
     };
     println!("\n## CPU-bound: `primes` in 64 tasks, 1 worker vs 2 workers (1 slot each, 2 cores shared with the foreman)\n");
-    println!("| range | pairs | 1 worker (median) | 2 workers (median) | speedup, median of pairs (min–max) | `worker exec` 1 → 2 slots, same pairs | native code 1 → 2 threads, same pairs | task time side by side ÷ alone | 2 workers' slots busy | host steal | target |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| range | pairs | 1 worker (median) | 2 workers (median) | speedup, median of pairs (min–max) | `worker exec` 1 → 2 slots, same pairs | … without fuel metering | native code 1 → 2 threads, same pairs | task time side by side ÷ alone | 2 workers' slots busy | host steal | target |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (range, args, path, expected, pairs) in [
         ("below 20,000,000", &small, &small_path, 1_270_607, 15),
         ("below 2,000,000,000", &large, &large_path, 98_222_287, 3),
@@ -390,6 +391,7 @@ fn scaling(grid: &Grid, dir: &Path) {
         let steal = StealMeter::start();
         let (mut ones, mut twos, mut speedups, mut ceilings) = (vec![], vec![], vec![], vec![]);
         let (mut slowdowns, mut busy_shares, mut natives) = (vec![], vec![], vec![]);
+        let mut unmetered = vec![];
         let ranges: Vec<(u64, u64)> = args
             .as_array()
             .expect("array")
@@ -412,8 +414,13 @@ fn scaling(grid: &Grid, dir: &Path) {
             // much slower a task runs with the other core busy too.
             slowdowns.push(two_busy.as_secs_f64() / one_busy.as_secs_f64());
             busy_shares.push(two_busy.as_secs_f64() / (2.0 * two.as_secs_f64()));
-            let (solo, duo) = (exec(path, "1"), exec(path, "2"));
+            let fuel = TaskLimits::DEFAULT_FUEL.to_string();
+            let (solo, duo) = (exec(path, "1", &fuel), exec(path, "2", &fuel));
             ceilings.push(solo.as_secs_f64() / duo.as_secs_f64());
+            // Fuel adds a count to every block of guest code: what it costs
+            // the scaling, measured alongside.
+            let (solo, duo) = (exec(path, "1", "0"), exec(path, "2", "0"));
+            unmetered.push(solo.as_secs_f64() / duo.as_secs_f64());
             let (solo, duo) = (native(&ranges, 1, expected), native(&ranges, 2, expected));
             natives.push(solo.as_secs_f64() / duo.as_secs_f64());
         }
@@ -428,11 +435,12 @@ fn scaling(grid: &Grid, dir: &Path) {
             speedups.iter().copied().fold(0.0, f64::max),
         );
         println!(
-            "| {range} | {pairs} | {} | {} | {:.2}× ({lo:.2}–{hi:.2}) | {:.2}× | {:.2}× | {:.2}× | {:.0}% | {} | ≥ 1.9× |",
+            "| {range} | {pairs} | {} | {} | {:.2}× ({lo:.2}–{hi:.2}) | {:.2}× | {:.2}× | {:.2}× | {:.2}× | {:.0}% | {} | ≥ 1.9× |",
             ms(ones[ones.len() / 2]),
             ms(twos[twos.len() / 2]),
             median(&mut speedups),
             median(&mut ceilings),
+            median(&mut unmetered),
             median(&mut natives),
             median(&mut slowdowns),
             100.0 * median(&mut busy_shares),

@@ -56,6 +56,22 @@ fn primes_match_native_and_the_known_count() {
 }
 
 #[test]
+fn without_fuel_primes_still_match_and_report_no_fuel() {
+    let dir = tempfile::tempdir().unwrap();
+    let reports = dir.path().join("reports.json");
+    let output = worker_exec(
+        &guest_path("primes"),
+        &example_args_path("primes"),
+        &["--fuel", "0", "--reports", reports.to_str().unwrap()],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let results: Vec<u64> = serde_json::from_slice(&output.stdout).expect("JSON array");
+    assert_eq!(results.iter().sum::<u64>(), 1_270_607, "π(2·10^7)");
+    let reports: Vec<Value> = serde_json::from_slice(&std::fs::read(reports).unwrap()).unwrap();
+    assert!(reports.iter().all(|r| r["fuel_used"] == 0), "{reports:?}");
+}
+
+#[test]
 fn mandelbrot_bands_match_native_rendering() {
     let results = run_example("mandelbrot", mandelbrot::task_entry);
     let rows: u64 = results.iter().map(|b| b["rows"].as_u64().unwrap()).sum();
