@@ -22,7 +22,7 @@ use super::params::Params;
 use super::{ApiError, ApiState, Caller, OutputLimits};
 use crate::driver::Input;
 use crate::model::{JobId, JobState, TaskState};
-use crate::store::{JobRow, NewJob, StoreError, TaskOutcomeRow};
+use crate::store::{InsertCommit, JobRow, NewJob, StoreError, TaskOutcomeRow};
 use utoipa::ToSchema;
 
 #[derive(Deserialize, ToSchema)]
@@ -179,7 +179,14 @@ pub(super) async fn submit(
     let cap = state.submit_limits.max_unfinished_jobs_per_token;
     let quota = caller.map(|Extension(c)| (c.token_id, cap));
     let args: Vec<Arc<str>> = new_job.args.iter().map(|a| Arc::from(a.as_str())).collect();
-    let (spec, pending) = state.store.insert_job(new_job, quota)?;
+    // A caller that waits for the end gets one commit for the job's whole
+    // short life; one that does not gets its id as soon as the job is stored.
+    let commit = if query.wait_ms.is_some() {
+        InsertCommit::WithItsTasks
+    } else {
+        InsertCommit::AtOnce
+    };
+    let (spec, pending) = state.store.insert_job(new_job, quota, commit)?;
     let submitted = Submitted {
         id: spec.id,
         tasks: spec.task_count,

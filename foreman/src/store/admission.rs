@@ -12,7 +12,7 @@ use wasmgrid_protocol::wire::ModuleHash;
 
 use super::schema::{self, from_sql};
 use super::writer::{Change, Command, NewJobRow, Reply};
-use super::{queries, NewJob, PendingJob, Store, StoreError};
+use super::{queries, InsertCommit, NewJob, PendingJob, Store, StoreError};
 use crate::model::{JobId, JobSpec};
 
 pub(super) struct Admission {
@@ -129,24 +129,25 @@ impl Store {
         quota: Option<(u64, u64)>,
     ) -> Result<JobSpec, StoreError> {
         let (stored, done) = mpsc::sync_channel(1);
-        let spec = self.admit_job(job, quota, Reply::Blocking(stored))?;
+        let spec = self.admit_job(job, quota, Reply::Blocking(stored), InsertCommit::AtOnce)?;
         done.recv().map_err(|_| StoreError::Closed)??;
         Ok(spec)
     }
 
     /// [`Store::create_job_within`] for async callers, in two steps: the
     /// job's spec comes back at once, checked and numbered on the caller's
-    /// thread, before it is stored, so the caller can dispatch it. Its
-    /// insert waits, like an attempt's start, to commit with what follows
-    /// (a short job's whole life is then one transaction). The caller
-    /// awaits [`Store::job_stored`] before saying the job was accepted.
+    /// thread, before it is stored, so the caller can dispatch it; `commit`
+    /// says whether its insert waits, like an attempt's start, to commit
+    /// with what follows. The caller awaits [`Store::job_stored`] before
+    /// saying the job was accepted.
     pub fn insert_job(
         &self,
         job: NewJob,
         quota: Option<(u64, u64)>,
+        commit: InsertCommit,
     ) -> Result<(JobSpec, PendingJob), StoreError> {
         let (stored, done) = tokio::sync::oneshot::channel();
-        let spec = self.admit_job(job, quota, Reply::Async(stored))?;
+        let spec = self.admit_job(job, quota, Reply::Async(stored), commit)?;
         Ok((spec, PendingJob { stored: done }))
     }
 
@@ -157,6 +158,7 @@ impl Store {
         job: NewJob,
         quota: Option<(u64, u64)>,
         stored: Reply<Result<(), StoreError>>,
+        commit: InsertCommit,
     ) -> Result<JobSpec, StoreError> {
         let task_count = u32::try_from(job.args.len())
             .map_err(|_| StoreError::InvalidJob(format!("{} tasks is too many", job.args.len())))?;
@@ -181,6 +183,7 @@ impl Store {
             token: quota.map(|(token, _)| token),
             created_at_ms: schema::now_ms(),
             stored: Some(stored),
+            commit,
         };
         if let Err(error) = self.try_send(Command::Changes(vec![Change::NewJob(Box::new(row))])) {
             self.inner.admission.finished(id);

@@ -227,6 +227,17 @@ pub struct Store {
 }
 
 /// Committed job state changes, for whoever waits on a job.
+/// When a job's insert commits (see [`Store::insert_job`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InsertCommit {
+    /// With the records that follow it: a short job's whole life is then one
+    /// transaction. For a caller that waits for the job's end anyway.
+    WithItsTasks,
+    /// In the next transaction: for a caller that answers as soon as the job
+    /// is stored, whatever its tasks take.
+    AtOnce,
+}
+
 /// A job inserted and not yet known to be committed (see [`Store::insert_job`]).
 #[must_use = "a job is accepted only once it is stored"]
 pub struct PendingJob {

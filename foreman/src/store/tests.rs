@@ -636,12 +636,30 @@ fn a_jobs_end_is_announced_with_its_tasks_results_committed() {
     assert_eq!(results[1].result.as_deref(), Some("1"));
 }
 
+#[test]
+fn a_job_insert_waits_for_its_tasks_records_only_when_asked() {
+    let change = |commit| {
+        writer::Change::NewJob(Box::new(writer::NewJobRow {
+            id: 1,
+            job: new_job(args(1)),
+            token: None,
+            created_at_ms: 0,
+            stored: None,
+            commit,
+        }))
+    };
+    assert!(change(InsertCommit::WithItsTasks).is_lazy());
+    assert!(!change(InsertCommit::AtOnce).is_lazy());
+}
+
 #[tokio::test]
 async fn an_inserted_job_is_handed_out_before_it_commits_and_announced_once_stored() {
     let (_dir, store) = open_temp();
     store.put_module(&MODULE, b"wasm").unwrap();
     let mut changes = store.changes();
-    let (spec, pending) = store.insert_job(new_job(args(2)), None).unwrap();
+    let (spec, pending) = store
+        .insert_job(new_job(args(2)), None, InsertCommit::WithItsTasks)
+        .unwrap();
     assert_eq!(spec.task_count, 2);
     store.job_stored(pending).await.unwrap();
     assert!(changes.recv().await.unwrap().job_states.contains(&spec.id));
@@ -651,12 +669,12 @@ async fn an_inserted_job_is_handed_out_before_it_commits_and_announced_once_stor
     let mut unknown = new_job(args(1));
     unknown.module = [9; 32];
     assert!(matches!(
-        store.insert_job(unknown, None),
+        store.insert_job(unknown, None, InsertCommit::WithItsTasks),
         Err(StoreError::UnknownModule(_))
     ));
     let quota = Some((7, 0));
     assert!(matches!(
-        store.insert_job(new_job(args(1)), quota),
+        store.insert_job(new_job(args(1)), quota, InsertCommit::WithItsTasks),
         Err(StoreError::TooManyUnfinishedJobs { .. })
     ));
     assert_eq!(store.jobs(0, 10, None).unwrap().len(), 1);
@@ -668,9 +686,11 @@ async fn a_tokens_quota_counts_its_jobs_not_yet_stored() {
     store.put_module(&MODULE, b"wasm").unwrap();
     let quota = Some((7, 1));
     // The first job's insert may not have committed when the second is checked.
-    let (first, pending) = store.insert_job(new_job(args(1)), quota).unwrap();
+    let (first, pending) = store
+        .insert_job(new_job(args(1)), quota, InsertCommit::WithItsTasks)
+        .unwrap();
     assert!(matches!(
-        store.insert_job(new_job(args(1)), quota),
+        store.insert_job(new_job(args(1)), quota, InsertCommit::WithItsTasks),
         Err(StoreError::TooManyUnfinishedJobs { unfinished: 1, .. })
     ));
     store.job_stored(pending).await.unwrap();
@@ -683,11 +703,13 @@ async fn a_job_stops_counting_against_its_token_once_its_end_commits() {
     let (dir, store) = open_temp();
     store.put_module(&MODULE, b"wasm").unwrap();
     let quota = Some((7, 2));
-    let (first, pending) = store.insert_job(new_job(args(1)), quota).unwrap();
+    let (first, pending) = store
+        .insert_job(new_job(args(1)), quota, InsertCommit::WithItsTasks)
+        .unwrap();
     store.job_stored(pending).await.unwrap();
     let second = store.create_job_within(new_job(args(1)), quota).unwrap();
     assert!(matches!(
-        store.insert_job(new_job(args(1)), quota),
+        store.insert_job(new_job(args(1)), quota, InsertCommit::WithItsTasks),
         Err(StoreError::TooManyUnfinishedJobs { unfinished: 2, .. })
     ));
     store.record(Record::JobStateChanged {
@@ -696,7 +718,9 @@ async fn a_job_stops_counting_against_its_token_once_its_end_commits() {
     });
     store.flush().unwrap();
     assert_eq!(store.inner.admission.unfinished(7), 1);
-    let (third, pending) = store.insert_job(new_job(args(1)), quota).unwrap();
+    let (third, pending) = store
+        .insert_job(new_job(args(1)), quota, InsertCommit::WithItsTasks)
+        .unwrap();
     store.job_stored(pending).await.unwrap();
 
     // A foreman that starts again counts the token's unfinished jobs from the database.

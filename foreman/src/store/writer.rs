@@ -13,8 +13,8 @@ use wasmgrid_protocol::wire::Load;
 
 use super::admission::Admission;
 use super::schema::now_ms;
-use super::NewJob;
 use super::{ChangeEvents, Changes, JobEvents, StoreError};
+use super::{InsertCommit, NewJob};
 use crate::model::{JobId, JobState, Record, WorkerId};
 use apply::{apply, Deltas, Statements};
 use fold::Folds;
@@ -57,8 +57,8 @@ pub(super) enum Change {
         worker: WorkerId,
         draining: bool,
     },
-    /// A job accepted by the store's admission: its insert is lazy, so a
-    /// short job's insert commits together with its tasks' records.
+    /// A job accepted by the store's admission: its insert is lazy when
+    /// asked to commit with its tasks' records.
     NewJob(Box<NewJobRow>),
 }
 
@@ -69,6 +69,7 @@ pub(super) struct NewJobRow {
     pub(super) token: Option<u64>,
     pub(super) created_at_ms: i64,
     pub(super) stored: Option<Reply<Result<(), StoreError>>>,
+    pub(super) commit: InsertCommit,
 }
 
 /// Where the writer answers: a task awaiting it, or a thread blocked on it.
@@ -90,12 +91,13 @@ impl<T> Reply<T> {
 
 impl Change {
     /// Nobody waits for it: an attempt's start or end (and its job becoming
-    /// running) or a heartbeat. Callers wait for a job's end, which is not
+    /// running), a heartbeat, or a job's insert asked to wait for its tasks'
+    /// records. Callers wait for a job's end, which is not
     /// lazy and commits everything before it. A batch of only these waits up
     /// to [`LAZY_DELAY`] for company, so the tasks of a job commit a few
     /// dozen at a time rather than each in its own transaction: the CPU a
     /// commit costs is taken from the workers on a shared machine.
-    fn is_lazy(&self) -> bool {
+    pub(super) fn is_lazy(&self) -> bool {
         matches!(
             self,
             Change::Record {
@@ -108,8 +110,7 @@ impl Change {
                     },
                 ..
             } | Change::Heartbeat { .. }
-                | Change::NewJob(_)
-        )
+        ) || matches!(self, Change::NewJob(row) if row.commit == InsertCommit::WithItsTasks)
     }
 }
 
