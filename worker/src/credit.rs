@@ -8,7 +8,7 @@ use wasmgrid_protocol::wire::MAX_PREFETCH_PER_SLOT;
 /// Queued work to hold per slot, measured in time: enough that tiny tasks are
 /// not bound by round trips nor by the reports held back (`outgoing`), little
 /// enough that long ones are not hoarded.
-const PIPE_TARGET_US: f64 = 8_000.0;
+const PIPE_TARGET_US: f64 = 16_000.0;
 const MIN_PREFETCH_PER_SLOT: u32 = 2;
 
 /// The credit this worker has granted, grown as it learns how long tasks take.

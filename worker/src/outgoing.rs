@@ -22,7 +22,7 @@ const FINISH_ACK: Duration = Duration::from_secs(5);
 /// Longest a report waits for company while this worker's queued tasks keep
 /// it busy (so the foreman loses nothing by hearing of it later). The
 /// prefetch windows (`credit`, the foreman's dispatch) hold about twice this.
-const REPORT_HOLD: Duration = Duration::from_millis(4);
+const REPORT_HOLD: Duration = Duration::from_millis(8);
 /// Reports wait only while the queue lasts this much longer than they do:
 /// new tasks must arrive before it runs dry.
 const HOLD_MARGIN: Duration = Duration::from_millis(1);

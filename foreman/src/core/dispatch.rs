@@ -21,10 +21,10 @@ use super::{Command, Core, Held};
 use crate::model::{JobId, JobState, Record, Scheduler, TaskIndex, TaskState, WorkerId};
 
 /// Work a worker may hold beyond what its slots run, in time: enough that
-/// short tasks are not bound by round trips (nor by the 4 ms a worker with
+/// short tasks are not bound by round trips (nor by the 8 ms a worker with
 /// queued tasks may hold its reports), little enough that long ones are not
 /// hoarded (and what is left at a job's end is evened out: see `tail`).
-const PREFETCH_TARGET_US: f64 = 8_000.0;
+const PREFETCH_TARGET_US: f64 = 16_000.0;
 /// Tasks queued per slot before a job's task time is known, and at least.
 const MIN_PREFETCH_PER_SLOT: usize = 1;
 const UNKNOWN_PREFETCH_PER_SLOT: usize = 2;

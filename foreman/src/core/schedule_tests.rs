@@ -414,12 +414,12 @@ fn a_new_job_of_a_known_module_starts_with_its_prefetch_window_sized() {
     for &(attempt, _, _) in &first[0].1 {
         h.finish(1, attempt, timed(1_000, 1_000));
     }
-    // The same module's next job: its 1 ms tasks fill the 8 ms window at
-    // once (one to run, eight to queue).
+    // The same module's next job: its 1 ms tasks fill the 16 ms window at
+    // once (one to run, sixteen to queue).
     let second = JobSpec {
         id: 2,
-        ..spec(1, 12, 0)
+        ..spec(1, 20, 0)
     };
-    h.core.submit_job(second, args(12));
-    assert_eq!(h.dispatch()[0].1.len(), 9);
+    h.core.submit_job(second, args(20));
+    assert_eq!(h.dispatch()[0].1.len(), 17);
 }
