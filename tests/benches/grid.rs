@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use serde_json::{json, Value};
 use wasmgrid_protocol::TaskLimits;
-use wasmgrid_tests::host::StealMeter;
+use wasmgrid_tests::host::{StealMeter, ThreadCpu, ThreadTimes};
 use wasmgrid_tests::processes::{start_foreman, start_worker, Foreman, Running};
 use wasmgrid_tests::{binary, example_args_path, guest_path, guest_wasm};
 
@@ -99,6 +99,14 @@ impl Grid {
             .limit(u64::MAX)
             .read_json()
             .expect("JSON")
+    }
+
+    /// CPU its foreman's and workers' threads have used so far.
+    fn thread_times(&self) -> ThreadTimes {
+        let pids: Vec<u32> = std::iter::once(self.foreman.process.0.id())
+            .chain(self._workers.iter().map(|w| w.0.id()))
+            .collect();
+        ThreadTimes::of(&pids)
     }
 
     /// The foreman's peak resident memory so far.
@@ -380,8 +388,8 @@ fn scaling(grid: &Grid, dir: &Path) {
         Duration::from_secs_f64(secs)
     };
     println!("\n## CPU-bound: `primes` in 64 tasks, 1 worker vs 2 workers (1 slot each, 2 cores shared with the foreman)\n");
-    println!("| range | pairs | 1 worker (median) | 2 workers (median) | speedup, median of pairs (middle half) | `worker exec` 1 → 2 slots, same pairs | … without fuel metering | native code 1 → 2 threads, same pairs | task time side by side ÷ alone | 2 workers' slots busy | host steal | target |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| range | pairs | 1 worker (median) | 2 workers (median) | speedup, median of pairs (middle half) | `worker exec` 1 → 2 slots, same pairs | … without fuel metering | native code 1 → 2 threads, same pairs | task time side by side ÷ alone | 2 workers' slots busy | 2 workers' control plane, CPU per job (share of all) | host steal | target |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (range, args, path, expected, pairs) in [
         ("below 20,000,000", &small, &small_path, 1_270_607, 41),
         ("below 2,000,000,000", &large, &large_path, 98_222_287, 3),
@@ -389,6 +397,16 @@ fn scaling(grid: &Grid, dir: &Path) {
         timed(grid, args, expected);
         timed(&one_grid, args, expected);
         let steal = StealMeter::start();
+        // The 2-worker grid's threads over its timed jobs (each with its
+        // summary read) only: an idle grid's heartbeats and timers would
+        // otherwise count too.
+        let mut cpu = ThreadCpu::default();
+        let mut two_timed = || {
+            let before = grid.thread_times();
+            let two = timed(grid, args, expected);
+            cpu += grid.thread_times().since(&before);
+            two
+        };
         let (mut ones, mut twos, mut speedups, mut ceilings) = (vec![], vec![], vec![], vec![]);
         let (mut slowdowns, mut busy_shares, mut natives) = (vec![], vec![], vec![]);
         let mut unmetered = vec![];
@@ -402,9 +420,9 @@ fn scaling(grid: &Grid, dir: &Path) {
             // Alternate which goes first, so a drift in speed favours neither.
             let ((one, one_busy), (two, two_busy)) = if pair % 2 == 0 {
                 let one = timed(&one_grid, args, expected);
-                (one, timed(grid, args, expected))
+                (one, two_timed())
             } else {
-                let two = timed(grid, args, expected);
+                let two = two_timed();
                 (timed(&one_grid, args, expected), two)
             };
             ones.push(one);
@@ -424,6 +442,7 @@ fn scaling(grid: &Grid, dir: &Path) {
             let (solo, duo) = (native(&ranges, 1, expected), native(&ranges, 2, expected));
             natives.push(solo.as_secs_f64() / duo.as_secs_f64());
         }
+        let per_job = |d: Duration| d.as_secs_f64() * 1e3 / f64::from(pairs);
         let median = |v: &mut Vec<f64>| {
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
@@ -435,7 +454,7 @@ fn scaling(grid: &Grid, dir: &Path) {
         sorted.sort_by(f64::total_cmp);
         let (lo, hi) = (sorted[sorted.len() / 4], sorted[3 * sorted.len() / 4]);
         println!(
-            "| {range} | {pairs} | {} | {} | {:.2}× ({lo:.2}–{hi:.2}) | {:.2}× | {:.2}× | {:.2}× | {:.2}× | {:.0}% | {} | ≥ 1.9× |",
+            "| {range} | {pairs} | {} | {} | {:.2}× ({lo:.2}–{hi:.2}) | {:.2}× | {:.2}× | {:.2}× | {:.2}× | {:.0}% | {:.2} ms ({:.1}%) | {} | ≥ 1.9× |",
             ms(ones[ones.len() / 2]),
             ms(twos[twos.len() / 2]),
             median(&mut speedups),
@@ -444,6 +463,8 @@ fn scaling(grid: &Grid, dir: &Path) {
             median(&mut natives),
             median(&mut slowdowns),
             100.0 * median(&mut busy_shares),
+            per_job(cpu.control),
+            100.0 * cpu.control.as_secs_f64() / (cpu.control + cpu.tasks).as_secs_f64().max(1e-9),
             steal
                 .percent()
                 .map_or("?".to_owned(), |p| format!("{p:.1}%")),

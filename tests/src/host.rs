@@ -1,6 +1,9 @@
 //! How much CPU time the hypervisor gave to other guests while a benchmark
-//! ran: figures measured on a busy host are slower, and this says by how much
-//! to doubt them.
+//! ran (figures measured on a busy host are slower, and this says by how much
+//! to doubt them), and how much our own processes' threads used.
+
+use std::collections::HashMap;
+use std::time::Duration;
 
 /// CPU time counters at a start point, from `/proc/stat`.
 pub struct StealMeter {
@@ -43,4 +46,69 @@ fn read() -> Option<(u64, u64)> {
     // user nice system idle iowait irq softirq steal
     let steal = *fields.get(7)?;
     Some((steal, fields.iter().sum()))
+}
+
+/// CPU time the threads of some processes have run, split into tasks (the
+/// workers' slot threads) and everything else (the control plane): a
+/// measure of overhead that the host's speed swings do not blur.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ThreadCpu {
+    pub tasks: Duration,
+    pub control: Duration,
+}
+
+impl std::ops::AddAssign for ThreadCpu {
+    fn add_assign(&mut self, other: ThreadCpu) {
+        self.tasks += other.tasks;
+        self.control += other.control;
+    }
+}
+
+/// Each live thread's CPU time so far, by thread id, and whether it is a slot.
+#[derive(Debug, Clone, Default)]
+pub struct ThreadTimes(HashMap<u32, (bool, u64)>);
+
+impl ThreadTimes {
+    /// Every thread of `pids` alive now; empty off Linux.
+    pub fn of(pids: &[u32]) -> ThreadTimes {
+        let mut times = HashMap::new();
+        for pid in pids {
+            let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                continue;
+            };
+            for thread in threads.flatten() {
+                let Some(tid) = thread.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                    continue;
+                };
+                let path = thread.path();
+                let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+                // The first field of schedstat: nanoseconds on a CPU.
+                let Some(ns) = std::fs::read_to_string(path.join("schedstat"))
+                    .ok()
+                    .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+                else {
+                    continue;
+                };
+                times.insert(tid, (comm.starts_with("wasmgrid-slot"), ns));
+            }
+        }
+        ThreadTimes(times)
+    }
+
+    /// What ran since `earlier`, thread by thread: a thread that has exited
+    /// meanwhile (an idle blocking-pool thread, say) takes its whole past
+    /// with it, so sums of the two would not do.
+    pub fn since(&self, earlier: &ThreadTimes) -> ThreadCpu {
+        let mut cpu = ThreadCpu::default();
+        for (tid, &(slot, ns)) in &self.0 {
+            let before = earlier.0.get(tid).map_or(0, |&(_, ns)| ns);
+            let ran = Duration::from_nanos(ns.saturating_sub(before));
+            if slot {
+                cpu.tasks += ran;
+            } else {
+                cpu.control += ran;
+            }
+        }
+        cpu
+    }
 }
