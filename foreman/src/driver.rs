@@ -156,9 +156,22 @@ async fn run(mut core: Core, store: Store, mut inputs: mpsc::UnboundedReceiver<I
                 Command::Cancel { worker, attempts } => {
                     send_to(&mut core, &outboxes, worker, ToWorker::Cancel(attempts))
                 }
-                Command::Recall { worker, attempts } => {
-                    tracing::debug!(worker, ?attempts, "asked to hand back for an idle worker");
-                    send_to(&mut core, &outboxes, worker, ToWorker::GiveBack(attempts))
+                Command::Recall {
+                    worker,
+                    attempts,
+                    believed_unstarted,
+                } => {
+                    tracing::debug!(
+                        worker,
+                        ?attempts,
+                        believed_unstarted,
+                        "asked to hand back for an idle worker"
+                    );
+                    let give_back = ToWorker::GiveBack {
+                        attempts,
+                        believed_unstarted,
+                    };
+                    send_to(&mut core, &outboxes, worker, give_back)
                 }
                 Command::Backlog { worker, waiting } => {
                     send_to(&mut core, &outboxes, worker, ToWorker::Backlog(waiting))

@@ -80,7 +80,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }]),
         ToWorker::Cancel(vec![7]),
         ToWorker::Drain { grace_ms: 30_000 },
-        ToWorker::GiveBack(vec![7]),
+        ToWorker::GiveBack {
+            attempts: vec![7],
+            believed_unstarted: 1,
+        },
         ToWorker::Backlog(false),
     ];
     // One file per message, one with a whole conversation, one with the preamble first.

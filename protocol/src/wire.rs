@@ -11,12 +11,12 @@ use serde::{Deserialize, Serialize};
 use crate::{TaskLimits, TaskReport};
 
 /// Protocol version; bumped on any change to the messages below.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// TLS application protocols a worker offers: this exact version first, then
 /// the bare name, which lets a foreman of another version still answer with
 /// a message that says both versions.
-pub const ALPN_VERSIONED: &[u8] = b"wasmgrid/5";
+pub const ALPN_VERSIONED: &[u8] = b"wasmgrid/6";
 pub const ALPN_ANY_VERSION: &[u8] = b"wasmgrid";
 
 /// Largest frame either side accepts (a module upload is the biggest message).
@@ -148,10 +148,16 @@ pub enum ToWorker {
     /// attempts, let running ones finish for at most `grace_ms` (then cancel
     /// them), report, and close.
     Drain { grace_ms: u64 },
-    /// Hand back those of these attempts no slot has started, with
-    /// `Returned` (if any): another worker is idle at the end of their job.
-    /// Those already started run and report as usual.
-    GiveBack(Vec<AttemptId>),
+    /// Hand back some of these attempts (newest first) that no slot has
+    /// started, with `Returned` (if any): another worker idles, or soon
+    /// will, at the end of their job. The foreman asked for them believing
+    /// the worker had `believed_unstarted` unstarted, from reports that may
+    /// be held back; the worker hands back the same share of those it
+    /// really has. Those already started run and report as usual.
+    GiveBack {
+        attempts: Vec<AttemptId>,
+        believed_unstarted: u32,
+    },
     /// Whether tasks wait at the foreman for credit (a worker assumes they
     /// do until told otherwise). While none waits, a worker may hold its
     /// reports for company even with little queued: the credit they return

@@ -157,7 +157,12 @@ fn to_worker() -> impl Strategy<Value = ToWorker> {
         vec(assignment, 0..4).prop_map(ToWorker::Run),
         vec(any::<u64>(), 0..8).prop_map(ToWorker::Cancel),
         any::<u64>().prop_map(|grace_ms| ToWorker::Drain { grace_ms }),
-        vec(any::<u64>(), 0..8).prop_map(ToWorker::GiveBack),
+        (vec(any::<u64>(), 0..8), any::<u32>()).prop_map(|(attempts, believed_unstarted)| {
+            ToWorker::GiveBack {
+                attempts,
+                believed_unstarted,
+            }
+        }),
         any::<bool>().prop_map(ToWorker::Backlog),
     ]
 }

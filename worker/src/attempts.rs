@@ -82,11 +82,37 @@ impl Attempts {
     /// Takes back those of `attempts` no slot has started (unknown ids are
     /// ignored: they already finished). Returns their ids, in order.
     pub fn take_back(&self, attempts: &[AttemptId]) -> Vec<AttemptId> {
+        self.take_back_at_most(attempts, usize::MAX)
+    }
+
+    /// Answers the foreman's `GiveBack`: of `asked` (newest first), takes
+    /// back as large a share as it asked of the `believed` unstarted
+    /// attempts, counted on those really unstarted here. Its count lags
+    /// this worker's held-back reports, and handing back all it asked then
+    /// would leave this worker too little and swing the job's end the
+    /// other way.
+    pub fn give_back(&self, asked: &[AttemptId], believed: u32) -> Vec<AttemptId> {
+        let unstarted = self
+            .lock()
+            .values()
+            .filter(|h| !h.state.has_started())
+            .count();
+        let believed = believed as usize;
+        let share = if believed == 0 || unstarted >= believed {
+            asked.len()
+        } else {
+            (asked.len() * unstarted + believed / 2) / believed
+        };
+        self.take_back_at_most(asked, share)
+    }
+
+    fn take_back_at_most(&self, attempts: &[AttemptId], most: usize) -> Vec<AttemptId> {
         let mut held = self.lock();
         let mut taken: Vec<AttemptId> = attempts
             .iter()
             .copied()
             .filter(|attempt| held.get(attempt).is_some_and(|h| h.state.try_take_back()))
+            .take(most)
             .collect();
         for attempt in &taken {
             held.remove(attempt);
@@ -221,6 +247,20 @@ mod tests {
         drop(pool);
         assert_eq!(rx.iter().count(), 0, "a handed-back attempt ran");
         assert!(attempts.is_empty());
+    }
+
+    #[test]
+    fn giving_back_scales_the_share_asked_to_the_real_queue() {
+        let attempts = Attempts::new();
+        for attempt in 1..=6 {
+            attempts.add(attempt);
+        }
+        // Asked 4 of the 12 believed unstarted: a third of the 6 there are.
+        assert_eq!(attempts.give_back(&[6, 5, 4, 3], 12), vec![5, 6]);
+        // Believed no more than there are: all that was asked.
+        assert_eq!(attempts.give_back(&[4, 3, 99], 4), vec![3, 4]);
+        assert_eq!(attempts.give_back(&[2], 0), vec![2]);
+        assert_eq!(attempts.len(), 1);
     }
 
     #[test]

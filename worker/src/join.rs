@@ -336,9 +336,17 @@ async fn serve(
                     }
                     Some(ToWorker::Cancel(ids)) => attempts.cancel(&ids),
                     Some(ToWorker::Backlog(waiting)) => out.set_backlog(waiting),
-                    Some(ToWorker::GiveBack(asked)) => {
-                        let ids = attempts.take_back(&asked);
-                        tracing::debug!(?asked, handed_back = ?ids, "the foreman asked for tasks back");
+                    Some(ToWorker::GiveBack {
+                        attempts: asked,
+                        believed_unstarted,
+                    }) => {
+                        let ids = attempts.give_back(&asked, believed_unstarted);
+                        tracing::debug!(
+                            ?asked,
+                            believed_unstarted,
+                            handed_back = ?ids,
+                            "the foreman asked for tasks back"
+                        );
                         if !ids.is_empty() {
                             out.send(Outgoing::Message(ToForeman::Returned(ids)));
                         }

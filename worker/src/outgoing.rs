@@ -124,13 +124,15 @@ pub fn spawn(
                 Outgoing::Finished(first) => {
                     // Tasks of a millisecond or so would cost the foreman a
                     // wakeup each: reports gather for up to REPORT_HOLD (see
-                    // `may_hold`). A slot finding its queue empty (what was
-                    // left may have been handed back) ends it.
+                    // `may_hold`). A slot taking the last queued task, or
+                    // finding none (what was left may have been handed
+                    // back), ends it: the foreman then has a task's time to
+                    // send more, or to ask another worker to hand some over.
                     let backlog = inbox.backlog.load(Ordering::Relaxed);
                     let hold_until = may_hold(backlog, window.queue_lasts(pool.queued()))
                         .then(|| tokio::time::Instant::now() + REPORT_HOLD);
                     let (batch, next) =
-                        gather(first, &mut inbox, hold_until, pool.slot_idle()).await;
+                        gather(first, &mut inbox, hold_until, pool.queue_drained()).await;
                     pending = next;
                     for finished in &batch {
                         let timings = finished.report.timings;

@@ -113,10 +113,14 @@ pub enum Command {
         attempts: Vec<AttemptId>,
     },
     /// Ask this worker to hand back these attempts if it has not started
-    /// them: another worker idles at the end of their job.
+    /// them (or the share of them that its real queue warrants: see
+    /// `ToWorker::GiveBack`): another worker idles, or soon will, at the
+    /// end of their job.
     Recall {
         worker: WorkerId,
         attempts: Vec<AttemptId>,
+        /// Attempts the core believes the worker has not started.
+        believed_unstarted: u32,
     },
     /// Tell this worker whether tasks wait for its credit (see `backlog`).
     Backlog { worker: WorkerId, waiting: bool },

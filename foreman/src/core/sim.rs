@@ -252,7 +252,9 @@ impl Sim {
                         }
                     }
                 }
-                Command::Recall { worker, attempts } => {
+                Command::Recall {
+                    worker, attempts, ..
+                } => {
                     assert!(self.workers[worker as usize].online);
                     self.recalls.push((worker, attempts));
                 }

@@ -1,10 +1,14 @@
-//! The end of a job: once nothing is queued, a worker with an idle slot
-//! takes over part of what another holds unstarted, so a job's last tasks
-//! do not wait in one worker's prefetch window while another worker idles.
+//! The end of a job: once nothing is queued, a worker with nothing queued
+//! behind its running tasks takes over part of what another holds
+//! unstarted, so a job's last tasks do not wait in one worker's prefetch
+//! window while another worker idles.
 //!
-//! The core asks the holder ([`Command::Recall`]); the holder hands back
-//! those it has not started, and they go to the idle worker first. The
-//! share asked balances when both finish, by their speeds.
+//! The core asks the holder ([`Command::Recall`]) as soon as the taker has
+//! started its last queued task (it reports then), so the handed-over tasks
+//! arrive about when its slots free up. The holder hands back those it has
+//! not started, scaled to its real queue (the core's count lags the reports
+//! it holds back), and they go to the taker first. The share asked balances
+//! when both finish, by their speeds.
 
 use std::collections::BinaryHeap;
 
@@ -31,7 +35,10 @@ pub(super) struct Recalls {
 /// A worker with idle slots, and how much more it may be sent.
 struct Idle {
     id: WorkerId,
+    /// Slots idle now or once their running tasks end.
     idle_slots: usize,
+    /// Whether some of them still run a task.
+    running: bool,
     room: usize,
 }
 
@@ -62,10 +69,13 @@ impl Core {
             .filter_map(|id| {
                 let w = self.pool.get(id)?;
                 let coming = coming.get(&id).copied().unwrap_or(0);
-                let busy = w.held.len() + coming;
-                (busy < w.slots as usize).then(|| Idle {
+                let slots = w.slots as usize;
+                // Nothing queued behind its running tasks: its slots idle
+                // as those end, so work asked back now starts sooner.
+                (coming < slots && w.held.len() + coming <= slots).then(|| Idle {
                     id,
-                    idle_slots: w.slots as usize - busy,
+                    idle_slots: slots - coming,
+                    running: !w.held.is_empty(),
                     room: (w.free as usize).saturating_sub(coming),
                 })
             })
@@ -84,7 +94,8 @@ impl Core {
                 (spare > 0).then_some((spare, id))
             })
             .collect();
-        let mut recalls: Vec<(WorkerId, Vec<AttemptId>)> = Vec::new();
+        // Per holder: the attempts asked, and how many it had unstarted then.
+        let mut recalls: Vec<(WorkerId, Vec<AttemptId>, usize)> = Vec::new();
         for idle in idle {
             let Some((spare, holder)) = holders.pop() else {
                 break;
@@ -93,26 +104,35 @@ impl Core {
             else {
                 continue;
             };
+            // A running task has half of its time left, on average.
             let latency = self.recall_latency_in_tasks(victim);
-            let share = fair_share(thief, idle.idle_slots, victim, spare, latency).min(idle.room);
+            let start = if idle.running {
+                latency.max(0.5)
+            } else {
+                latency
+            };
+            let share = fair_share(thief, idle.idle_slots, victim, spare, start).min(idle.room);
             let picked = self.pick_unstarted(holder, idle.id, share);
             for &attempt in &picked {
                 self.recalls.meant_for.insert(attempt, idle.id);
             }
             let left = spare - picked.len();
             if !picked.is_empty() {
-                match recalls.iter_mut().find(|(w, _)| *w == holder) {
-                    Some((_, attempts)) => attempts.extend(picked),
-                    None => recalls.push((holder, picked)),
+                match recalls.iter_mut().find(|(w, _, _)| *w == holder) {
+                    Some((_, attempts, _)) => attempts.extend(picked),
+                    None => recalls.push((holder, picked, spare)),
                 }
             }
             if left > 0 {
                 holders.push((left, holder));
             }
         }
-        for (worker, attempts) in recalls {
-            self.commands
-                .push_back(Command::Recall { worker, attempts });
+        for (worker, attempts, believed) in recalls {
+            self.commands.push_back(Command::Recall {
+                worker,
+                attempts,
+                believed_unstarted: u32::try_from(believed).unwrap_or(u32::MAX),
+            });
         }
     }
 

@@ -89,7 +89,7 @@ pub struct SlotPool {
     threads: Vec<thread::JoinHandle<()>>,
     /// Tasks running on a slot now.
     running: Arc<AtomicUsize>,
-    /// Notified each time a slot finds nothing left to run.
+    /// Notified each time a slot takes the last queued task or finds none.
     idle: Arc<tokio::sync::Notify>,
 }
 
@@ -149,13 +149,14 @@ impl SlotPool {
         })
     }
 
-    /// Resolves when a slot next finds nothing left to run (at once if one
-    /// did since the last call): what was queued has all started.
-    pub async fn slot_idle(&self) {
+    /// Resolves when a slot next takes the last queued task or finds none
+    /// (at once if one did since the last call): what was queued has all
+    /// started, and a slot will idle when its task ends.
+    pub async fn queue_drained(&self) {
         self.idle.notified().await;
     }
 
-    /// Forgets a [`SlotPool::slot_idle`] signal not yet awaited; called as
+    /// Forgets a [`SlotPool::queue_drained`] signal not yet awaited; called as
     /// new work comes, which makes it stale (it would end the next wait for
     /// no reason).
     pub fn forget_idle(&self) {
@@ -245,14 +246,21 @@ impl SlotPool {
     }
 }
 
-/// The next task for a slot, telling `idle` first when there is none yet;
-/// `None` once the pool is gone.
+/// The next task for a slot, telling `idle` when it takes the last one
+/// queued or finds none; `None` once the pool is gone.
 fn next_job(
     receiver: &crossbeam_channel::Receiver<Job>,
     idle: &tokio::sync::Notify,
 ) -> Option<Job> {
     match receiver.try_recv() {
-        Ok(job) => Some(job),
+        Ok(job) => {
+            // The last one queued: a slot goes idle once it is done, and
+            // the foreman, told now, has that long to send more.
+            if receiver.is_empty() {
+                idle.notify_one();
+            }
+            Some(job)
+        }
         Err(crossbeam_channel::TryRecvError::Empty) => {
             idle.notify_one();
             receiver.recv().ok()
@@ -297,7 +305,7 @@ mod tests {
         let (task, load) = test_task(&executor);
         let pool = SlotPool::new(executor.clone(), 1).unwrap();
         // Whatever the pool said before it had work does not count.
-        let _ = tokio::time::timeout(Duration::from_millis(100), pool.slot_idle()).await;
+        let _ = tokio::time::timeout(Duration::from_millis(100), pool.queue_drained()).await;
         let spin_cancel = CancelFlag::default();
         let spin_state = TaskState::new();
         let queued_state = TaskState::new();
@@ -326,13 +334,13 @@ mod tests {
             "the entry taken back is still in the queue"
         );
         assert!(
-            tokio::time::timeout(Duration::from_millis(100), pool.slot_idle())
+            tokio::time::timeout(Duration::from_millis(100), pool.queue_drained())
                 .await
                 .is_err(),
             "idle while spinning"
         );
         spin_cancel.store(true, Ordering::Relaxed);
-        tokio::time::timeout(PATIENCE, pool.slot_idle())
+        tokio::time::timeout(PATIENCE, pool.queue_drained())
             .await
             .expect("the slot said it is idle");
         assert_eq!(pool.queued(), 0);
@@ -347,13 +355,13 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         pool.forget_idle();
         assert!(
-            tokio::time::timeout(Duration::from_millis(100), pool.slot_idle())
+            tokio::time::timeout(Duration::from_millis(100), pool.queue_drained())
                 .await
                 .is_err(),
             "a forgotten signal still ended the wait"
         );
         pool.submit(task, load, "[]".into(), patient_limits(), |_| {});
-        tokio::time::timeout(PATIENCE, pool.slot_idle())
+        tokio::time::timeout(PATIENCE, pool.queue_drained())
             .await
             .expect("idle again after the new work");
     }
