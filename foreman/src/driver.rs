@@ -16,9 +16,10 @@ const MAX_INPUTS_PER_ROUND: usize = 4096;
 /// Messages waiting for one worker's writer; a worker that stops reading
 /// fills this and is cut off, so its queue cannot grow without bound.
 pub const OUTBOX_CAPACITY: usize = 1024;
-/// How often the core is told the time when nothing else happens (delayed
-/// jobs, leases and cooldowns are checked then).
-const TICK: std::time::Duration = std::time::Duration::from_millis(250);
+/// The longest the core goes untold of the time: it is told when its next
+/// deadline comes (a delayed job, a lease, a cooldown), so an idle foreman
+/// sleeps, and this bounds how late one is seen if the wall clock steps.
+const MAX_SLEEP: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub enum Input {
     Submit {
@@ -125,15 +126,16 @@ async fn run(mut core: Core, store: Store, mut inputs: mpsc::UnboundedReceiver<I
     // Answers are sent once the round's records are queued at the store, so
     // a caller that flushes the store then sees what it asked for.
     let mut answers: Vec<(oneshot::Sender<bool>, bool)> = Vec::new();
-    let mut clock = tokio::time::interval(TICK);
-    clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let sleep = core.next_deadline().map_or(MAX_SLEEP, |at| {
+            std::time::Duration::from_millis(at.saturating_sub(unix_ms())).min(MAX_SLEEP)
+        });
         let first = tokio::select! {
             input = inputs.recv() => match input {
                 Some(input) => Some(input),
                 None => break,
             },
-            _ = clock.tick() => None,
+            () = tokio::time::sleep(sleep) => None,
         };
         core.tick(unix_ms());
         if let Some(first) = first {

@@ -76,6 +76,18 @@ impl Core {
         }
     }
 
+    /// When [`Core::tick`] next has something to do (unix ms): a delayed
+    /// job comes due, a lease ends or a cooldown does. `None`: nothing is
+    /// waiting for the time, so an idle foreman need not wake.
+    pub fn next_deadline(&self) -> Option<u64> {
+        let lease = self.leases.peek().map(|Reverse((deadline, _))| *deadline);
+        let cooldown = self.pool.iter().filter_map(|(_, w)| w.cooling_until).min();
+        [self.order.next_due(), lease, cooldown]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
     /// The time of the last tick.
     pub fn now_ms(&self) -> u64 {
         self.now_ms

@@ -104,6 +104,11 @@ impl JobOrder {
         }
     }
 
+    /// When the first delayed job comes due.
+    pub(super) fn next_due(&self) -> Option<u64> {
+        self.delayed.first().map(|&(at, _)| at)
+    }
+
     /// Delayed jobs whose time has come, taken out of the delayed set
     /// (the caller activates them).
     pub(super) fn due(&mut self, now_ms: u64) -> Vec<JobId> {

@@ -194,9 +194,11 @@ fn a_delayed_job_waits_for_its_time() {
     let mut h = Harness::new();
     h.core.tick(1_000);
     h.worker(1, 4);
+    assert_eq!(h.core.next_deadline(), None, "nothing waits for the time");
     let mut later = job(1, 2, Scheduler::Fifo);
     later.not_before_ms = Some(5_000);
     h.core.submit_job(later, args(2));
+    assert_eq!(h.core.next_deadline(), Some(5_000));
     h.core.submit_job(job(2, 1, Scheduler::Fifo), args(1));
     assert_eq!(tasks_of(&h.dispatch()), [(2, 0)]);
     h.core.tick(4_999);
@@ -215,6 +217,7 @@ fn an_attempt_past_its_lease_is_abandoned_cancelled_and_retried() {
     h.core.submit_job(short, args(2));
     h.dispatch();
     // Lease: 1 s per round queued ahead and its own, plus 10 s slack.
+    assert_eq!(h.core.next_deadline(), Some(11_001));
     h.core.tick(11_000);
     assert!(h.drain().is_empty());
     h.core.tick(11_001);
@@ -280,6 +283,7 @@ fn repeated_infrastructure_failures_cool_a_worker_down_for_a_while() {
     h.worker(1, 2);
     assert!(h.dispatch().is_empty());
     assert_eq!(h.core.cooling_until(1), Some(31_000));
+    assert!(h.core.next_deadline().is_some_and(|at| at <= 31_000));
     h.core.tick(31_000);
     assert_eq!(tasks_of(&h.dispatch()), [(1, 2), (1, 3)]);
     // Deterministic failures are the task's fault, not the worker's.
