@@ -1,7 +1,8 @@
 //! The dashboard in a real headless Chromium, driven over WebDriver, against
 //! a real foreman and worker: the worker is listed, a job's progress moves
-//! without a reload, its page lists its tasks, and a Mandelbrot job's page
-//! draws the picture. Screenshots go to `target/artifacts/`.
+//! without a reload, its page lists its tasks, a Mandelbrot job's page
+//! draws the picture, and a job is cancelled with its button. Screenshots
+//! go to `target/artifacts/`.
 
 mod common;
 
@@ -186,6 +187,33 @@ fn the_dashboard_follows_a_job_live_and_shows_its_tasks() {
     });
     assert!(browser.count("#tasks tbody tr[data-task]") <= 100);
     browser.screenshot(&artifacts().join("big-job.png"));
+
+    // Cancelling from the jobs table: the job ends cancelled and its row
+    // says so, with no cancel button left.
+    browser.goto(&format!("{}/", foreman.http));
+    let doomed = submit_watchable_primes(&foreman, dir.path());
+    let row = format!("#jobs tr[data-job=\"{doomed}\"]");
+    let cancel = format!("{row} button[data-cancel]");
+    browser.wait_for("the new job's cancel button", WAIT, |b| {
+        (b.count(&cancel) == 1).then_some(())
+    });
+    browser.click(&cancel);
+    wait_for_state(&foreman.http, &doomed, "cancelled", 60);
+    browser.wait_for("the row to show the job cancelled", WAIT, |b| {
+        b.text(&format!("{row} .state"))
+            .filter(|s| s == "cancelled" && b.count(&cancel) == 0)
+    });
+    // Its bar shows what ran, not a full bar.
+    let widths = browser.execute(
+        "return [...document.querySelectorAll(arguments[0])].map(b => parseFloat(b.style.width));",
+        json!([format!("{row} .progress .bar")]),
+    );
+    let widths: Vec<f64> = serde_json::from_value(widths).unwrap();
+    assert!(
+        widths.len() == 3 && widths[0] < 100.0 && widths[2] > 0.0,
+        "{widths:?}"
+    );
+    browser.screenshot(&artifacts().join("cancelled-job.png"));
     println!(
         "a 100,000-task job's page showed its first {rows} tasks {:.0} ms after opening",
         shown_after.as_secs_f64() * 1e3

@@ -57,18 +57,23 @@ export function micros(us) {
 
 /** Tasks of a job that have ended, whatever the way. */
 export const done = (job) => job.succeeded + job.failed + job.cancelled;
+/** Tasks that ran to an outcome: what a progress text counts. */
+export const ran = (job) => job.succeeded + job.failed;
 
 export const finished = (state) => ["completed", "failed", "cancelled"].includes(state);
 
-/** A progress bar with "done / total" in it; the text is `.progress-text`. */
+/** A progress bar with "ran / total" in it; the text is `.progress-text`. */
 export function progressBar(job) {
   const total = job.total || 0;
-  const pct = total ? (100 * done(job)) / total : 0;
-  const failedPct = total ? (100 * job.failed) / total : 0;
+  const share = (n) => (total ? (100 * n) / total : 0);
+  // Succeeded, then failed, then cancelled: a cancelled job's bar shows
+  // how much of it ran, not a full bar.
+  const [ok, failed, cancelled] = [share(job.succeeded), share(job.failed), share(job.cancelled)];
   return `<div class="progress" title="${job.succeeded} succeeded, ${job.failed} failed, ${job.cancelled} cancelled, ${job.running} running, ${job.queued} queued">
-    <div class="bar" style="width:${pct.toFixed(2)}%"></div>
-    <div class="bar failed" style="left:${(pct - failedPct).toFixed(2)}%;width:${failedPct.toFixed(2)}%"></div>
-    <span class="progress-text">${done(job)} / ${total}</span></div>`;
+    <div class="bar" style="width:${ok.toFixed(2)}%"></div>
+    <div class="bar failed" style="left:${ok.toFixed(2)}%;width:${failed.toFixed(2)}%"></div>
+    <div class="bar cancelled" style="left:${(ok + failed).toFixed(2)}%;width:${cancelled.toFixed(2)}%"></div>
+    <span class="progress-text">${ran(job)} / ${total}</span></div>`;
 }
 
 /** Keeps a few seconds of (time, done) samples per job to tell its rate. */
@@ -90,8 +95,9 @@ export class Rates {
   /** Tasks per second: recent when observed, else the job's average so far. */
   rate(job) {
     if (finished(job.state)) {
+      // Tasks that ran: cancelling the rest took no time per task.
       const secs = ((job.finished_at_ms ?? 0) - (job.started_at_ms ?? 0)) / 1000;
-      return secs > 0 ? done(job) / secs : null;
+      return secs > 0 ? (job.succeeded + job.failed) / secs : null;
     }
     const list = this.samples.get(job.id) ?? [];
     if (list.length >= 2) {

@@ -3,7 +3,7 @@
 
 import { NotFound, getJson, optional, postJson, streamUrl, support } from "./api.js";
 import { barChart, histogram } from "./charts.js";
-import { $, done, duration, esc, finished, micros, si } from "./format.js";
+import { $, duration, esc, finished, micros, ran, si } from "./format.js";
 import { Picture, isBand } from "./picture.js";
 
 const PAGE = 50;
@@ -100,14 +100,14 @@ export class JobPage {
     const total = job.total || 0;
     $("#job-state").className = `state ${job.state}`;
     $("#job-state").textContent = job.state;
-    $("#job-bar").style.width = `${total ? (100 * done(job)) / total : 0}%`;
+    $("#job-bar").style.width = `${total ? (100 * ran(job)) / total : 0}%`;
     $("#job-cancel").hidden = finished(job.state);
     $("#job-cancel").disabled = false;
     const rate = this.rates.rate(job);
     const eta = this.rates.eta(job);
     const took = job.started_at_ms ? ((job.finished_at_ms ?? Date.now()) - job.started_at_ms) / 1000 : null;
     $("#job-line").innerHTML = [
-      `<span class="progress-text">${done(job)} / ${total}</span> tasks done`,
+      `<span class="progress-text">${ran(job)} / ${total}</span> tasks done`,
       `${job.succeeded} succeeded, ${job.failed} failed, ${job.cancelled} cancelled, ${job.running} running, ${job.queued} queued`,
       rate == null ? null : `${rate.toFixed(2)} tasks/s`,
       eta == null ? null : `ETA ${duration(eta)}`,
