@@ -224,12 +224,13 @@ fn cancelling_frees_the_workers_slots_within_two_seconds() {
 fn workers_describe_their_machine_and_a_capped_one_scores_lower() {
     let dir = tempfile::tempdir().unwrap();
     let foreman = start_foreman(&dir.path().join("data"), &["--heartbeat-timeout", "0.6"]);
-    let _full = start_worker(&foreman, "full", &dir.path().join("cache-full"));
-    let _capped = start_worker_with(
+    let full_worker = start_worker(&foreman, "full", &dir.path().join("cache-full"));
+    // As on a PC somebody is using: a quarter of the CPU, and only when idle.
+    let capped_worker = start_worker_with(
         &foreman,
         "capped",
         &dir.path().join("cache-capped"),
-        &["--cpu-limit", "25"],
+        &["--cpu-limit", "25", "--priority", "idle"],
     );
     let workers = wait_for_workers(&foreman, 2);
     let (full, capped) = (
@@ -247,6 +248,24 @@ fn workers_describe_their_machine_and_a_capped_one_scores_lower() {
     // A quarter of the CPU cannot run faster than the whole of it.
     let score = |w: &Value| w["benchmark_fuel_per_sec"].as_u64().unwrap_or(0);
     assert!(score(capped) < score(full), "{workers}");
+    // Only the slot threads defer to the machine's other programs.
+    #[cfg(target_os = "linux")]
+    {
+        const SCHED_OTHER: u32 = 0;
+        const SCHED_IDLE: u32 = 5;
+        let idle = slot_policies(capped_worker.0.id());
+        assert!(
+            idle.iter().any(|&(slot, _)| slot)
+                && idle.iter().all(|&(slot, p)| p == SCHED_IDLE || !slot),
+            "{idle:?}"
+        );
+        assert!(
+            idle.iter().any(|&(slot, p)| !slot && p == SCHED_OTHER),
+            "{idle:?}"
+        );
+        let normal = slot_policies(full_worker.0.id());
+        assert!(normal.iter().all(|&(_, p)| p == SCHED_OTHER), "{normal:?}");
+    }
     // Heartbeats bring the machine's memory use.
     std::thread::sleep(Duration::from_millis(500));
     let workers = cli_json(&foreman.http, &["workers"]);
@@ -257,6 +276,24 @@ fn workers_describe_their_machine_and_a_capped_one_scores_lower() {
             > 0,
         "{workers}"
     );
+}
+
+/// Each thread of process `pid`: whether it is a slot thread, and its
+/// scheduling policy (field 41 of /proc/PID/task/TID/stat).
+#[cfg(target_os = "linux")]
+fn slot_policies(pid: u32) -> Vec<(bool, u32)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .filter_map(|task| {
+            let path = task.ok()?.path();
+            let stat = std::fs::read_to_string(path.join("stat")).ok()?;
+            let comm = std::fs::read_to_string(path.join("comm")).ok()?;
+            // The fields after the command name, which is in parentheses, start at 3.
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            let policy = fields.get(41 - 3)?.parse().ok()?;
+            Some((comm.starts_with("wasmgrid-slot"), policy))
+        })
+        .collect()
 }
 
 #[test]

@@ -18,7 +18,7 @@ use wasmgrid_protocol::TaskReport;
 use crate::attempts::Attempts;
 use crate::credit::CreditWindow;
 use crate::drain::{Drain, Expired, Terminate};
-use crate::executor::{Executor, ExecutorOptions, ModuleId, SlotPool, Tracking};
+use crate::executor::{Executor, ExecutorOptions, ModuleId, SlotPool, SlotPriority, Tracking};
 use crate::outgoing::{self, Outgoing};
 use crate::status::{Connection, StaticInfo, Status};
 pub use crate::tls::client_config;
@@ -46,6 +46,8 @@ pub struct JoinOptions {
     pub drain_grace: Duration,
     /// Where the status API listens (`None`: no API).
     pub api: Option<SocketAddr>,
+    /// The scheduling priority tasks run at on this machine.
+    pub priority: SlotPriority,
 }
 
 /// Serves the foreman until it goes away for good (reconnecting with
@@ -70,7 +72,14 @@ pub async fn run(options: JoinOptions) -> anyhow::Result<()> {
         "overrunning tasks are stopped by {}",
         executor.interruption()
     );
-    let pool = Arc::new(SlotPool::new(executor.clone(), options.slots as usize)?);
+    let pool = Arc::new(SlotPool::with_priority(
+        executor.clone(),
+        options.slots as usize,
+        options.priority,
+    )?);
+    if options.priority != SlotPriority::Normal {
+        tracing::info!("tasks run at {} priority", options.priority);
+    }
     let status = Status::new(StaticInfo {
         name: options.name.clone(),
         foreman: options.foreman,

@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use wasmgrid_protocol::TaskLimits;
 use wasmgrid_worker::cli_io::LogFormat;
 use wasmgrid_worker::exec::{run_job, split_args};
-use wasmgrid_worker::executor::{Executor, ExecutorOptions, Metering};
+use wasmgrid_worker::executor::{Executor, ExecutorOptions, Metering, SlotPriority};
 
 #[derive(Parser)]
 #[command(
@@ -58,6 +58,12 @@ struct JoinArgs {
     /// handed back at once); then they are cancelled. A second SIGTERM leaves at once.
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     drain_grace: f64,
+    /// How tasks share this machine with its owner's programs: `normal`;
+    /// `low` (nice 19); `idle`, only on CPU time nothing else wants (Linux
+    /// SCHED_IDLE; elsewhere as `low`). The worker's own threads keep
+    /// theirs, so it stays responsive to the foreman.
+    #[arg(long, value_enum, default_value_t = SlotPriority::Normal)]
+    priority: SlotPriority,
     /// Where this worker's status API and dashboard listen (`/dashboard`);
     /// port 0 picks a free one (printed as `API http://ADDR`). A port in use
     /// only warns.
@@ -199,6 +205,7 @@ fn join(args: JoinArgs) -> anyhow::Result<ExitCode> {
             cpu_limit_percent: args.cpu_limit,
             drain_grace,
             api: (!args.no_api).then_some(args.api),
+            priority: args.priority,
         },
     ))?;
     Ok(ExitCode::SUCCESS)

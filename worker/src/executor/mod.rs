@@ -7,6 +7,7 @@ mod engine;
 mod naps;
 mod output;
 mod preempt;
+mod priority;
 mod run;
 mod sandbox;
 mod slots;
@@ -25,6 +26,7 @@ use wasmgrid_protocol::{Failure, TaskLimits, TaskReport};
 
 pub use cache::{ModuleId, PreparedTask};
 pub use engine::{Metering, EPOCH_TICK, SLOT_THREAD_STACK};
+pub use priority::SlotPriority;
 pub use run::{CancelFlag, Load};
 pub use slots::{SlotPool, TaskState, Tracking};
 

@@ -8,7 +8,7 @@ use std::thread;
 
 use wasmgrid_protocol::{Failure, FailureKind, TaskLimits, TaskReport};
 
-use super::{CancelFlag, Executor, Load, PreparedTask, SLOT_THREAD_STACK};
+use super::{CancelFlag, Executor, Load, PreparedTask, SlotPriority, SLOT_THREAD_STACK};
 
 type Reply = Box<dyn FnOnce(TaskReport) + Send>;
 type StartHook = Box<dyn FnOnce() + Send>;
@@ -96,6 +96,15 @@ pub struct SlotPool {
 impl SlotPool {
     /// `slots` threads, at most the executor's concurrency.
     pub fn new(executor: Arc<Executor>, slots: usize) -> std::io::Result<Self> {
+        Self::with_priority(executor, slots, SlotPriority::Normal)
+    }
+
+    /// Like [`SlotPool::new`], with the slot threads at `priority`.
+    pub fn with_priority(
+        executor: Arc<Executor>,
+        slots: usize,
+        priority: SlotPriority,
+    ) -> std::io::Result<Self> {
         let slots = slots.clamp(1, executor.concurrency() as usize);
         let (sender, receiver) = crossbeam_channel::unbounded::<Job>();
         let running = Arc::new(AtomicUsize::new(0));
@@ -110,6 +119,12 @@ impl SlotPool {
                     .name(format!("wasmgrid-slot-{slot}"))
                     .stack_size(SLOT_THREAD_STACK)
                     .spawn(move || {
+                        if let Err(error) = priority.apply_to_this_thread() {
+                            tracing::warn!(
+                                slot,
+                                "cannot run tasks at {priority} priority: {error}"
+                            );
+                        }
                         while let Some(job) = next_job(&receiver, &idle) {
                             if job.state.as_ref().is_some_and(|state| !state.try_start()) {
                                 // Taken back: neither run nor reported.
