@@ -326,6 +326,16 @@ fn native(ranges: &[(u64, u64)], threads: usize, expected: u64) -> Duration {
     elapsed
 }
 
+/// The primes a `primes` job counted: its results summed.
+fn primes_counted(results: &Value) -> u64 {
+    results
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(Value::as_u64)
+        .sum()
+}
+
 fn scaling(grid: &Grid, dir: &Path) {
     // This machine's vCPUs change speed by up to 2× for seconds at a time
     // (other tenants), so each figure is the median of interleaved pairs,
@@ -350,13 +360,7 @@ fn scaling(grid: &Grid, dir: &Path) {
         let started = Instant::now();
         let (results, _, id) = grid.run_job_timed(Module::Hash(primes.clone()), args.clone());
         let wall = started.elapsed();
-        let total: u64 = results
-            .as_array()
-            .expect("array")
-            .iter()
-            .filter_map(Value::as_u64)
-            .sum();
-        assert_eq!(total, expected);
+        assert_eq!(primes_counted(&results), expected);
         let summary = grid.get(&format!("/api/jobs/{id}/summary"));
         let busy_us: u64 = summary["by_worker"]
             .as_array()
@@ -443,13 +447,7 @@ fn scaling(grid: &Grid, dir: &Path) {
                     let started = Instant::now();
                     let results = grid.call_job(Module::Hash(primes.clone()), args.clone());
                     let elapsed = started.elapsed();
-                    let total: u64 = results
-                        .as_array()
-                        .expect("array")
-                        .iter()
-                        .filter_map(Value::as_u64)
-                        .sum();
-                    assert_eq!(total, expected);
+                    assert_eq!(primes_counted(&results), expected);
                     elapsed
                 };
                 let (one, two) = if pair % 2 == 0 {
