@@ -405,6 +405,10 @@ async fn drain_reaches_a_connected_worker_and_names_the_others() {
         spec: crate::core::WorkerSpec::with_slots(2),
         link,
     });
+    // A worker that joins while nothing waits hears so; waiting for it
+    // also orders the join before the drain (one driver round could hold
+    // both, and then the drain, sent as it is applied, goes first).
+    assert_eq!(to_worker.recv().await, Some(ToWorker::Backlog(false)));
     let app = router(state);
     let drain =
         |worker: WorkerId, body: &str| post_json(&format!("/api/workers/{worker}/drain"), body);
@@ -414,8 +418,6 @@ async fn drain_reaches_a_connected_worker_and_names_the_others() {
         (status, json),
         (StatusCode::OK, serde_json::json!({ "draining": true }))
     );
-    // A worker that joins while nothing waits hears so first.
-    assert_eq!(to_worker.recv().await, Some(ToWorker::Backlog(false)));
     assert_eq!(
         to_worker.recv().await,
         Some(ToWorker::Drain { grace_ms: 1500 })
