@@ -18,6 +18,7 @@ use wasmgrid_foreman::store::TokenKind;
 use wasmgrid_jobspec::SubmitLimits;
 use wasmgrid_protocol::TaskLimits;
 use wasmgrid_worker::cli_io::LogFormat;
+use wasmgrid_worker::executor::SlotPriority;
 
 #[derive(Parser)]
 #[command(
@@ -50,6 +51,10 @@ enum Command {
         /// Also start and supervise this many workers on this machine.
         #[arg(long, default_value_t = 0)]
         local_workers: u32,
+        /// The local workers' `--priority`: `low` or `idle` let this
+        /// machine's own programs (and the foreman) go before their tasks.
+        #[arg(long, value_enum, default_value_t = SlotPriority::Normal)]
+        local_priority: SlotPriority,
         /// Largest job upload (module and args together), in MiB.
         #[arg(long, value_name = "MIB", default_value_t = 256)]
         max_upload_mib: usize,
@@ -302,6 +307,7 @@ fn run(command: Command, token: Option<String>) -> anyhow::Result<ExitCode> {
             quic,
             http,
             local_workers,
+            local_priority,
             max_upload_mib,
             caps,
             heartbeat_timeout,
@@ -345,6 +351,7 @@ fn run(command: Command, token: Option<String>) -> anyhow::Result<ExitCode> {
                 quic,
                 http,
                 local_workers,
+                local_priority,
                 max_upload_bytes: max_upload_mib.saturating_mul(1 << 20),
                 submit_limits,
                 heartbeat_timeout: std::time::Duration::from_secs_f64(heartbeat_timeout),

@@ -17,13 +17,15 @@ use crate::net::{self, NetContext};
 use crate::store::Store;
 use crate::tokens::Tokens;
 use wasmgrid_jobspec::SubmitLimits;
-use wasmgrid_worker::executor::{Executor, ExecutorOptions};
+use wasmgrid_worker::executor::{Executor, ExecutorOptions, SlotPriority};
 
 pub struct ServeOptions {
     pub data_dir: PathBuf,
     pub quic: SocketAddr,
     pub http: SocketAddr,
     pub local_workers: u32,
+    /// How the local workers' tasks share this machine.
+    pub local_priority: SlotPriority,
     pub max_upload_bytes: usize,
     /// Caps on each job, whatever it asks.
     pub submit_limits: SubmitLimits,
@@ -161,6 +163,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         })?;
         tokio::spawn(supervise_local_workers(
             options.local_workers,
+            options.local_priority,
             join_host,
             token.clone(),
             options.data_dir.join("local-worker-cache"),
@@ -179,7 +182,13 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
 }
 
 /// Starts `n` worker processes next to this binary and restarts any that exits.
-async fn supervise_local_workers(n: u32, foreman: SocketAddr, token: String, cache_dir: PathBuf) {
+async fn supervise_local_workers(
+    n: u32,
+    priority: SlotPriority,
+    foreman: SocketAddr,
+    token: String,
+    cache_dir: PathBuf,
+) {
     let Some(worker_bin) = std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent().map(|dir| dir.join("worker")))
@@ -202,6 +211,8 @@ async fn supervise_local_workers(n: u32, foreman: SocketAddr, token: String, cac
                     .arg(format!("local-{index}"))
                     .arg("--cache-dir")
                     .arg(&cache_dir)
+                    .arg("--priority")
+                    .arg(priority.to_string())
                     .arg("--exit-with-parent")
                     // Several on one machine: port 8001 could serve only one of them.
                     .arg("--no-api")

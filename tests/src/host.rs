@@ -1,6 +1,7 @@
 //! How much CPU time the hypervisor gave to other guests while a benchmark
 //! ran (figures measured on a busy host are slower, and this says by how much
-//! to doubt them), and how much our own processes' threads used.
+//! to doubt them), how much our own processes' threads used, and how they
+//! are scheduled.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -111,4 +112,46 @@ impl ThreadTimes {
         }
         cpu
     }
+}
+
+/// Each thread of process `pid`: whether it is a slot thread, and its
+/// scheduling policy (field 41 of /proc/PID/task/TID/stat).
+#[cfg(target_os = "linux")]
+pub fn slot_policies(pid: u32) -> Vec<(bool, u32)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|task| {
+            let path = task.ok()?.path();
+            let stat = std::fs::read_to_string(path.join("stat")).ok()?;
+            let comm = std::fs::read_to_string(path.join("comm")).ok()?;
+            // The fields after the command name, which is in parentheses, start at 3.
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            let policy = fields.get(41 - 3)?.parse().ok()?;
+            Some((comm.starts_with("wasmgrid-slot"), policy))
+        })
+        .collect()
+}
+
+/// The processes whose parent is `pid` (field 4 of /proc/PID/stat).
+#[cfg(target_os = "linux")]
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| {
+            let child: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
+            let parent: u32 = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            (parent == pid).then_some(child)
+        })
+        .collect()
 }

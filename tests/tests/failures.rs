@@ -253,7 +253,7 @@ fn workers_describe_their_machine_and_a_capped_one_scores_lower() {
     {
         const SCHED_OTHER: u32 = 0;
         const SCHED_IDLE: u32 = 5;
-        let idle = slot_policies(capped_worker.0.id());
+        let idle = wasmgrid_tests::host::slot_policies(capped_worker.0.id());
         assert!(
             idle.iter().any(|&(slot, _)| slot)
                 && idle.iter().all(|&(slot, p)| p == SCHED_IDLE || !slot),
@@ -263,7 +263,7 @@ fn workers_describe_their_machine_and_a_capped_one_scores_lower() {
             idle.iter().any(|&(slot, p)| !slot && p == SCHED_OTHER),
             "{idle:?}"
         );
-        let normal = slot_policies(full_worker.0.id());
+        let normal = wasmgrid_tests::host::slot_policies(full_worker.0.id());
         assert!(normal.iter().all(|&(_, p)| p == SCHED_OTHER), "{normal:?}");
     }
     // Heartbeats bring the machine's memory use.
@@ -276,24 +276,6 @@ fn workers_describe_their_machine_and_a_capped_one_scores_lower() {
             > 0,
         "{workers}"
     );
-}
-
-/// Each thread of process `pid`: whether it is a slot thread, and its
-/// scheduling policy (field 41 of /proc/PID/task/TID/stat).
-#[cfg(target_os = "linux")]
-fn slot_policies(pid: u32) -> Vec<(bool, u32)> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
-    tasks
-        .filter_map(|task| {
-            let path = task.ok()?.path();
-            let stat = std::fs::read_to_string(path.join("stat")).ok()?;
-            let comm = std::fs::read_to_string(path.join("comm")).ok()?;
-            // The fields after the command name, which is in parentheses, start at 3.
-            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-            let policy = fields.get(41 - 3)?.parse().ok()?;
-            Some((comm.starts_with("wasmgrid-slot"), policy))
-        })
-        .collect()
 }
 
 #[test]

@@ -131,7 +131,10 @@ fn a_job_submitted_before_any_worker_runs_when_one_joins_and_survives_a_restart(
 #[test]
 fn serve_with_local_workers_is_a_whole_grid() {
     let dir = tempfile::tempdir().unwrap();
-    let foreman = start_foreman(&dir.path().join("data"), &["--local-workers", "2"]);
+    let foreman = start_foreman(
+        &dir.path().join("data"),
+        &["--local-workers", "2", "--local-priority", "idle"],
+    );
     let waited = foreman
         .cli()
         .args([
@@ -167,6 +170,21 @@ fn serve_with_local_workers_is_a_whole_grid() {
         .unwrap();
     assert_eq!(too_many.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&too_many.stderr).contains("2 of 3 workers online"));
+    // The local workers' tasks run on what the machine leaves idle.
+    #[cfg(target_os = "linux")]
+    {
+        const SCHED_IDLE: u32 = 5;
+        let workers = wasmgrid_tests::host::children(foreman.process.0.id());
+        assert_eq!(workers.len(), 2, "{workers:?}");
+        for pid in workers {
+            let policies = wasmgrid_tests::host::slot_policies(pid);
+            assert!(
+                policies.iter().any(|&(slot, _)| slot)
+                    && policies.iter().all(|&(slot, p)| p == SCHED_IDLE || !slot),
+                "{policies:?}"
+            );
+        }
+    }
     check_against_native("pi", &submit(&foreman, "pi"), pi::task_entry);
 }
 
