@@ -30,6 +30,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         cpu_model: "AMD Ryzen 7".into(),
         benchmark_fuel_per_sec: 2_000_000_000,
         cpu_limit_percent: 100,
+        priority: Default::default(),
     };
     let report = |outcome| TaskReport {
         outcome,

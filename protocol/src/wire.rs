@@ -11,12 +11,12 @@ use serde::{Deserialize, Serialize};
 use crate::{TaskLimits, TaskReport};
 
 /// Protocol version; bumped on any change to the messages below.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// TLS application protocols a worker offers: this exact version first, then
 /// the bare name, which lets a foreman of another version still answer with
 /// a message that says both versions.
-pub const ALPN_VERSIONED: &[u8] = b"wasmgrid/6";
+pub const ALPN_VERSIONED: &[u8] = b"wasmgrid/7";
 pub const ALPN_ANY_VERSION: &[u8] = b"wasmgrid";
 
 /// Largest frame either side accepts (a module upload is the biggest message).
@@ -93,6 +93,48 @@ pub struct WorkerInfo {
     pub benchmark_fuel_per_sec: u64,
     /// The volunteer's cap on each slot's CPU time, in percent (100: none).
     pub cpu_limit_percent: u32,
+    /// How its tasks share the machine with the owner's programs.
+    pub priority: SlotPriority,
+}
+
+/// The scheduling priority a worker's slot threads run tasks at: how much
+/// they defer to everything else on the volunteer's PC.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotPriority {
+    /// As any other program.
+    #[default]
+    Normal,
+    /// Nice 19: the owner's programs come first, and tasks still get a
+    /// sliver of a busy machine.
+    Low,
+    /// Only what would otherwise be idle (Linux `SCHED_IDLE`; elsewhere as `low`).
+    Idle,
+}
+
+impl SlotPriority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlotPriority::Normal => "normal",
+            SlotPriority::Low => "low",
+            SlotPriority::Idle => "idle",
+        }
+    }
+
+    /// The priority named by [`SlotPriority::as_str`].
+    pub fn from_name(name: &str) -> Option<SlotPriority> {
+        [SlotPriority::Normal, SlotPriority::Low, SlotPriority::Idle]
+            .into_iter()
+            .find(|p| p.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for SlotPriority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// How busy a worker's machine is, sent with every heartbeat.
@@ -312,6 +354,7 @@ mod tests {
                     cpu_model: "cpu".into(),
                     benchmark_fuel_per_sec: 1_000_000_000,
                     cpu_limit_percent: 100,
+                    priority: SlotPriority::Idle,
                 },
             },
         ];

@@ -5,8 +5,8 @@
 use proptest::collection::vec;
 use proptest::prelude::*;
 use wasmgrid_protocol::wire::{
-    encode_frame, Assignment, Finished, FrameDecoder, Load, ModuleReply, ToForeman, ToWorker,
-    WireError, WorkerInfo, MAX_FRAME_BYTES,
+    encode_frame, Assignment, Finished, FrameDecoder, Load, ModuleReply, SlotPriority, ToForeman,
+    ToWorker, WireError, WorkerInfo, MAX_FRAME_BYTES,
 };
 use wasmgrid_protocol::{
     CacheSource, CapturedOutput, Failure, FailureKind, TaskLimits, TaskReport, TaskTimings,
@@ -63,14 +63,14 @@ fn worker_info() -> impl Strategy<Value = WorkerInfo> {
         (text(), text(), text(), text()),
         (any::<u32>(), any::<u64>(), any::<u32>()),
         (text(), text(), text()),
-        (any::<u64>(), any::<u32>()),
+        (any::<u64>(), any::<u32>(), 0..3usize),
     )
         .prop_map(
             |(
                 (name, hostname, os, arch),
                 (cores, memory_bytes, slots),
                 (wasmtime_version, engine_hash, cpu_model),
-                (benchmark_fuel_per_sec, cpu_limit_percent),
+                (benchmark_fuel_per_sec, cpu_limit_percent, priority),
             )| WorkerInfo {
                 name,
                 hostname,
@@ -84,6 +84,7 @@ fn worker_info() -> impl Strategy<Value = WorkerInfo> {
                 cpu_model,
                 benchmark_fuel_per_sec,
                 cpu_limit_percent,
+                priority: [SlotPriority::Normal, SlotPriority::Low, SlotPriority::Idle][priority],
             },
         )
 }

@@ -43,6 +43,7 @@ pub fn worker_info(name: &str, slots: u32) -> WorkerInfo {
         cpu_model: String::new(),
         benchmark_fuel_per_sec: 0,
         cpu_limit_percent: 100,
+        priority: Default::default(),
     }
 }
 

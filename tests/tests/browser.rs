@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{submit_detached, wait_for_state};
 use serde_json::json;
-use wasmgrid_tests::processes::{start_foreman, start_worker};
+use wasmgrid_tests::processes::{start_foreman, start_worker_with};
 use wasmgrid_tests::webdriver::{find_chromedriver, Browser};
 use wasmgrid_tests::{example_args_path, guest_path, workspace_root};
 
@@ -59,7 +59,12 @@ fn the_dashboard_follows_a_job_live_and_shows_its_tasks() {
     let dir = tempfile::tempdir().unwrap();
     // Reads need a token too, as beyond loopback: the page must ask for it.
     let foreman = start_foreman(&dir.path().join("data"), &["--require-token-for-reads"]);
-    let _worker = start_worker(&foreman, "dash-worker", &dir.path().join("cache"));
+    let _worker = start_worker_with(
+        &foreman,
+        "dash-worker",
+        &dir.path().join("cache"),
+        &["--priority", "low"],
+    );
     let browser = Browser::start(&chromedriver, 1400, 1100, WAIT);
 
     browser.goto(&format!("{}/", foreman.http));
@@ -75,7 +80,7 @@ fn the_dashboard_follows_a_job_live_and_shows_its_tasks() {
     browser.click("#token-form button[type=submit]");
     browser.wait_for("the worker in the workers table", WAIT, |b| {
         b.text("#workers tbody")
-            .filter(|text| text.contains("dash-worker"))
+            .filter(|text| text.contains("dash-worker") && text.contains("low priority"))
     });
     // Marks this page load: a reload or navigation would lose the mark.
     browser.execute("window.__sameLoad = true;", json!([]));
@@ -100,6 +105,12 @@ fn the_dashboard_follows_a_job_live_and_shows_its_tasks() {
         "the page reloaded while following the job"
     );
     assert_eq!(browser.count(&format!("{row} button[data-cancel]")), 1);
+    // One job, running; the worker's one slot busy (its heartbeat may lag).
+    browser.wait_for("the grid's figures", WAIT, |b| {
+        let jobs = b.text("#stat-jobs")?;
+        let slots = b.text("#stat-slots")?;
+        (jobs == "1 / 0" && ["0 / 1", "1 / 1"].contains(&slots.as_str())).then_some(())
+    });
     browser.screenshot(&artifacts().join("dashboard.png"));
 
     assert_eq!(

@@ -239,6 +239,8 @@ fn workers_describe_their_machine_and_a_capped_one_scores_lower() {
     );
     assert_eq!(capped["cpu_limit_percent"], 25, "{workers}");
     assert_eq!(full["cpu_limit_percent"], 100, "{workers}");
+    assert_eq!(capped["priority"], "idle", "{workers}");
+    assert_eq!(full["priority"], "normal", "{workers}");
     for w in [full, capped] {
         assert!(w["cores"].as_u64().unwrap_or(0) >= 1, "{w}");
         assert!(w["memory_bytes"].as_u64().unwrap_or(0) > 0, "{w}");

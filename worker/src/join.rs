@@ -588,5 +588,6 @@ fn worker_info(
         cpu_model: crate::sysinfo::cpu_model(),
         benchmark_fuel_per_sec,
         cpu_limit_percent: executor.cpu_limit_percent(),
+        priority: options.priority,
     }
 }

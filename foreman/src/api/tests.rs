@@ -213,6 +213,7 @@ pub(super) fn worker_info(name: &str) -> wasmgrid_protocol::wire::WorkerInfo {
         cpu_model: "cpu".into(),
         benchmark_fuel_per_sec: 1,
         cpu_limit_percent: 100,
+        priority: wasmgrid_protocol::wire::SlotPriority::Low,
     }
 }
 

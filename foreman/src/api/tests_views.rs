@@ -5,6 +5,7 @@ use super::tests::{app_state, call, error_of, get, worker_and_job, worker_info};
 use super::*;
 use crate::model::{JobState, Record, TaskState, WorkerId};
 use crate::store::WorkerRow;
+use wasmgrid_protocol::wire::Load;
 use wasmgrid_protocol::{
     CacheSource, CapturedOutput, Failure, FailureKind, TaskReport, TaskTimings,
 };
@@ -97,6 +98,14 @@ fn assert_bad(json: &serde_json::Value, parameter: &str) {
 #[tokio::test]
 async fn stats_count_jobs_tasks_workers_and_fuel() {
     let g = grid().await;
+    let load = Load {
+        running: 1,
+        ..Load::default()
+    };
+    g.state
+        .store
+        .worker_heartbeat(g.worker, load, crate::driver::unix_ms());
+    g.state.store.flush().unwrap();
     let (status, json) = call(g.app.clone(), get("/api/stats")).await;
     assert_eq!(status, StatusCode::OK);
     for (field, wanted) in [
@@ -107,6 +116,7 @@ async fn stats_count_jobs_tasks_workers_and_fuel() {
         ("connected_workers", 1),
         ("total_slots", 2),
         ("active_tasks", 0),
+        ("busy_slots", 1),
         ("total_tasks_completed", 2),
         ("total_tasks_failed", 1),
         ("queued_tasks", 1),

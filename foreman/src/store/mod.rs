@@ -172,7 +172,8 @@ pub struct WorkerRow {
     /// 0 for a worker not yet registered.
     pub id: WorkerId,
     /// Flattened: name, hostname, os, arch, cores, memory_bytes, slots,
-    /// wasmtime_version, engine_hash, cpu_model, benchmark_fuel_per_sec, cpu_limit_percent.
+    /// wasmtime_version, engine_hash, cpu_model, benchmark_fuel_per_sec, cpu_limit_percent,
+    /// priority.
     #[serde(flatten)]
     pub info: WorkerInfo,
     pub online: bool,

@@ -6,7 +6,7 @@
 use rusqlite::types::ValueRef;
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
-use wasmgrid_protocol::wire::{Load, ModuleHash, WorkerInfo};
+use wasmgrid_protocol::wire::{Load, ModuleHash, SlotPriority, WorkerInfo};
 use wasmgrid_protocol::{Failure, TaskLimits};
 
 use super::schema::{self, from_sql, now_ms, to_sql, u32_from_sql};
@@ -25,7 +25,8 @@ const WORKER_COLUMNS: &str = "id, name, hostname, os, arch, cores, memory_bytes,
     wasmtime_version, engine_hash, cpu_model, benchmark_fuel_per_sec, cpu_limit_percent,
     online, draining, last_seen_ms, cpu_permille, memory_used_bytes, worker_rss_bytes, running,
     cooldown_until_ms, cooldowns, tasks_succeeded, tasks_failed, last_heartbeat_ms, fuel_used,
-    (SELECT count(*) FROM worker_failures f WHERE f.worker_id = workers.id AND f.at_ms >= ?1)";
+    (SELECT count(*) FROM worker_failures f WHERE f.worker_id = workers.id AND f.at_ms >= ?1),
+    priority";
 
 pub(super) fn put_module(
     conn: &mut Connection,
@@ -65,14 +66,15 @@ pub(super) fn upsert_worker(
     let id: i64 = conn.query_row(
         "INSERT INTO workers (name, hostname, os, arch, cores, memory_bytes, slots,
              wasmtime_version, engine_hash, cpu_model, benchmark_fuel_per_sec, cpu_limit_percent,
-             online, first_seen_ms, last_seen_ms, token_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14, ?15)
+             online, first_seen_ms, last_seen_ms, token_id, priority)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14, ?15, ?16)
          ON CONFLICT (name, hostname) DO UPDATE SET os = excluded.os, arch = excluded.arch,
              cores = excluded.cores, memory_bytes = excluded.memory_bytes,
              slots = excluded.slots, wasmtime_version = excluded.wasmtime_version,
              engine_hash = excluded.engine_hash, cpu_model = excluded.cpu_model,
              benchmark_fuel_per_sec = excluded.benchmark_fuel_per_sec,
-             cpu_limit_percent = excluded.cpu_limit_percent, online = excluded.online,
+             cpu_limit_percent = excluded.cpu_limit_percent, priority = excluded.priority,
+             online = excluded.online,
              last_seen_ms = excluded.last_seen_ms, token_id = excluded.token_id, draining = 0, running = 0,
              cpu_permille = 0, memory_used_bytes = 0, worker_rss_bytes = 0,
              last_heartbeat_ms = NULL
@@ -93,6 +95,7 @@ pub(super) fn upsert_worker(
             w.online,
             now_ms(),
             token.map(to_sql),
+            i.priority.as_str(),
         ],
         |row| row.get(0),
     )?;
@@ -293,6 +296,8 @@ pub(super) fn workers(
                 cpu_model: row.get(10)?,
                 benchmark_fuel_per_sec: from_sql(row.get(11)?),
                 cpu_limit_percent: u32_from_sql(row.get(12)?)?,
+                // A name this foreman does not know came from a newer one: as `normal`.
+                priority: SlotPriority::from_name(&row.get::<_, String>(27)?).unwrap_or_default(),
             },
             online: row.get(13)?,
             draining: row.get(14)?,

@@ -15,7 +15,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `MIGRATIONS[n]` takes the schema from version `n` to `n + 1`
 /// (`PRAGMA user_version`). Append only; never edit a shipped migration.
-pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
 
 /// The schema version this code reads and writes.
 pub(super) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -231,6 +231,11 @@ CREATE TABLE tokens (
 ALTER TABLE workers ADD COLUMN token_id INTEGER;
 ALTER TABLE jobs ADD COLUMN token_id INTEGER;
 ALTER TABLE jobs ADD COLUMN result_bytes INTEGER NOT NULL DEFAULT 1048576;
+";
+
+/// The priority a worker's tasks run at (`worker --priority`), as it said at join.
+const V4: &str = "
+ALTER TABLE workers ADD COLUMN priority TEXT NOT NULL DEFAULT 'normal';
 ";
 
 /// Opens the writing connection: WAL, settings, schema up to date, workers

@@ -113,6 +113,7 @@ pub(super) fn info(name: &str, host: &str) -> WorkerInfo {
         cpu_model: "Test CPU".into(),
         benchmark_fuel_per_sec: 2_000_000_000,
         cpu_limit_percent: 50,
+        priority: Default::default(),
     }
 }
 

@@ -5,7 +5,7 @@ use wasmgrid_protocol::FailureKind;
 use super::tests::*;
 use super::*;
 use crate::model::{JobState, Scheduler};
-use wasmgrid_protocol::wire::Load;
+use wasmgrid_protocol::wire::{Load, SlotPriority};
 
 #[test]
 fn data_survives_reopen_and_schema_is_not_recreated() {
@@ -95,9 +95,10 @@ fn a_version_1_database_is_migrated_and_keeps_its_data() {
         (
             w.info.name.as_str(),
             w.info.cpu_model.as_str(),
-            w.info.cpu_limit_percent
+            w.info.cpu_limit_percent,
+            w.info.priority,
         ),
-        ("w", "", 100)
+        ("w", "", 100, SlotPriority::Normal)
     );
     assert!(!w.online && !w.draining);
     assert_eq!((w.cooldown_until_ms, w.load), (None, Load::default()));

@@ -7,7 +7,7 @@ use wasmgrid_protocol::{Failure, FailureKind};
 use super::tests::*;
 use super::*;
 use crate::model::{Record, TaskState};
-use wasmgrid_protocol::wire::Load;
+use wasmgrid_protocol::wire::{Load, SlotPriority};
 
 #[test]
 fn workers_keep_their_id_by_name_and_hostname() {
@@ -78,6 +78,7 @@ fn workers_show_their_cpu_load_cooldown_and_draining() {
         ("cpu_model", "Test CPU".into()),
         ("benchmark_fuel_per_sec", 2_000_000_000u64.into()),
         ("cpu_limit_percent", 50.into()),
+        ("priority", "normal".into()),
         ("cpu_permille", 730.into()),
         ("running", 5.into()),
         ("draining", true.into()),
@@ -97,12 +98,13 @@ fn workers_show_their_cpu_load_cooldown_and_draining() {
     // Joining again: no longer draining, the old load forgotten, the new CPU facts kept.
     let mut again = info("w", "pc");
     again.cpu_limit_percent = 80;
+    again.priority = SlotPriority::Idle;
     assert_eq!(store.upsert_worker(&WorkerRow::joining(&again)).unwrap(), w);
     let row = store.worker(w).unwrap().unwrap();
     assert!(!row.draining);
     assert_eq!(
-        (row.load, row.info.cpu_limit_percent),
-        (Load::default(), 80)
+        (row.load, row.info.cpu_limit_percent, row.info.priority),
+        (Load::default(), 80, SlotPriority::Idle)
     );
     assert_eq!(row.cooldowns, 2);
 

@@ -38,8 +38,11 @@ pub struct Stats {
     pub connected_workers: u64,
     /// Slots of the connected workers.
     pub total_slots: u64,
-    /// Tasks running now.
+    /// Tasks handed to workers: running, or waiting in a worker's prefetch
+    /// window, so it can exceed `total_slots`.
     pub active_tasks: u64,
+    /// Slots running a task, as of each connected worker's last heartbeat.
+    pub busy_slots: u64,
     /// Tasks that succeeded.
     pub total_tasks_completed: u64,
     pub total_tasks_failed: u64,
@@ -80,11 +83,15 @@ pub(super) fn stats(conn: &mut Connection) -> Result<Stats, StoreError> {
         }
     }
     s.pending_jobs = s.queued_jobs + s.running_jobs;
-    let (workers, slots): (i64, i64) = tx
-        .prepare_cached("SELECT count(*), coalesce(sum(slots), 0) FROM workers WHERE online")?
-        .query_row([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    let (workers, slots, busy): (i64, i64, i64) = tx
+        .prepare_cached(
+            "SELECT count(*), coalesce(sum(slots), 0), coalesce(sum(running), 0)
+             FROM workers WHERE online",
+        )?
+        .query_row([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
     s.connected_workers = from_sql(workers);
     s.total_slots = from_sql(slots);
+    s.busy_slots = from_sql(busy);
     let since = now_ms().saturating_sub(to_sql(RATE_WINDOW_MS));
     let ended: i64 = tx
         .prepare_cached(

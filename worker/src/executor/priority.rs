@@ -1,41 +1,15 @@
 //! How much a slot thread defers to everything else on the volunteer's PC:
 //! the scheduling priority its tasks run at.
 
-use std::fmt;
+pub use wasmgrid_protocol::wire::SlotPriority;
 
-/// The scheduling priority of slot threads (and of nothing else: the
-/// worker's own threads keep theirs, so reports and heartbeats stay prompt).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum SlotPriority {
-    /// As any other program.
-    #[default]
-    Normal,
-    /// Nice 19: the owner's programs come first, and tasks still get a
-    /// sliver of a busy machine.
-    Low,
-    /// Only what would otherwise be idle (Linux `SCHED_IDLE`; elsewhere as `low`).
-    Idle,
-}
-
-impl fmt::Display for SlotPriority {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            SlotPriority::Normal => "normal",
-            SlotPriority::Low => "low",
-            SlotPriority::Idle => "idle",
-        })
-    }
-}
-
-impl SlotPriority {
-    /// Sets the calling thread's priority. An unprivileged thread can lower
-    /// its own priority but never raise it again.
-    pub fn apply_to_this_thread(self) -> std::io::Result<()> {
-        match self {
-            SlotPriority::Normal => Ok(()),
-            SlotPriority::Low => lower_this_thread(),
-            SlotPriority::Idle => idle_this_thread(),
-        }
+/// Sets the calling thread's priority. An unprivileged thread can lower
+/// its own priority but never raise it again.
+pub fn apply_to_this_thread(priority: SlotPriority) -> std::io::Result<()> {
+    match priority {
+        SlotPriority::Normal => Ok(()),
+        SlotPriority::Low => lower_this_thread(),
+        SlotPriority::Idle => idle_this_thread(),
     }
 }
 
@@ -89,7 +63,7 @@ mod tests {
     #[test]
     fn idle_sets_sched_idle_on_this_thread_only() {
         let policy = on_a_new_thread(|| {
-            SlotPriority::Idle.apply_to_this_thread().unwrap();
+            apply_to_this_thread(SlotPriority::Idle).unwrap();
             // SAFETY: pid 0 is the calling thread.
             unsafe { libc::sched_getscheduler(0) }
         });
@@ -101,7 +75,7 @@ mod tests {
     #[test]
     fn low_sets_nice_19_on_this_thread_only() {
         let nice = on_a_new_thread(|| {
-            SlotPriority::Low.apply_to_this_thread().unwrap();
+            apply_to_this_thread(SlotPriority::Low).unwrap();
             // SAFETY: gettid has no preconditions; getpriority reads integers.
             unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
         });

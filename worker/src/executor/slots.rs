@@ -119,7 +119,7 @@ impl SlotPool {
                     .name(format!("wasmgrid-slot-{slot}"))
                     .stack_size(SLOT_THREAD_STACK)
                     .spawn(move || {
-                        if let Err(error) = priority.apply_to_this_thread() {
+                        if let Err(error) = super::priority::apply_to_this_thread(priority) {
                             tracing::warn!(
                                 slot,
                                 "cannot run tasks at {priority} priority: {error}"

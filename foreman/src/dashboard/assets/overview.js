@@ -102,8 +102,8 @@ export class Overview {
     const panel = $("#stats-panel");
     panel.hidden = false;
     $("#stat-workers").textContent = stats.connected_workers;
-    $("#stat-slots").textContent = `${stats.active_tasks} / ${stats.total_slots}`;
-    $("#stat-jobs").textContent = `${stats.running_jobs} / ${stats.queued_jobs + (stats.pending_jobs ?? 0)}`;
+    $("#stat-slots").textContent = `${stats.busy_slots ?? stats.active_tasks} / ${stats.total_slots}`;
+    $("#stat-jobs").textContent = `${stats.running_jobs} / ${stats.queued_jobs}`;
     $("#stat-done").textContent = `${si(stats.total_tasks_completed)} / ${si(stats.total_tasks_failed)}`;
     $("#stat-rate").textContent = (stats.tasks_per_second ?? 0).toFixed(1);
     $("#stat-fuel").textContent = si(stats.fuel_consumed);
@@ -210,6 +210,14 @@ export function workerStatus(w) {
   return "healthy";
 }
 
+/** How a volunteer lets its tasks share its PC: a priority below normal, a CPU cap. */
+function sharing(w) {
+  const parts = [];
+  if (w.priority && w.priority !== "normal") parts.push(`${w.priority} priority`);
+  if (w.cpu_limit_percent && w.cpu_limit_percent < 100) parts.push(`${w.cpu_limit_percent} % CPU`);
+  return parts.length ? ` <small class="muted">${esc(parts.join(" · "))}</small>` : "";
+}
+
 function workerRow(w) {
   const status = workerStatus(w);
   const used = w.slots_used ?? w.running ?? 0;
@@ -219,7 +227,7 @@ function workerRow(w) {
   return `<tr data-worker="${w.id}" title="${esc(w.hostname)} · ${esc(w.cpu_model)} · ${w.cores} cores">
     <td>${esc(w.name)}</td>
     <td><span class="state ${esc(status)}">${esc(status)}</span></td>
-    <td>${used} / ${w.slots}</td>
+    <td>${used} / ${w.slots}${sharing(w)}</td>
     <td>${speed ? `${si(speed)} fuel/s` : "–"}</td>
     <td>${w.online ? `${((w.cpu_permille ?? 0) / 10).toFixed(0)} %` : "–"}</td>
     <td title="worker process: ${bytes(w.worker_rss_bytes)}">${w.online ? memory : "–"}</td>
