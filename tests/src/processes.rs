@@ -132,6 +132,22 @@ pub fn start_worker(foreman: &Foreman, name: &str, cache: &Path) -> Running {
 
 /// Like [`start_worker`], with extra flags (`--cpu-limit 25`, `--drain-grace 5`, ...).
 pub fn start_worker_with(foreman: &Foreman, name: &str, cache: &Path, extra: &[&str]) -> Running {
+    worker_logging_to(foreman, name, cache, extra, Stdio::null())
+}
+
+/// Like [`start_worker`], its warnings and errors written to `log`.
+pub fn start_worker_logging(foreman: &Foreman, name: &str, cache: &Path, log: &Path) -> Running {
+    let file = std::fs::File::create(log).expect("worker log file");
+    worker_logging_to(foreman, name, cache, &[], Stdio::from(file))
+}
+
+fn worker_logging_to(
+    foreman: &Foreman,
+    name: &str,
+    cache: &Path,
+    extra: &[&str],
+    log: Stdio,
+) -> Running {
     Running(
         Command::new(binary("worker"))
             .args([
@@ -155,7 +171,7 @@ pub fn start_worker_with(foreman: &Foreman, name: &str, cache: &Path, extra: &[&
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("worker starts"),
     )

@@ -10,7 +10,9 @@ use common::{
     assert_completes_with, cli_json, submit_detached, submit_slow_primes, wait_for_state,
 };
 use serde_json::{json, Value};
-use wasmgrid_tests::processes::{start_foreman, start_foreman_at, start_worker, Foreman};
+use wasmgrid_tests::processes::{
+    start_foreman, start_foreman_at, start_worker, start_worker_logging, Foreman,
+};
 use wasmgrid_tests::{binary, example_args_path, guest_path, json_elements};
 
 fn submit(foreman: &Foreman, name: &str) -> Output {
@@ -433,7 +435,8 @@ fn a_foreman_killed_mid_job_resumes_it_after_restart() {
     let data = dir.path().join("data");
     let foreman = start_foreman(&data, &[]);
     let quic = foreman.quic.clone();
-    let _worker = start_worker(&foreman, "steady", &dir.path().join("cache"));
+    let log = dir.path().join("worker.log");
+    let _worker = start_worker_logging(&foreman, "steady", &dir.path().join("cache"), &log);
 
     let (id, expected) = submit_slow_primes(&foreman, dir.path());
     std::thread::sleep(Duration::from_millis(500));
@@ -441,6 +444,13 @@ fn a_foreman_killed_mid_job_resumes_it_after_restart() {
 
     let restarted = start_foreman_at(&data, &quic, &[]);
     assert_completes_with(&restarted.http, &id, &expected, 90);
+    // The new process told the worker its connection was gone (a stateless
+    // reset it could check), rather than leaving it to time out.
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        logged.contains("connection lost: reset by peer") && !logged.contains("timed out"),
+        "{logged}"
+    );
 }
 
 #[test]

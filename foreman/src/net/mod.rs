@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use quinn_proto::HashedConnectionIdGenerator;
 use wasmgrid_protocol::wire::{ALPN_ANY_VERSION, ALPN_VERSIONED};
 
 use crate::driver::Driver;
@@ -63,7 +64,45 @@ pub fn endpoint(identity: &Identity, addr: SocketAddr) -> anyhow::Result<quinn::
         .receive_window(RECEIVE_WINDOW.into());
     wasmgrid_protocol::stream::sparse_acks(&mut transport);
     server.transport_config(Arc::new(transport));
-    quinn::Endpoint::server(server, addr).with_context(|| format!("cannot listen on {addr}/udp"))
+    let mut config = quinn::EndpointConfig::new(Arc::new(stateless_reset_key(identity)));
+    let cid_key = connection_id_key(identity);
+    config.cid_generator(move || Box::new(HashedConnectionIdGenerator::from_key(cid_key)));
+    let socket =
+        std::net::UdpSocket::bind(addr).with_context(|| format!("cannot listen on {addr}/udp"))?;
+    quinn::Endpoint::new(config, Some(server), socket, Arc::new(quinn::TokioRuntime))
+        .with_context(|| format!("cannot listen on {addr}/udp"))
+}
+
+/// The key of the stateless resets this foreman sends, the same after a
+/// restart (it is derived from the TLS key): a worker still connected to
+/// the previous process learns from the next packet it sends that its
+/// connection is gone and joins again, instead of waiting out its idle
+/// timeout (RFC 9000, section 10.3).
+fn stateless_reset_key(identity: &Identity) -> ring::hmac::Key {
+    ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        derived(identity, b"stateless reset key").as_ref(),
+    )
+}
+
+/// The key that signs the connection ids this foreman hands out, the same
+/// after a restart: packets for the previous process's connections are
+/// then recognised as such and answered with a stateless reset, where an
+/// id it cannot check is dropped unanswered.
+fn connection_id_key(identity: &Identity) -> u64 {
+    let digest = derived(identity, b"connection id key");
+    let mut key = [0u8; 8];
+    key.copy_from_slice(&digest.as_ref()[..8]);
+    u64::from_le_bytes(key)
+}
+
+fn derived(identity: &Identity, purpose: &[u8]) -> ring::digest::Digest {
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    digest.update(b"wasmgrid ");
+    digest.update(purpose);
+    digest.update(b"\0");
+    digest.update(identity.key.secret_der());
+    digest.finish()
 }
 
 /// Accepts workers until the endpoint closes.
