@@ -48,7 +48,8 @@ enum Command {
         quic: SocketAddr,
         #[arg(long, default_value = "127.0.0.1:8000")]
         http: SocketAddr,
-        /// Also start and supervise this many workers on this machine.
+        /// Also start and supervise this many workers on this machine; they
+        /// share its cores as their slots.
         #[arg(long, default_value_t = 0)]
         local_workers: u32,
         /// The local workers' `--priority`: `low` or `idle` let this

@@ -181,7 +181,8 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts `n` worker processes next to this binary and restarts any that exits.
+/// Starts `n` worker processes next to this binary, sharing this machine's
+/// cores as their slots, and restarts any that exits.
 async fn supervise_local_workers(
     n: u32,
     priority: SlotPriority,
@@ -196,6 +197,9 @@ async fn supervise_local_workers(
         tracing::error!("cannot locate the worker binary next to the foreman");
         return;
     };
+    // The machine's cores shared out, not each worker taking them all.
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get() as u32);
+    let slots = (cores / n).max(1);
     for index in 0..n {
         let worker_bin = worker_bin.clone();
         let token = token.clone();
@@ -209,6 +213,8 @@ async fn supervise_local_workers(
                     .arg(&token)
                     .arg("--name")
                     .arg(format!("local-{index}"))
+                    .arg("--slots")
+                    .arg(slots.to_string())
                     .arg("--cache-dir")
                     .arg(&cache_dir)
                     .arg("--priority")

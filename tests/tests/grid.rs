@@ -157,6 +157,18 @@ fn serve_with_local_workers_is_a_whole_grid() {
     );
     let listed: Value = serde_json::from_slice(&waited.stdout).unwrap();
     assert_eq!(listed.as_array().map(Vec::len), Some(2));
+    // They share the machine's cores rather than each taking them all.
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get() as u64);
+    let slots: Vec<u64> = listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| w["slots"].as_u64().unwrap_or(0))
+        .collect();
+    assert!(
+        slots.iter().all(|&s| s == (cores / 2).max(1)),
+        "{slots:?} on {cores} cores"
+    );
     let too_many = foreman
         .cli()
         .args([
