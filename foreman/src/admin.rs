@@ -8,19 +8,25 @@ use anyhow::Context;
 use serde_json::Value;
 
 use crate::client::Client;
-use crate::store::TokenKind;
+use crate::store::{TokenKind, TokenRole};
 use crate::tokens::rfc3339;
 
 /// Makes a token and prints its string (shown only this once) on stdout.
 pub fn create(
     client: &Client,
     kind: TokenKind,
+    role: Option<TokenRole>,
     name: &str,
     expires_at_ms: Option<u64>,
 ) -> anyhow::Result<ExitCode> {
     let made = client.post(
         "/api/tokens",
-        &serde_json::json!({ "kind": kind.as_str(), "name": name, "expires_at_ms": expires_at_ms }),
+        &serde_json::json!({
+            "kind": kind.as_str(),
+            "name": name,
+            "expires_at_ms": expires_at_ms,
+            "role": role.map(TokenRole::as_str),
+        }),
     )?;
     let token = made["token"]
         .as_str()
@@ -28,8 +34,11 @@ pub fn create(
     let expires = made["expires_at_ms"]
         .as_u64()
         .map_or("never".to_owned(), rfc3339);
+    let role = made["role"]
+        .as_str()
+        .map_or(String::new(), |role| format!(", role {role}"));
     eprintln!(
-        "{} token {} ({name}), expires {expires}; it is shown only now:",
+        "{} token {} ({name}{role}), expires {expires}; it is shown only now:",
         crate::tokens::what(kind),
         made["id"]
     );
@@ -45,14 +54,15 @@ pub fn list(client: &Client, json: bool) -> anyhow::Result<ExitCode> {
     }
     let time = |v: &Value| v.as_u64().map_or("-".to_owned(), rfc3339);
     println!(
-        "{:>4}  {:<6}  {:<20}  {:<20}  {:<20}  {:<20}  {:<20}",
-        "ID", "KIND", "NAME", "CREATED", "EXPIRES", "REVOKED", "LAST USED"
+        "{:>4}  {:<6}  {:<5}  {:<20}  {:<20}  {:<20}  {:<20}  {:<20}",
+        "ID", "KIND", "ROLE", "NAME", "CREATED", "EXPIRES", "REVOKED", "LAST USED"
     );
     for token in listed["tokens"].as_array().into_iter().flatten() {
         println!(
-            "{:>4}  {:<6}  {:<20}  {:<20}  {:<20}  {:<20}  {:<20}",
+            "{:>4}  {:<6}  {:<5}  {:<20}  {:<20}  {:<20}  {:<20}  {:<20}",
             token["id"].to_string(),
             token["kind"].as_str().unwrap_or("?"),
+            token["role"].as_str().unwrap_or("-"),
             token["name"].as_str().unwrap_or(""),
             time(&token["created_at_ms"]),
             time(&token["expires_at_ms"]),

@@ -14,7 +14,7 @@ use wasmgrid_foreman::client::{self, Client, SubmitOptions};
 use wasmgrid_foreman::core::HealthPolicy;
 use wasmgrid_foreman::model::Scheduler;
 use wasmgrid_foreman::serve::{serve, ServeOptions};
-use wasmgrid_foreman::store::TokenKind;
+use wasmgrid_foreman::store::{TokenKind, TokenRole};
 use wasmgrid_jobspec::SubmitLimits;
 use wasmgrid_protocol::TaskLimits;
 use wasmgrid_worker::cli_io::LogFormat;
@@ -216,6 +216,10 @@ enum TokenAction {
         /// Refused from then on: an RFC 3339 UTC time or from now (+30d, +12h).
         #[arg(long, value_name = "TIME", value_parser = client::parse_not_before)]
         expires: Option<u64>,
+        /// A client token's role: admin (everything), user (submits jobs and
+        /// cancels its own; the default) or read (reads only).
+        #[arg(long, value_parser = clap::value_parser!(TokenRole))]
+        role: Option<TokenRole>,
     },
     /// Lists tokens (never their secrets) and the certificate fingerprint join tokens pair with.
     List {
@@ -442,7 +446,8 @@ fn run(command: Command, token: Option<String>) -> anyhow::Result<ExitCode> {
                     kind,
                     name,
                     expires,
-                } => admin::create(&client, kind, &name, expires),
+                    role,
+                } => admin::create(&client, kind, role, &name, expires),
                 TokenAction::List { json } => admin::list(&client, json),
                 TokenAction::Revoke { id } => admin::revoke(&client, id),
             }

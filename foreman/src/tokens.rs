@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use sha2::{Digest, Sha256};
 
 use crate::net::close;
-use crate::store::{Store, StoreError, TokenKind, TokenRow};
+use crate::store::{Store, StoreError, TokenKind, TokenRole, TokenRow};
 
 /// `last_used_ms` is written at most this often per token.
 const USE_RECORD_INTERVAL_MS: u64 = 5_000;
@@ -120,17 +120,38 @@ impl Tokens {
         }
     }
 
-    /// Makes a token; the returned string is the only copy of its secret.
+    /// Makes a token (a client token with the `admin` role); the returned
+    /// string is the only copy of its secret.
     pub fn issue(
         &self,
         kind: TokenKind,
         name: &str,
         expires_at_ms: Option<u64>,
     ) -> Result<Issued, StoreError> {
+        self.issue_with(kind, TokenRole::Admin, name, expires_at_ms)
+    }
+
+    /// Makes a client token with `role` (see [`Tokens::issue`]).
+    pub fn issue_client(
+        &self,
+        role: TokenRole,
+        name: &str,
+        expires_at_ms: Option<u64>,
+    ) -> Result<Issued, StoreError> {
+        self.issue_with(TokenKind::Client, role, name, expires_at_ms)
+    }
+
+    fn issue_with(
+        &self,
+        kind: TokenKind,
+        role: TokenRole,
+        name: &str,
+        expires_at_ms: Option<u64>,
+    ) -> Result<Issued, StoreError> {
         let secret = hex::encode(rand::random::<[u8; 16]>());
         let row = self
             .store
-            .create_token(kind, name, hash(&secret), expires_at_ms)?;
+            .create_token(kind, role, name, hash(&secret), expires_at_ms)?;
         let token = format!("{}_{}_{secret}", prefix(kind), row.id);
         Ok(Issued { row, token })
     }

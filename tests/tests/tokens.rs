@@ -269,7 +269,10 @@ fn rest_calls_need_a_good_client_token() {
     // Reads on loopback need none.
     assert!(no_token(&["jobs"]).status.success());
 
-    let client = create_token(&foreman, &["--kind", "client", "--name", "ci"]);
+    let client = create_token(
+        &foreman,
+        &["--kind", "client", "--name", "ci", "--role", "admin"],
+    );
     let with = |token: &str, args: &[&str]| {
         Command::new(binary("foreman"))
             .args(args)
@@ -277,7 +280,27 @@ fn rest_calls_need_a_good_client_token() {
             .output()
             .unwrap()
     };
-    assert!(with(&client, &["token", "list"]).status.success());
+    let listed = with(&client, &["token", "list"]);
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains("admin"),
+        "{}",
+        String::from_utf8_lossy(&listed.stdout)
+    );
+    // A read-only token is told what it may not do.
+    let reader = create_token(&foreman, &["--kind", "client", "--role", "read"]);
+    let out = with(&reader, &["cancel", "1"]);
+    assert!(
+        stderr(&out).contains("has the read role: it may not change anything (HTTP 403"),
+        "{}",
+        stderr(&out)
+    );
+    let out = with(&reader, &["token", "list"]);
+    assert!(
+        stderr(&out).contains("needs an admin token"),
+        "{}",
+        stderr(&out)
+    );
     revoke(&foreman, &client);
     let out = with(&client, &["token", "list"]);
     assert!(

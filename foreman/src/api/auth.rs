@@ -12,13 +12,41 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::{ApiError, ApiState};
-use crate::store::TokenKind;
+use crate::store::{TokenKind, TokenRole};
 
 /// The client token a request came with, for handlers that record or
 /// limit by caller (jobs remember the token that submitted them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caller {
     pub token_id: u64,
+    pub role: TokenRole,
+}
+
+impl Caller {
+    /// Why this caller may not cancel a job that `owner` submitted, if it may not.
+    pub fn may_not_cancel(&self, job: u64, owner: Option<u64>) -> Option<String> {
+        (self.role == TokenRole::User && owner != Some(self.token_id)).then(|| {
+            format!(
+                "job {job} was not submitted with token {}: a user token cancels only its own jobs",
+                self.token_id
+            )
+        })
+    }
+}
+
+/// Why a token with `role` may not make this call, if it may not.
+fn not_allowed(id: u64, role: TokenRole, mutating: bool, admin_only: bool) -> Option<String> {
+    match role {
+        TokenRole::Admin => None,
+        _ if admin_only => Some(format!(
+            "token {id} has the {} role: managing tokens and draining workers needs an admin token",
+            role.as_str()
+        )),
+        TokenRole::Read if mutating => Some(format!(
+            "token {id} has the read role: it may not change anything"
+        )),
+        TokenRole::User | TokenRole::Read => None,
+    }
 }
 
 /// The middleware: refuses with 401 naming why, or passes the request on
@@ -34,6 +62,7 @@ pub async fn require_token(
     let data = path.starts_with("/api/") || path == "/metrics";
     // Token administration is never open, even to reads on loopback.
     let admin = path == "/api/tokens" || path.starts_with("/api/tokens/");
+    let admin_only = admin || (path.starts_with("/api/workers/") && path.ends_with("/drain"));
     let needed = mutating || admin || (state.security.protect_reads && data);
     let presented = bearer(&request).or_else(|| {
         // Only streams: a token in a URL ends up in logs and histories.
@@ -64,7 +93,15 @@ pub async fn require_token(
     };
     match checked {
         Ok(Ok(Ok(row))) => {
-            request.extensions_mut().insert(Caller { token_id: row.id });
+            let role = row.role.unwrap_or(TokenRole::Read);
+            if let Some(why) = not_allowed(row.id, role, mutating, admin_only) {
+                return ApiError::new(StatusCode::FORBIDDEN, "forbidden", why).into_response();
+            }
+            let caller = Caller {
+                token_id: row.id,
+                role,
+            };
+            request.extensions_mut().insert(caller);
             next.run(request).await
         }
         // A token that is presented must be good, even where none is needed.

@@ -22,7 +22,7 @@ use super::params::Params;
 use super::{ApiError, ApiState, Caller, OutputLimits};
 use crate::driver::Input;
 use crate::model::{JobId, JobState, TaskState};
-use crate::store::{InsertCommit, JobRow, NewJob, StoreError, TaskOutcomeRow};
+use crate::store::{InsertCommit, JobRow, NewJob, StoreError, TaskOutcomeRow, TokenRole};
 use utoipa::ToSchema;
 
 #[derive(Deserialize, ToSchema)]
@@ -377,11 +377,20 @@ fn push_outcomes(body: &mut String, rows: &[TaskOutcomeRow]) {
 #[utoipa::path(post, path = "/api/jobs/{id}/cancel", tag = "jobs",
     params(("id" = u64, Path, description = "job id")),
     responses((status = 200, body = Object, description = "{cancelled: bool, state}"),
+        (status = 403, body = super::ErrorBody, description = "a user token cancels only its own jobs"),
         (status = 404, body = super::ErrorBody)))]
 pub(super) async fn cancel(
     State(state): State<Arc<ApiState>>,
     Path(id): Path<JobId>,
+    caller: Option<Extension<Caller>>,
 ) -> Result<Response, ApiError> {
+    if let Some(Extension(caller)) = caller.filter(|c| c.role == TokenRole::User) {
+        let store = state.store.clone();
+        let owner = tokio::task::spawn_blocking(move || store.job_token(id)).await??;
+        if let Some(why) = caller.may_not_cancel(id, owner) {
+            return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", why));
+        }
+    }
     let cancelled = state.driver.cancel(id).await;
     let store = state.store.clone();
     // The driver answers once the cancellation's records are queued: flush them before reading.

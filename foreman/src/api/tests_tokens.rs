@@ -36,8 +36,14 @@ fn with_security(
     })
 }
 
+/// A request for a token of `kind`; a client token is an admin's.
 fn create(kind: &str) -> Body {
-    Body::from(format!(r#"{{"kind": "{kind}", "name": "t"}}"#))
+    let role = if kind == "client" {
+        r#", "role": "admin""#
+    } else {
+        ""
+    };
+    Body::from(format!(r#"{{"kind": "{kind}", "name": "t"{role}}}"#))
 }
 
 /// Sends `request` with `token` as its bearer.
@@ -288,4 +294,128 @@ async fn cors_is_off_unless_one_origin_is_named() {
         .headers()
         .get("access-control-allow-origin")
         .is_none());
+}
+
+#[tokio::test]
+async fn roles_limit_what_a_client_token_may_do() {
+    let (_dir, state) = app_state(1 << 20, Scheduler::Fifo).await;
+    let module = super::tests::known_module(&state);
+    let app = router(state.clone());
+    let admin = fixture_token();
+    let made = |body: serde_json::Value| {
+        let app = app.clone();
+        let admin = admin.clone();
+        async move {
+            let request = Request::post("/api/tokens").header("content-type", "application/json");
+            send_as(&app, request, &admin, Body::from(body.to_string())).await
+        }
+    };
+    let client = |role: Option<&str>| made(serde_json::json!({ "kind": "client", "role": role }));
+    let (status, user) = client(None).await;
+    assert_eq!(
+        (status, user["role"].as_str()),
+        (StatusCode::CREATED, Some("user")),
+        "{user}"
+    );
+    let (_, reader) = client(Some("read")).await;
+    assert_eq!(reader["role"], "read", "{reader}");
+    let (user, reader) = (
+        user["token"].as_str().unwrap().to_owned(),
+        reader["token"].as_str().unwrap().to_owned(),
+    );
+    for (body, expected) in [
+        (
+            serde_json::json!({ "kind": "client", "role": "root" }),
+            "unknown token role \"root\"",
+        ),
+        (
+            serde_json::json!({ "kind": "worker", "role": "read" }),
+            "a worker token has no role",
+        ),
+    ] {
+        let (status, json) = made(body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{json}");
+        assert!(
+            json["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(expected),
+            "{json}"
+        );
+    }
+
+    let submit = |token: String| {
+        let app = app.clone();
+        let body = serde_json::json!({ "module_sha256": module, "args": [[1]] });
+        async move {
+            let request = Request::post("/api/jobs").header("content-type", "application/json");
+            send_as(&app, request, &token, Body::from(body.to_string())).await
+        }
+    };
+    let cancel = |token: String, job: &serde_json::Value| {
+        let app = app.clone();
+        let uri = format!("/api/jobs/{}/cancel", job["id"]);
+        async move { send_as(&app, Request::post(uri), &token, Body::empty()).await }
+    };
+    let forbidden = |(status, json): (StatusCode, serde_json::Value), why: &str| {
+        assert_eq!(status, StatusCode::FORBIDDEN, "{json}");
+        assert_eq!(json["error"]["code"], "forbidden", "{json}");
+        assert!(
+            json["error"]["message"].as_str().unwrap().contains(why),
+            "{json}"
+        );
+    };
+
+    // A reader reads, and changes nothing.
+    forbidden(submit(reader.clone()).await, "has the read role");
+    let (status, _) = send_as(&app, Request::get("/api/jobs"), &reader, Body::empty()).await;
+    assert_eq!(status, StatusCode::OK);
+    // A user submits, and cancels its own jobs only.
+    let (status, mine) = submit(user.clone()).await;
+    assert_eq!(status, StatusCode::CREATED, "{mine}");
+    let (status, theirs) = submit(admin.clone()).await;
+    assert_eq!(status, StatusCode::CREATED, "{theirs}");
+    forbidden(
+        cancel(user.clone(), &theirs).await,
+        "cancels only its own jobs",
+    );
+    forbidden(cancel(reader.clone(), &mine).await, "has the read role");
+    let (status, json) = cancel(user.clone(), &mine).await;
+    assert_eq!(
+        (status, &json["cancelled"]),
+        (StatusCode::OK, &true.into()),
+        "{json}"
+    );
+    // Tokens and draining are an admin's.
+    let admins_only = "needs an admin token";
+    forbidden(
+        send_as(&app, Request::get("/api/tokens"), &user, Body::empty()).await,
+        admins_only,
+    );
+    forbidden(
+        send_as(&app, Request::post("/api/tokens"), &user, create("client")).await,
+        admins_only,
+    );
+    forbidden(
+        send_as(
+            &app,
+            Request::post("/api/workers/1/drain"),
+            &user,
+            Body::empty(),
+        )
+        .await,
+        admins_only,
+    );
+    // An admin does all of it.
+    let (status, json) = cancel(admin.clone(), &theirs).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    let (status, listed) = send_as(&app, Request::get("/api/tokens"), &admin, Body::empty()).await;
+    assert_eq!(status, StatusCode::OK);
+    let roles: Vec<_> = listed["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["role"].as_str().unwrap_or("-"))
+        .collect();
+    assert_eq!(roles, ["admin", "user", "read"], "{listed}");
 }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{ApiError, ApiState};
-use crate::store::{TokenKind, TokenRow};
+use crate::store::{TokenKind, TokenRole, TokenRow};
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct CreateToken {
@@ -22,6 +22,10 @@ pub struct CreateToken {
     pub name: String,
     /// Refused from then on (unix milliseconds); never when absent.
     pub expires_at_ms: Option<u64>,
+    /// A client token's role: `admin`, `user` (the default) or `read`.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub role: Option<String>,
 }
 
 /// A new token: the only time its secret is shown.
@@ -56,16 +60,29 @@ pub(super) async fn create(
         None => TokenKind::Worker,
         Some(kind) => kind.parse().map_err(bad)?,
     };
+    let role = match (kind, request.role.as_deref()) {
+        (TokenKind::Worker, None) => None,
+        (TokenKind::Worker, Some(_)) => {
+            return Err(bad(
+                "a worker token has no role: roles are for client tokens".into(),
+            ))
+        }
+        (TokenKind::Client, None) => Some(TokenRole::User),
+        (TokenKind::Client, Some(role)) => Some(role.parse().map_err(bad)?),
+    };
     let tokens = state.security.tokens.clone();
     let name = request.name;
-    let issued =
-        tokio::task::spawn_blocking(move || tokens.issue(kind, &name, request.expires_at_ms))
-            .await??;
+    let expires = request.expires_at_ms;
+    let issued = tokio::task::spawn_blocking(move || match role {
+        Some(role) => tokens.issue_client(role, &name, expires),
+        None => tokens.issue(kind, &name, expires),
+    })
+    .await??;
     let token = match kind {
         TokenKind::Worker => format!("{}:{}", issued.token, state.security.fingerprint),
         TokenKind::Client => issued.token,
     };
-    tracing::info!(token = issued.row.id, kind = kind.as_str(), "token created");
+    tracing::info!(token = issued.row.id, kind = kind.as_str(), role = ?role, "token created");
     Ok((
         StatusCode::CREATED,
         Json(CreatedToken {

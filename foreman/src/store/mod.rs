@@ -43,7 +43,7 @@ use crate::model::{JobId, JobSpec, JobState, Record, Scheduler, TaskIndex, TaskS
 use admission::Admission;
 use writer::{Change, Command, Inbox};
 
-pub use tokens::{TokenKind, TokenRow};
+pub use tokens::{TokenKind, TokenRole, TokenRow};
 pub use views::{
     FailureRow, FailureStats, JobSummary, LatencyBucket, RunTimeHistogram, Stats, TaskPage,
     TaskRow, TaskTimingsRow, WorkerFailureCount, WorkerShare, LATENCY_BUCKETS_MS,

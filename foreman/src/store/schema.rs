@@ -233,9 +233,12 @@ ALTER TABLE jobs ADD COLUMN token_id INTEGER;
 ALTER TABLE jobs ADD COLUMN result_bytes INTEGER NOT NULL DEFAULT 1048576;
 ";
 
-/// The priority a worker's tasks run at (`worker --priority`), as it said at join.
+/// - `workers.priority`: the priority its tasks run at (`worker --priority`), as it said at join.
+/// - `tokens.role`: what a client token may do (`admin`, `user`, `read`);
+///   tokens made before roles were admins. Unused for join tokens.
 const V4: &str = "
 ALTER TABLE workers ADD COLUMN priority TEXT NOT NULL DEFAULT 'normal';
+ALTER TABLE tokens ADD COLUMN role TEXT NOT NULL DEFAULT 'admin';
 ";
 
 /// Opens the writing connection: WAL, settings, schema up to date, workers

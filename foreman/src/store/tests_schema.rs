@@ -137,3 +137,37 @@ fn the_migration_buckets_run_times_as_the_writer_does() {
     assert!(v2.contains(&format!("ELSE {last} END")));
     assert_eq!(views::latency_bucket(u64::MAX), last);
 }
+
+#[test]
+fn client_tokens_from_before_roles_are_admins() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("foreman.db");
+    {
+        let mut conn = rusqlite::Connection::open(&path).unwrap();
+        let tx = conn.transaction().unwrap();
+        for migration in &schema::MIGRATIONS[..3] {
+            tx.execute_batch(migration).unwrap();
+        }
+        tx.pragma_update(None, "user_version", 3).unwrap();
+        tx.execute_batch(
+            "INSERT INTO tokens (kind, name, hash, created_at_ms)
+             VALUES ('client', 'old', zeroblob(32), 1), ('worker', 'join', zeroblob(32), 1);",
+        )
+        .unwrap();
+        tx.commit().unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    let roles: Vec<_> = store
+        .tokens()
+        .unwrap()
+        .iter()
+        .map(|t| (t.name.clone(), t.role))
+        .collect();
+    assert_eq!(
+        roles,
+        [
+            ("old".to_owned(), Some(TokenRole::Admin)),
+            ("join".to_owned(), None)
+        ]
+    );
+}

@@ -37,11 +37,47 @@ impl std::str::FromStr for TokenKind {
     }
 }
 
+/// What a client token may do through the REST API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenRole {
+    /// Everything: tokens, draining workers, cancelling any job.
+    Admin,
+    /// Submit jobs and cancel its own; read all but the tokens.
+    User,
+    /// Read jobs, results and workers; change nothing.
+    Read,
+}
+
+impl TokenRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenRole::Admin => "admin",
+            TokenRole::User => "user",
+            TokenRole::Read => "read",
+        }
+    }
+}
+
+impl std::str::FromStr for TokenRole {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "admin" => Ok(TokenRole::Admin),
+            "user" => Ok(TokenRole::User),
+            "read" => Ok(TokenRole::Read),
+            other => Err(format!("unknown token role {other:?}: admin, user or read")),
+        }
+    }
+}
+
 /// A token as listed: everything but its secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct TokenRow {
     pub id: u64,
     pub kind: TokenKind,
+    /// A client token's role; none for a join token.
+    pub role: Option<TokenRole>,
     pub name: String,
     pub created_at_ms: u64,
     pub expires_at_ms: Option<u64>,
@@ -50,18 +86,24 @@ pub struct TokenRow {
 }
 
 const COLUMNS: &str =
-    "id, kind, name, created_at_ms, expires_at_ms, revoked_at_ms, last_used_ms, hash";
+    "id, kind, name, created_at_ms, expires_at_ms, revoked_at_ms, last_used_ms, hash, role";
 
 fn token_row(row: &Row<'_>) -> rusqlite::Result<(TokenRow, Vec<u8>)> {
-    let kind: String = row.get(1)?;
+    let kind = if row.get::<_, String>(1)? == "client" {
+        TokenKind::Client
+    } else {
+        TokenKind::Worker
+    };
+    // A role this foreman does not know (a newer one's) grants least.
+    let role = (kind == TokenKind::Client)
+        .then(|| row.get::<_, String>(8))
+        .transpose()?
+        .map(|role| role.parse().unwrap_or(TokenRole::Read));
     Ok((
         TokenRow {
             id: from_sql(row.get(0)?),
-            kind: if kind == "client" {
-                TokenKind::Client
-            } else {
-                TokenKind::Worker
-            },
+            kind,
+            role,
             name: row.get(2)?,
             created_at_ms: from_sql(row.get(3)?),
             expires_at_ms: row.get::<_, Option<i64>>(4)?.map(from_sql),
@@ -87,9 +129,11 @@ fn select(conn: &Connection, id: Option<u64>) -> Result<Vec<(TokenRow, Vec<u8>)>
 
 impl Store {
     /// Stores a new token by the sha256 of its secret; durable when it returns.
+    /// `role` is a client token's (a join token's is ignored).
     pub fn create_token(
         &self,
         kind: TokenKind,
+        role: TokenRole,
         name: &str,
         hash: [u8; 32],
         expires_at_ms: Option<u64>,
@@ -97,14 +141,15 @@ impl Store {
         let name = name.to_owned();
         self.call(true, move |conn| {
             let id: i64 = conn.query_row(
-                "INSERT INTO tokens (kind, name, hash, created_at_ms, expires_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5) RETURNING id",
+                "INSERT INTO tokens (kind, name, hash, created_at_ms, expires_at_ms, role)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
                 params![
                     kind.as_str(),
                     name,
                     &hash[..],
                     now_ms(),
-                    expires_at_ms.map(to_sql)
+                    expires_at_ms.map(to_sql),
+                    role.as_str(),
                 ],
                 |row| row.get(0),
             )?;
@@ -192,19 +237,20 @@ mod tests {
         let tokens = Tokens::new(store.clone());
         let join = tokens.issue(TokenKind::Worker, "w", None).unwrap();
         let client = tokens
-            .issue(TokenKind::Client, "c", Some(4_000_000_000_000))
+            .issue_client(TokenRole::Read, "c", Some(4_000_000_000_000))
             .unwrap();
         let listed = store.tokens().unwrap();
         assert_eq!(
             listed
                 .iter()
-                .map(|t| (t.id, t.kind, t.name.as_str(), t.expires_at_ms))
+                .map(|t| (t.id, t.kind, t.role, t.name.as_str(), t.expires_at_ms))
                 .collect::<Vec<_>>(),
             vec![
-                (join.row.id, TokenKind::Worker, "w", None),
+                (join.row.id, TokenKind::Worker, None, "w", None),
                 (
                     client.row.id,
                     TokenKind::Client,
+                    Some(TokenRole::Read),
                     "c",
                     Some(4_000_000_000_000)
                 ),
