@@ -155,6 +155,7 @@ fn routes() -> (Router<Arc<ApiState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(metrics::metrics))
         .routes(routes!(tokens::create, tokens::list))
         .routes(routes!(tokens::revoke))
+        .routes(routes!(tokens::whoami))
         .routes(routes!(limits))
         .routes(routes!(openapi))
         .split_for_parts()

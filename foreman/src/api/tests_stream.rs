@@ -28,6 +28,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("/api/tokens", "get"),
     ("/api/tokens", "post"),
     ("/api/tokens/{id}/revoke", "post"),
+    ("/api/whoami", "get"),
     ("/api/openapi.json", "get"),
     ("/metrics", "get"),
 ];

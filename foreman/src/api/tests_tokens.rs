@@ -319,9 +319,27 @@ async fn roles_limit_what_a_client_token_may_do() {
     );
     let (_, reader) = client(Some("read")).await;
     assert_eq!(reader["role"], "read", "{reader}");
+    let user_id = user["id"].clone();
     let (user, reader) = (
         user["token"].as_str().unwrap().to_owned(),
         reader["token"].as_str().unwrap().to_owned(),
+    );
+    // Each caller can ask who it is; without a token, nobody.
+    let (status, me) = send_as(&app, Request::get("/api/whoami"), &user, Body::empty()).await;
+    assert_eq!(status, StatusCode::OK, "{me}");
+    assert_eq!(
+        (&me["token_id"], &me["role"]),
+        (&user_id, &"user".into()),
+        "{me}"
+    );
+    let (_, nobody) = send(
+        app.clone(),
+        Request::get("/api/whoami").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (&nobody["token_id"], &nobody["role"]),
+        (&serde_json::Value::Null, &serde_json::Value::Null)
     );
     for (body, expected) in [
         (
@@ -373,6 +391,12 @@ async fn roles_limit_what_a_client_token_may_do() {
     // A user submits, and cancels its own jobs only.
     let (status, mine) = submit(user.clone()).await;
     assert_eq!(status, StatusCode::CREATED, "{mine}");
+    let uri = format!("/api/jobs/{}", mine["id"]);
+    let (_, row) = send_as(&app, Request::get(uri), &reader, Body::empty()).await;
+    assert_eq!(
+        row["token_id"], user_id,
+        "a job names the token that submitted it: {row}"
+    );
     let (status, theirs) = submit(admin.clone()).await;
     assert_eq!(status, StatusCode::CREATED, "{theirs}");
     forbidden(

@@ -5,11 +5,11 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::Json;
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{ApiError, ApiState};
+use super::{ApiError, ApiState, Caller};
 use crate::store::{TokenKind, TokenRole, TokenRow};
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -126,4 +126,22 @@ pub(super) async fn revoke(
         })?;
     tracing::info!(token = id, "token revoked");
     Ok(Json(row))
+}
+
+/// Who the caller is, as its token says: for pages that offer only what it may do.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WhoAmI {
+    /// The client token presented; none when the call came without one.
+    pub token_id: Option<u64>,
+    pub role: Option<TokenRole>,
+}
+
+/// The token this call came with, and its role.
+#[utoipa::path(get, path = "/api/whoami", tag = "tokens",
+    responses((status = 200, body = WhoAmI), (status = 401, description = "unauthorized")))]
+pub(super) async fn whoami(caller: Option<Extension<Caller>>) -> Json<WhoAmI> {
+    Json(WhoAmI {
+        token_id: caller.as_ref().map(|c| c.token_id),
+        role: caller.map(|c| c.role),
+    })
 }

@@ -132,6 +132,8 @@ pub struct JobRow {
     pub created_at_ms: u64,
     pub started_at_ms: Option<u64>,
     pub finished_at_ms: Option<u64>,
+    /// The client token that submitted it (none before tokens existed).
+    pub token_id: Option<u64>,
 }
 
 /// One task's outcome. `result` and `failure` are set only once the task's

@@ -18,7 +18,7 @@ use crate::model::{JobId, JobSpec, JobState, WorkerId};
 const JOB_COLUMNS: &str = "id, module, state, priority, scheduler, fuel, memory_bytes, timeout_ms,
     output_bytes, max_retries, total, queued, running, succeeded, failed, cancelled, fuel_used,
     created_at_ms, started_at_ms, finished_at_ms, not_before_ms, retry_deterministic,
-    result_bytes";
+    result_bytes, token_id";
 
 /// `?1`: failures at or after this time count as recent.
 const WORKER_COLUMNS: &str = "id, name, hostname, os, arch, cores, memory_bytes, slots,
@@ -349,6 +349,7 @@ fn job_row(row: &Row<'_>) -> Result<JobRow, StoreError> {
         created_at_ms: from_sql(row.get(17)?),
         started_at_ms: row.get::<_, Option<i64>>(18)?.map(from_sql),
         finished_at_ms: row.get::<_, Option<i64>>(19)?.map(from_sql),
+        token_id: row.get::<_, Option<i64>>(23)?.map(from_sql),
     })
 }
 

@@ -108,8 +108,33 @@ export async function postJson(path, body = {}) {
     headers: { "content-type": "application/json" },
     body: JSON.stringify(body),
   });
-  if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
+  if (!response.ok) {
+    // The foreman says why ({"error": {"code", "message"}}); say it on.
+    const refusal = await response.json().catch(() => null);
+    throw new Error(refusal?.error?.message ?? `${path}: HTTP ${response.status}`);
+  }
   return response.json();
+}
+
+// Who the caller is (`GET /api/whoami`), so pages offer only what its token
+// may do; unknown (no token yet, or an older foreman) offers everything,
+// and a refusal then asks for a token or says why.
+let caller = null;
+
+export async function refreshCaller() {
+  try {
+    caller = await getJson("/api/whoami");
+  } catch {
+    caller = null;
+  }
+  window.dispatchEvent(new CustomEvent("wasmgrid-caller"));
+}
+
+/** Whether the caller may cancel `job`: an admin any, a user its own, a reader none. */
+export function mayCancel(job) {
+  const role = caller?.role;
+  if (!role || role === "admin") return true;
+  return role === "user" && job.token_id != null && job.token_id === caller.token_id;
 }
 
 /** Which optional endpoints this foreman has: true, false, or null (unknown yet). */

@@ -1,7 +1,7 @@
 // One job: its progress, its tasks a page at a time, who ran them, how long
 // they took, and for Mandelbrot jobs the picture the results make.
 
-import { NotFound, getJson, optional, postJson, streamUrl, support } from "./api.js";
+import { NotFound, getJson, mayCancel, optional, postJson, streamUrl, support } from "./api.js";
 import { barChart, histogram } from "./charts.js";
 import { $, duration, esc, finished, micros, ran, si } from "./format.js";
 import { Picture, isBand } from "./picture.js";
@@ -20,6 +20,9 @@ export class JobPage {
     this.picture = new Picture($("#picture"));
     feed.on("poll", () => this.id != null && this.refreshJob());
     feed.on("job", (row) => row.id === this.id && this.applyJob(row));
+    window.addEventListener("wasmgrid-caller", () => {
+      if (this.job) $("#job-cancel").hidden = finished(this.job.state) || !mayCancel(this.job);
+    });
     $("#tasks-filter").addEventListener("change", (e) => {
       this.filter = e.target.value;
       this.skip = 0;
@@ -101,7 +104,7 @@ export class JobPage {
     $("#job-state").className = `state ${job.state}`;
     $("#job-state").textContent = job.state;
     $("#job-bar").style.width = `${total ? (100 * ran(job)) / total : 0}%`;
-    $("#job-cancel").hidden = finished(job.state);
+    $("#job-cancel").hidden = finished(job.state) || !mayCancel(job);
     $("#job-cancel").disabled = false;
     const rate = this.rates.rate(job);
     const eta = this.rates.eta(job);

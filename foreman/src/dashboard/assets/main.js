@@ -1,7 +1,7 @@
 // The dashboard's entry: follows the foreman and shows the overview at `/`
 // or a job at `/jobs/{id}` (also `#/jobs/{id}`), without reloading the page.
 
-import { Feed, forgetToken, token } from "./api.js";
+import { Feed, forgetToken, refreshCaller, token } from "./api.js";
 import { $, Rates } from "./format.js";
 import { JobPage } from "./job.js";
 import { Overview } from "./overview.js";
@@ -27,8 +27,10 @@ $("#forget-token").addEventListener("click", (event) => {
 window.addEventListener("wasmgrid-token", () => {
   showForget();
   feed.retry();
+  refreshCaller();
 });
 showForget();
+refreshCaller();
 
 feed.on("mode", (mode) => {
   $("#feed").textContent = MODES[mode] ?? mode;

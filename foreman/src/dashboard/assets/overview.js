@@ -1,6 +1,6 @@
 // The overview: grid totals, workers, jobs and the throughput chart.
 
-import { getJson, optional, postJson, support } from "./api.js";
+import { getJson, mayCancel, optional, postJson, support } from "./api.js";
 import { lineChart } from "./charts.js";
 import { $, age, bytes, done, duration, esc, finished, progressBar, si } from "./format.js";
 
@@ -26,6 +26,7 @@ export class Overview {
     });
     feed.on("job", (row) => this.applyJob(row));
     feed.on("stats", (stats) => this.applyStats(stats));
+    window.addEventListener("wasmgrid-caller", () => this.visible && this.renderJobs());
 
     $("#jobs-filter").addEventListener("change", (e) => {
       this.filter = e.target.value;
@@ -158,7 +159,8 @@ export class Overview {
     const failures = job.failed
       ? `<span class="bad">${kinds && kinds.failed === job.failed ? esc(kinds.text) : job.failed}</span>`
       : "0";
-    const cancel = finished(job.state) ? "" : `<button class="danger" data-cancel="${job.id}">cancel</button>`;
+    const cancel =
+      finished(job.state) || !mayCancel(job) ? "" : `<button class="danger" data-cancel="${job.id}">cancel</button>`;
     return `<tr data-job="${job.id}">
       <td><a href="/jobs/${job.id}" data-route>${job.id}</a></td>
       <td><span class="state ${esc(job.state)}">${esc(job.state)}</span></td>
