@@ -225,6 +225,43 @@ fn the_dashboard_follows_a_job_live_and_shows_its_tasks() {
         "{widths:?}"
     );
     browser.screenshot(&artifacts().join("cancelled-job.png"));
+
+    // A read-only token is offered no cancel button, even for a running job.
+    let made = foreman
+        .cli()
+        .args(["token", "create", "--kind", "client", "--role", "read"])
+        .args(["--foreman", &foreman.http])
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let reader = String::from_utf8_lossy(&made.stdout).trim().to_owned();
+    let running = submit_watchable_primes(&foreman, dir.path());
+    let row = format!("#jobs tr[data-job=\"{running}\"]");
+    let cancel = format!("{row} button[data-cancel]");
+    browser.wait_for(
+        "the running job's cancel button, for the admin",
+        WAIT,
+        |b| (b.count(&cancel) == 1).then_some(()),
+    );
+    browser.execute(
+        "localStorage.setItem('wasmgrid-token', arguments[0]);",
+        json!([reader]),
+    );
+    browser.goto(&format!("{}/", foreman.http));
+    // Until the page knows who it is, it offers the button: its absence
+    // with the row shown means the reader's role was read.
+    browser.wait_for(
+        "the running job without a cancel button, for the reader",
+        WAIT,
+        |b| {
+            let state = b.text(&format!("{row} .state"))?;
+            (state == "running" && b.count(&cancel) == 0).then_some(())
+        },
+    );
     println!(
         "a 100,000-task job's page showed its first {rows} tasks {:.0} ms after opening",
         shown_after.as_secs_f64() * 1e3
