@@ -62,6 +62,23 @@ impl Foreman {
         command.env("WASMGRID_TOKEN", &self.client_token);
         command
     }
+
+    /// `foreman token create` with `extra` flags (`--kind client --role read`);
+    /// the new token's string.
+    pub fn create_token(&self, extra: &[&str]) -> String {
+        let out = self
+            .cli()
+            .args(["token", "create", "--foreman", &self.http])
+            .args(extra)
+            .output()
+            .expect("foreman token create runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
 }
 
 /// Starts `foreman serve` on free loopback ports; returns once it has printed its addresses.

@@ -227,18 +227,7 @@ fn the_dashboard_follows_a_job_live_and_shows_its_tasks() {
     browser.screenshot(&artifacts().join("cancelled-job.png"));
 
     // A read-only token is offered no cancel button, even for a running job.
-    let made = foreman
-        .cli()
-        .args(["token", "create", "--kind", "client", "--role", "read"])
-        .args(["--foreman", &foreman.http])
-        .output()
-        .unwrap();
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
-    let reader = String::from_utf8_lossy(&made.stdout).trim().to_owned();
+    let reader = foreman.create_token(&["--kind", "client", "--role", "read"]);
     let running = submit_watchable_primes(&foreman, dir.path());
     let row = format!("#jobs tr[data-job=\"{running}\"]");
     let cancel = format!("{row} button[data-cancel]");

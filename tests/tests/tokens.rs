@@ -14,17 +14,6 @@ use wasmgrid_tests::binary;
 use wasmgrid_tests::processes::{start_foreman, Foreman, Running};
 
 /// `foreman token create`, as the foreman's admin: the token string.
-fn create_token(foreman: &Foreman, extra: &[&str]) -> String {
-    let out = foreman
-        .cli()
-        .args(["token", "create", "--foreman", &foreman.http])
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 fn token_id(token: &str) -> String {
     token.split('_').nth(1).unwrap().to_owned()
 }
@@ -135,10 +124,10 @@ fn wrong_expired_revoked_and_client_tokens_cannot_join_and_say_why() {
     let cache = dir.path().join("cache");
     let fingerprint = foreman.token.split_once(':').unwrap().1.to_owned();
 
-    let expiring = create_token(&foreman, &["--name", "short", "--expires", "+1s"]);
-    let revoked = create_token(&foreman, &["--name", "gone"]);
+    let expiring = foreman.create_token(&["--name", "short", "--expires", "+1s"]);
+    let revoked = foreman.create_token(&["--name", "gone"]);
     revoke(&foreman, &revoked);
-    let client = create_token(&foreman, &["--kind", "client"]);
+    let client = foreman.create_token(&["--kind", "client"]);
     let listed = foreman
         .cli()
         .args(["token", "list", "--foreman", &foreman.http])
@@ -191,8 +180,8 @@ fn wrong_expired_revoked_and_client_tokens_cannot_join_and_say_why() {
 fn revoking_a_token_cuts_off_its_worker_while_another_finishes_the_job() {
     let dir = tempfile::tempdir().unwrap();
     let foreman = start_foreman(&dir.path().join("data"), &[]);
-    let doomed_token = create_token(&foreman, &["--name", "doomed"]);
-    let kept_token = create_token(&foreman, &["--name", "kept"]);
+    let doomed_token = foreman.create_token(&["--name", "doomed"]);
+    let kept_token = foreman.create_token(&["--name", "kept"]);
     let mut doomed = logged_worker(&foreman, &doomed_token, "doomed", dir.path());
     let _kept = logged_worker(&foreman, &kept_token, "kept", dir.path());
     wait_until("both workers online", 60, || online(&foreman).len() == 2);
@@ -225,7 +214,7 @@ fn a_worker_is_cut_off_when_its_token_expires() {
     let dir = tempfile::tempdir().unwrap();
     let foreman = start_foreman(&dir.path().join("data"), &[]);
     // Long enough to join (a worker benchmarks itself first), short enough to wait for.
-    let token = create_token(&foreman, &["--name", "brief", "--expires", "+10s"]);
+    let token = foreman.create_token(&["--name", "brief", "--expires", "+10s"]);
     let mut worker = logged_worker(&foreman, &token, "brief", dir.path());
     wait_until("the worker online", 10, || {
         online(&foreman) == ["brief".to_owned()]
@@ -269,10 +258,7 @@ fn rest_calls_need_a_good_client_token() {
     // Reads on loopback need none.
     assert!(no_token(&["jobs"]).status.success());
 
-    let client = create_token(
-        &foreman,
-        &["--kind", "client", "--name", "ci", "--role", "admin"],
-    );
+    let client = foreman.create_token(&["--kind", "client", "--name", "ci", "--role", "admin"]);
     let with = |token: &str, args: &[&str]| {
         Command::new(binary("foreman"))
             .args(args)
@@ -288,7 +274,7 @@ fn rest_calls_need_a_good_client_token() {
         String::from_utf8_lossy(&listed.stdout)
     );
     // A read-only token is told what it may not do.
-    let reader = create_token(&foreman, &["--kind", "client", "--role", "read"]);
+    let reader = foreman.create_token(&["--kind", "client", "--role", "read"]);
     let out = with(&reader, &["cancel", "1"]);
     assert!(
         stderr(&out).contains("has the read role: it may not change anything (HTTP 403"),
