@@ -302,7 +302,7 @@ impl Core {
             },
         );
         self.pool.take(worker, attempt, limits.memory_bytes);
-        self.leases.push(std::cmp::Reverse((deadline, attempt)));
+        self.push_lease(deadline, attempt);
         Some(assignment)
     }
 }

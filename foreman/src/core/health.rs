@@ -11,6 +11,9 @@ use wasmgrid_protocol::{Failure, FailureKind, TaskLimits};
 use super::{Command, Core};
 use crate::model::{JobId, Record, TaskIndex, TaskState, WorkerId};
 
+/// Stale leases tolerated beyond the live ones before a sweep (see [`Core::push_lease`]).
+const STALE_LEASES_KEPT: usize = 1024;
+
 /// When the core gives up on an attempt or on a worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HealthPolicy {
@@ -46,11 +49,15 @@ pub(super) struct FailureHistory {
 
 impl Core {
     /// The time is now `now_ms` (unix ms; never goes back): delayed jobs that
-    /// are due become runnable, expired leases are abandoned, and workers
-    /// whose cooldown is over take work again. Call [`Core::dispatch`] after.
+    /// are due become runnable, expired leases are abandoned, workers whose
+    /// cooldown is over take work again, and jobs finished since the last
+    /// tick leave memory. Call [`Core::dispatch`] after.
     pub fn tick(&mut self, now_ms: u64) {
         self.now_ms = self.now_ms.max(now_ms);
         let now = self.now_ms;
+        for job in std::mem::take(&mut self.finished) {
+            self.forget_job(job);
+        }
         for job in self.order.due(now) {
             if let Some(j) = self.jobs.get(&job) {
                 if j.progress.queued > 0 && !j.progress.state.is_finished() {
@@ -97,6 +104,23 @@ impl Core {
     pub fn cooling_until(&self, worker: WorkerId) -> Option<u64> {
         let until = self.failures.get(&worker)?.cooling_until;
         (until > self.now_ms).then_some(until)
+    }
+
+    /// Leases of ended attempts stay in the heap until they come due, which
+    /// with long timeouts and deep prefetch can be hours: once they
+    /// outnumber the live ones, they are dropped in one pass, so the heap
+    /// stays within twice the attempts running (amortised O(1) a push).
+    pub(super) fn push_lease(&mut self, deadline: u64, attempt: AttemptId) {
+        self.leases.push(Reverse((deadline, attempt)));
+        if self.leases.len() > 2 * self.live.len() + STALE_LEASES_KEPT {
+            let live = &self.live;
+            self.leases.retain(|Reverse((_, a))| live.contains_key(a));
+        }
+    }
+
+    /// Leases in the heap, stale ones included.
+    pub fn leases_held(&self) -> usize {
+        self.leases.len()
     }
 
     /// How long an attempt may stay unreported: its timeout for each round

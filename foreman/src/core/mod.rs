@@ -32,6 +32,12 @@
 //! and the task's attempt running elsewhere is cancelled.
 //! A late retryable failure changes nothing and is not recorded.
 //!
+//! # Memory
+//!
+//! A finished job leaves memory at the next [`Core::tick`]: the store holds
+//! everything about it, as after a restart. What the core keeps grows with
+//! the work in flight, not with the work ever done.
+//!
 //! # Scheduling
 //!
 //! Jobs are served in order of priority (jobs on the `priority` scheduler;
@@ -177,8 +183,6 @@ struct Job {
     args: Vec<Arc<str>>,
     tasks: Vec<Task>,
     progress: JobProgress,
-    /// Attempts abandoned when their worker left, kept until the job is forgotten.
-    lost: Vec<AttemptId>,
     queue: JobQueue,
     /// EWMA of the fuel a task of this job burns; 0 until a task reports.
     fuel_per_task: f64,
@@ -240,8 +244,14 @@ pub struct Core {
     failures: HashMap<WorkerId, health::FailureHistory>,
     /// Attempts running now.
     live: HashMap<AttemptId, Held>,
-    /// Attempts abandoned because their worker left; a late report is still taken once.
+    /// Attempts abandoned because their worker left; a late report is still
+    /// taken once (returning its credit), even after its job is forgotten.
     lost: HashMap<AttemptId, Held>,
+    /// Jobs that finished since the last tick, forgotten at the next one:
+    /// a finished job needs nothing from memory (the store has it all, as
+    /// after a restart), and a long-running foreman must not keep every
+    /// task it ever ran.
+    finished: Vec<JobId>,
     /// Per worker, attempts that ended without their report lately.
     released: HashMap<WorkerId, violations::RecentAttempts>,
     /// Attempts asked back from their worker for an idle one.
@@ -272,6 +282,7 @@ impl Core {
             failures: HashMap::default(),
             live: HashMap::default(),
             lost: HashMap::default(),
+            finished: Vec::new(),
             released: HashMap::default(),
             recalls: tail::Recalls::default(),
             backlog: backlog::BacklogNotices::default(),
@@ -348,7 +359,6 @@ impl Core {
                 args,
                 tasks,
                 progress,
-                lost: Vec::new(),
                 queue: JobQueue::new(total),
                 fuel_per_task: 0.0,
                 task_us,
@@ -405,6 +415,7 @@ impl Core {
         j.args = Vec::new();
         j.queue.clear();
         self.order.remove(&j.spec);
+        self.finished.push(job);
         for (worker, attempts) in cancels {
             self.commands
                 .push_back(Command::Cancel { worker, attempts });
@@ -456,9 +467,9 @@ impl Core {
         self.next_attempt
     }
 
-    /// Drops a finished job from memory (after its final state is persisted).
-    /// Late reports for its lost attempts are then dropped without returning
-    /// credit. Returns false when the job is unknown or not finished.
+    /// Drops a finished job from memory. Late reports for its attempts are
+    /// then taken as after a restart (a lost one still returns its credit).
+    /// Returns false when the job is unknown or not finished.
     pub fn forget_job(&mut self, job: JobId) -> bool {
         if !self
             .jobs
@@ -467,11 +478,13 @@ impl Core {
         {
             return false;
         }
-        if let Some(j) = self.jobs.remove(&job) {
-            for attempt in j.lost {
-                self.lost.remove(&attempt);
-            }
-        }
+        self.jobs.remove(&job);
         true
+    }
+
+    /// Jobs held in memory: the unfinished ones, and those that finished
+    /// since the last tick.
+    pub fn jobs_in_memory(&self) -> usize {
+        self.jobs.len()
     }
 }

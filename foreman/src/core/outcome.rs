@@ -239,6 +239,7 @@ impl Core {
                 .remember(job.spec.module, job.task_us);
         }
         self.order.remove(&job.spec);
+        self.finished.push(job_id);
         self.commands
             .push_back(Command::Record(Record::JobStateChanged {
                 job: job_id,

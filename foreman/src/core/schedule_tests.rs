@@ -251,6 +251,52 @@ fn an_attempt_past_its_lease_is_abandoned_cancelled_and_retried() {
 }
 
 #[test]
+fn ended_attempts_leases_are_swept_and_a_live_one_still_runs_out() {
+    let mut h = Harness::new();
+    h.core.tick(1);
+    // Worker 1 takes task 0 and never reports it.
+    join(&mut h, 1, 1, 1, 0, 0);
+    let mut long = job(1, 10_000, Scheduler::Fifo);
+    long.limits.timeout_ms = 3_600_000;
+    h.core.submit_job(long, args(10_000));
+    assert_eq!(tasks_of(&h.dispatch()), [(1, 0)]);
+    // Worker 2 runs all the others, 100 at a time.
+    join(&mut h, 2, 100, 100, 0, 0);
+    let (mut finished, mut most_leases) = (0, 0);
+    loop {
+        let sent = h.dispatch();
+        if sent.is_empty() {
+            break;
+        }
+        for (worker, tasks) in sent {
+            for (attempt, _, _) in tasks {
+                h.finish(worker, attempt, ok());
+                finished += 1;
+            }
+        }
+        most_leases = most_leases.max(h.core.leases_held());
+    }
+    assert_eq!(finished, 9_999);
+    assert!(
+        most_leases <= 2 * 101 + 1024 + 1,
+        "{most_leases} leases held"
+    );
+    // The sweeps kept the live attempt's lease: an hour and the slack later, it runs out.
+    h.core.tick(3_610_000);
+    assert!(h.drain().is_empty());
+    h.core.tick(3_610_001);
+    assert_eq!(
+        events(&h.drain()),
+        [Ev::Abandoned(
+            0,
+            100,
+            FailureKind::Timeout,
+            TaskState::Queued
+        )]
+    );
+}
+
+#[test]
 fn repeated_infrastructure_failures_cool_a_worker_down_for_a_while() {
     let mut h = Harness {
         core: Core::with_policy(

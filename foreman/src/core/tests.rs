@@ -408,6 +408,37 @@ fn late_report_after_reassignment_is_taken_once() {
 }
 
 #[test]
+fn a_finished_job_leaves_memory_at_the_next_tick_and_late_reports_still_return_credit() {
+    let mut h = Harness::new();
+    h.core.submit_job(spec(1, 1, 3), args(1));
+    h.worker(1, 1);
+    h.dispatch(); // attempt 100 on worker 1, which then leaves
+    h.core.worker_left(1);
+    h.drain();
+    h.worker(2, 1);
+    assert_eq!(h.dispatch(), [(2, vec![(101, 1, 0)])]);
+    let c = h.finish(2, 101, ok());
+    assert_eq!(job_states(&c), [(1, JobState::Completed)]);
+    assert_eq!(h.core.jobs_in_memory(), 1);
+    h.core.tick(1);
+    assert_eq!(h.core.jobs_in_memory(), 0);
+    assert_eq!(h.core.job_progress(1), None);
+    // Worker 1 comes back and reports the lost attempt: nothing to record,
+    // no violation, and its credit is back.
+    h.worker(1, 0);
+    assert!(h.finish(1, 100, ok()).is_empty());
+    assert_eq!(h.core.free_credit(1), 1);
+    // A cancelled job leaves too, and cancelling it again changes nothing.
+    h.core.submit_job(spec(2, 3, 0), args(3));
+    assert!(h.core.cancel_job(2));
+    h.drain();
+    h.core.tick(2);
+    assert_eq!(h.core.jobs_in_memory(), 0);
+    assert!(!h.core.cancel_job(2));
+    assert!(h.drain().is_empty());
+}
+
+#[test]
 fn late_report_for_a_requeued_task_finishes_it_and_its_retry_is_skipped() {
     let mut h = Harness::new();
     h.core.submit_job(spec(1, 2, 3), args(2));

@@ -48,9 +48,6 @@ impl Core {
             };
             self.lost.insert(attempt, h);
             self.released_without_report(worker, attempt);
-            if let Some(job) = self.jobs.get_mut(&h.job) {
-                job.lost.push(attempt);
-            }
             let failure = Failure::new(
                 FailureKind::WorkerLost,
                 format!("worker {worker} went away"),
