@@ -99,6 +99,14 @@ impl Client {
         self.read(response)
     }
 
+    pub fn delete(&self, path: &str) -> anyhow::Result<Value> {
+        let response = self
+            .authorized(self.agent.delete(&self.url(path)))
+            .call()
+            .with_context(|| format!("cannot reach the foreman at {}", self.base))?;
+        self.read(response)
+    }
+
     pub fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
         self.post_bytes(path, serde_json::to_vec(body)?)
     }
@@ -306,6 +314,28 @@ fn is_loopback(base: &str) -> bool {
 pub fn print_json(value: &Value) -> anyhow::Result<ExitCode> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Deletes each job, saying what became of it; exit 1 if any was not deleted.
+pub fn delete(client: &Client, jobs: &[u64]) -> anyhow::Result<ExitCode> {
+    let mut all = true;
+    for job in jobs {
+        match client.delete(&format!("/api/jobs/{job}")) {
+            Ok(answer) => println!(
+                "deleted job {job} ({} tasks)",
+                answer["tasks"].as_u64().unwrap_or(0)
+            ),
+            Err(error) => {
+                eprintln!("job {job} not deleted: {error:#}");
+                all = false;
+            }
+        }
+    }
+    Ok(if all {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// Prints the workers; with `wait`, once that many are online (exit 1 on timeout).

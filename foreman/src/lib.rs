@@ -10,6 +10,7 @@ pub mod driver;
 pub mod identity;
 pub mod model;
 pub mod net;
+pub mod retention;
 pub mod serve;
 pub mod store;
 pub mod tokens;

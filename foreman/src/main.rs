@@ -61,6 +61,10 @@ enum Command {
         max_upload_mib: usize,
         #[command(flatten)]
         caps: CapArgs,
+        /// Delete finished jobs (with their tasks, attempts and results) this
+        /// long after they end: 30d, 12h, 90m or 45s. Kept for ever by default.
+        #[arg(long, value_name = "AGE", value_parser = wasmgrid_foreman::retention::parse_duration)]
+        retention: Option<std::time::Duration>,
         /// A worker silent this long is offline and its tasks are requeued.
         #[arg(long, value_name = "SECS", default_value_t = 15.0)]
         heartbeat_timeout: f64,
@@ -155,6 +159,13 @@ enum Command {
     /// Cancels a job.
     Cancel {
         job: u64,
+        #[arg(long, default_value = DEFAULT_FOREMAN)]
+        foreman: String,
+    },
+    /// Deletes finished jobs with their tasks, attempts and results (a running job must be cancelled first).
+    Delete {
+        #[arg(required = true)]
+        jobs: Vec<u64>,
         #[arg(long, default_value = DEFAULT_FOREMAN)]
         foreman: String,
     },
@@ -315,6 +326,7 @@ fn run(command: Command, token: Option<String>) -> anyhow::Result<ExitCode> {
             local_priority,
             max_upload_mib,
             caps,
+            retention,
             heartbeat_timeout,
             scheduler,
             cooldown_after,
@@ -368,6 +380,7 @@ fn run(command: Command, token: Option<String>) -> anyhow::Result<ExitCode> {
                     result_bytes: max_result_kib * 1024,
                     max_output_bytes: max_output_kib * 1024,
                 },
+                retention,
             }))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -420,6 +433,7 @@ fn run(command: Command, token: Option<String>) -> anyhow::Result<ExitCode> {
         Command::Cancel { job, foreman } => client::print_json(
             &connect(&foreman).post(&format!("/api/jobs/{job}/cancel"), &serde_json::json!({}))?,
         ),
+        Command::Delete { jobs, foreman } => client::delete(&connect(&foreman), &jobs),
         Command::Jobs { foreman } => client::print_json(&connect(&foreman).get("/api/jobs")?),
         Command::Workers {
             foreman,

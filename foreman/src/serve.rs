@@ -39,6 +39,8 @@ pub struct ServeOptions {
     /// The one other origin whose pages may call the API (CORS); none by default.
     pub cors_origin: Option<String>,
     pub output_limits: OutputLimits,
+    /// Finished jobs older than this are deleted; `None` keeps them all.
+    pub retention: Option<Duration>,
 }
 
 pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
@@ -64,6 +66,9 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         core.restore_job(job.spec, args, done, attempts);
     }
     let driver = Driver::spawn(core, store.clone());
+    if let Some(retention) = options.retention {
+        tokio::spawn(crate::retention::sweep(store.clone(), retention));
+    }
     if resumed > 0 {
         tracing::info!(jobs = resumed, "resumed unfinished jobs");
     }

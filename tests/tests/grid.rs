@@ -128,6 +128,37 @@ fn a_job_submitted_before_any_worker_runs_when_one_joins_and_survives_a_restart(
         .map(|v| v.as_u64().unwrap())
         .sum();
     assert_eq!(total, 1_270_607);
+
+    // A finished job can be deleted, results and all...
+    let cli = |foreman: &Foreman, args: &[&str]| -> Output {
+        let mut command = foreman.cli();
+        command.args(args).args(["--foreman", &foreman.http]);
+        command.output().unwrap()
+    };
+    let deleted = cli(&restarted, &["delete", &id]);
+    assert!(
+        deleted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&deleted.stderr)
+    );
+    let said = String::from_utf8_lossy(&deleted.stdout);
+    assert_eq!(said.trim(), format!("deleted job {id} (64 tasks)"));
+    let gone = cli(&restarted, &["results", &id]);
+    assert!(!gone.status.success());
+    let why = String::from_utf8_lossy(&gone.stderr);
+    assert!(why.contains(&format!("no job with id {id}")), "{why}");
+    drop(restarted);
+    // ...and with --retention, every finished job goes once that old.
+    let sweeping = start_foreman(&data, &["--retention", "1s"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let jobs = cli_json(&sweeping.http, &["jobs"]);
+        if jobs.as_array().is_some_and(Vec::is_empty) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still kept: {jobs}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]

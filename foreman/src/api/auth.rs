@@ -23,11 +23,12 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// Why this caller may not cancel a job that `owner` submitted, if it may not.
-    pub fn may_not_cancel(&self, job: u64, owner: Option<u64>) -> Option<String> {
+    /// Why this caller may not change a job that `owner` submitted, if it
+    /// may not; `does` names the change ("cancels", "deletes").
+    pub fn may_not_touch(&self, job: u64, owner: Option<u64>, does: &str) -> Option<String> {
         (self.role == TokenRole::User && owner != Some(self.token_id)).then(|| {
             format!(
-                "job {job} was not submitted with token {}: a user token cancels only its own jobs",
+                "job {job} was not submitted with token {}: a user token {does} only its own jobs",
                 self.token_id
             )
         })

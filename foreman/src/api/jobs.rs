@@ -22,7 +22,7 @@ use super::params::Params;
 use super::{ApiError, ApiState, Caller, OutputLimits};
 use crate::driver::Input;
 use crate::model::{JobId, JobState, TaskState};
-use crate::store::{InsertCommit, JobRow, NewJob, StoreError, TaskOutcomeRow, TokenRole};
+use crate::store::{Deletion, InsertCommit, JobRow, NewJob, StoreError, TaskOutcomeRow, TokenRole};
 use utoipa::ToSchema;
 
 #[derive(Deserialize, ToSchema)]
@@ -387,7 +387,7 @@ pub(super) async fn cancel(
     if let Some(Extension(caller)) = caller.filter(|c| c.role == TokenRole::User) {
         let store = state.store.clone();
         let owner = tokio::task::spawn_blocking(move || store.job_token(id)).await??;
-        if let Some(why) = caller.may_not_cancel(id, owner) {
+        if let Some(why) = caller.may_not_touch(id, owner, "cancels") {
             return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", why));
         }
     }
@@ -403,6 +403,43 @@ pub(super) async fn cancel(
     .await??
     .ok_or_else(|| ApiError::job_not_found(id))?;
     Ok(Json(serde_json::json!({ "cancelled": cancelled, "state": row.state })).into_response())
+}
+
+/// Deletes a finished job with its tasks, attempts and failures.
+#[utoipa::path(delete, path = "/api/jobs/{id}", tag = "jobs",
+    params(("id" = u64, Path, description = "job id")),
+    responses((status = 200, body = Object, description = "{id, deleted: true, tasks}"),
+        (status = 403, body = super::ErrorBody, description = "a user token deletes only its own jobs"),
+        (status = 404, body = super::ErrorBody),
+        (status = 409, body = super::ErrorBody, description = "not_finished: cancel the job first")))]
+pub(super) async fn delete(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<JobId>,
+    caller: Option<Extension<Caller>>,
+) -> Result<Response, ApiError> {
+    let store = state.store.clone();
+    if let Some(Extension(caller)) = caller.filter(|c| c.role == TokenRole::User) {
+        let owner = tokio::task::spawn_blocking(move || store.job_token(id)).await??;
+        if let Some(why) = caller.may_not_touch(id, owner, "deletes") {
+            return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", why));
+        }
+    }
+    let store = state.store.clone();
+    match tokio::task::spawn_blocking(move || store.delete_job(id)).await?? {
+        Deletion::Deleted { tasks } => {
+            tracing::info!(job = id, tasks, "job deleted");
+            Ok(Json(serde_json::json!({ "id": id, "deleted": true, "tasks": tasks })).into_response())
+        }
+        Deletion::NotFound => Err(ApiError::job_not_found(id)),
+        Deletion::NotFinished(job_state) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_finished",
+            format!(
+                "job {id} is {}: only a finished job can be deleted; cancel it first (foreman cancel {id})",
+                job_state.as_str()
+            ),
+        )),
+    }
 }
 
 #[derive(Deserialize)]

@@ -137,7 +137,7 @@ struct ApiDoc;
 fn routes() -> (Router<Arc<ApiState>>, utoipa::openapi::OpenApi) {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(jobs::submit, jobs::list_jobs))
-        .routes(routes!(jobs::job))
+        .routes(routes!(jobs::job, jobs::delete))
         .routes(routes!(jobs::results))
         .routes(routes!(jobs::wait))
         .routes(routes!(jobs::events))

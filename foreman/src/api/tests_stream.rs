@@ -10,6 +10,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("/api/jobs", "post"),
     ("/api/jobs", "get"),
     ("/api/jobs/{id}", "get"),
+    ("/api/jobs/{id}", "delete"),
     ("/api/jobs/{id}/results", "get"),
     ("/api/jobs/{id}/wait", "get"),
     ("/api/jobs/{id}/events", "get"),

@@ -443,3 +443,79 @@ async fn roles_limit_what_a_client_token_may_do() {
         .collect();
     assert_eq!(roles, ["admin", "user", "read"], "{listed}");
 }
+
+#[tokio::test]
+async fn only_a_finished_job_is_deleted_and_only_by_who_may_change_it() {
+    let (_dir, state) = app_state(1 << 20, Scheduler::Fifo).await;
+    let module = super::tests::known_module(&state);
+    let app = router(state.clone());
+    let admin = fixture_token();
+    let mut tokens = Vec::new();
+    for role in ["user", "read"] {
+        let body = serde_json::json!({ "kind": "client", "role": role }).to_string();
+        let request = Request::post("/api/tokens").header("content-type", "application/json");
+        let (status, made) = send_as(&app, request, &admin, Body::from(body)).await;
+        assert_eq!(status, StatusCode::CREATED, "{made}");
+        tokens.push(made["token"].as_str().unwrap().to_owned());
+    }
+    let (user, reader) = (&tokens[0], &tokens[1]);
+    let submit = |token: &str| {
+        let (app, token) = (app.clone(), token.to_owned());
+        let body = serde_json::json!({ "module_sha256": module, "args": [[1], [2]] });
+        async move {
+            let request = Request::post("/api/jobs").header("content-type", "application/json");
+            let (status, json) = send_as(&app, request, &token, Body::from(body.to_string())).await;
+            assert_eq!(status, StatusCode::CREATED, "{json}");
+            json["id"].as_u64().unwrap()
+        }
+    };
+    let act = |method: &str, token: &str, path: String| {
+        let (app, token) = (app.clone(), token.to_owned());
+        let request = Request::builder().method(method).uri(path);
+        async move { send_as(&app, request, &token, Body::empty()).await }
+    };
+    let refused = |(status, json): (StatusCode, serde_json::Value), code: StatusCode, why: &str| {
+        assert_eq!(status, code, "{json}");
+        let message = json["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(why), "{json}");
+    };
+    let (mine, theirs) = (submit(user).await, submit(&admin).await);
+    // No worker has joined: both are queued, and must be cancelled first.
+    refused(
+        act("DELETE", user, format!("/api/jobs/{mine}")).await,
+        StatusCode::CONFLICT,
+        &format!("job {mine} is queued: only a finished job can be deleted; cancel it first"),
+    );
+    for job in [mine, theirs] {
+        let (status, json) = act("POST", &admin, format!("/api/jobs/{job}/cancel")).await;
+        assert_eq!(status, StatusCode::OK, "{json}");
+    }
+    refused(
+        act("DELETE", user, format!("/api/jobs/{theirs}")).await,
+        StatusCode::FORBIDDEN,
+        "a user token deletes only its own jobs",
+    );
+    refused(
+        act("DELETE", reader, format!("/api/jobs/{mine}")).await,
+        StatusCode::FORBIDDEN,
+        "has the read role",
+    );
+    for (token, job) in [(user, mine), (&admin, theirs)] {
+        let (status, json) = act("DELETE", token, format!("/api/jobs/{job}")).await;
+        assert_eq!(status, StatusCode::OK, "{json}");
+        assert_eq!(
+            (&json["deleted"], &json["tasks"]),
+            (&true.into(), &2.into())
+        );
+        refused(
+            act("GET", reader, format!("/api/jobs/{job}")).await,
+            StatusCode::NOT_FOUND,
+            &format!("no job with id {job}"),
+        );
+    }
+    refused(
+        act("DELETE", &admin, format!("/api/jobs/{mine}")).await,
+        StatusCode::NOT_FOUND,
+        &format!("no job with id {mine}"),
+    );
+}

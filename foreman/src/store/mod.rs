@@ -14,6 +14,7 @@
 
 mod admission;
 mod queries;
+mod retention;
 mod schema;
 mod tokens;
 mod views;
@@ -23,6 +24,8 @@ mod writer;
 mod tests;
 #[cfg(test)]
 mod tests_fold;
+#[cfg(test)]
+mod tests_retention;
 #[cfg(test)]
 mod tests_schema;
 #[cfg(test)]
@@ -43,6 +46,7 @@ use crate::model::{JobId, JobSpec, JobState, Record, Scheduler, TaskIndex, TaskS
 use admission::Admission;
 use writer::{Change, Command, Inbox};
 
+pub use retention::Deletion;
 pub use tokens::{TokenKind, TokenRole, TokenRow};
 pub use views::{
     FailureRow, FailureStats, JobSummary, LatencyBucket, RunTimeHistogram, Stats, TaskPage,
