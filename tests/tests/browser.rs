@@ -1,7 +1,7 @@
 //! The dashboard in a real headless Chromium, driven over WebDriver, against
 //! a real foreman and worker: the worker is listed, a job's progress moves
 //! without a reload, its page lists its tasks, a Mandelbrot job's page
-//! draws the picture, and a job is cancelled with its button. Screenshots
+//! draws the picture, and a job is cancelled, then deleted, with its buttons. Screenshots
 //! go to `target/artifacts/`.
 
 mod common;
@@ -225,6 +225,23 @@ fn the_dashboard_follows_a_job_live_and_shows_its_tasks() {
         "{widths:?}"
     );
     browser.screenshot(&artifacts().join("cancelled-job.png"));
+    // A finished job offers delete instead; confirmed, the job and its row go.
+    let delete = format!("{row} button[data-delete]");
+    browser.wait_for("the cancelled job's delete button", WAIT, |b| {
+        (b.count(&delete) == 1).then_some(())
+    });
+    browser.execute("window.confirm = () => true;", json!([]));
+    browser.click(&delete);
+    browser.wait_for("the deleted job's row to go", WAIT, |b| {
+        (b.count(&row) == 0).then_some(())
+    });
+    let gone = foreman
+        .cli()
+        .args(["status", &doomed, "--foreman", &foreman.http])
+        .output()
+        .unwrap();
+    let why = String::from_utf8_lossy(&gone.stderr);
+    assert!(why.contains("no job with id"), "{why}");
 
     // A read-only token is offered no cancel button, even for a running job.
     let reader = foreman.create_token(&["--kind", "client", "--role", "read"]);

@@ -103,11 +103,20 @@ export async function getJson(path) {
 }
 
 export async function postJson(path, body = {}) {
-  const response = await authorizedFetch(path, {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify(body),
-  });
+  return sendJson("POST", path, body);
+}
+
+export async function deleteJson(path) {
+  return sendJson("DELETE", path);
+}
+
+async function sendJson(method, path, body) {
+  const init = { method, headers: {} };
+  if (body !== undefined) {
+    init.headers["content-type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const response = await authorizedFetch(path, init);
   if (!response.ok) {
     // The foreman says why ({"error": {"code", "message"}}); say it on.
     const refusal = await response.json().catch(() => null);
@@ -130,8 +139,8 @@ export async function refreshCaller() {
   window.dispatchEvent(new CustomEvent("wasmgrid-caller"));
 }
 
-/** Whether the caller may cancel `job`: an admin any, a user its own, a reader none. */
-export function mayCancel(job) {
+/** Whether the caller may cancel or delete `job`: an admin any, a user its own, a reader none. */
+export function mayChange(job) {
   const role = caller?.role;
   if (!role || role === "admin") return true;
   return role === "user" && job.token_id != null && job.token_id === caller.token_id;

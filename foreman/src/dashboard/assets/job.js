@@ -1,7 +1,7 @@
 // One job: its progress, its tasks a page at a time, who ran them, how long
 // they took, and for Mandelbrot jobs the picture the results make.
 
-import { NotFound, getJson, mayCancel, optional, postJson, streamUrl, support } from "./api.js";
+import { NotFound, deleteJson, getJson, mayChange, optional, postJson, streamUrl, support } from "./api.js";
 import { barChart, histogram } from "./charts.js";
 import { $, duration, esc, finished, micros, ran, si } from "./format.js";
 import { Picture, isBand } from "./picture.js";
@@ -20,9 +20,7 @@ export class JobPage {
     this.picture = new Picture($("#picture"));
     feed.on("poll", () => this.id != null && this.refreshJob());
     feed.on("job", (row) => row.id === this.id && this.applyJob(row));
-    window.addEventListener("wasmgrid-caller", () => {
-      if (this.job) $("#job-cancel").hidden = finished(this.job.state) || !mayCancel(this.job);
-    });
+    window.addEventListener("wasmgrid-caller", () => this.job && this.showActions(this.job));
     $("#tasks-filter").addEventListener("change", (e) => {
       this.filter = e.target.value;
       this.skip = 0;
@@ -43,6 +41,25 @@ export class JobPage {
       }
       this.refreshJob();
     });
+    $("#job-delete").addEventListener("click", async () => {
+      if (!confirm(`Delete job ${this.id} with all its tasks and results?`)) return;
+      $("#job-delete").disabled = true;
+      try {
+        await deleteJson(`/api/jobs/${this.id}`);
+        history.pushState(null, "", "/");
+        window.dispatchEvent(new PopStateEvent("popstate"));
+      } catch (error) {
+        alert(`delete failed: ${error.message}`);
+        $("#job-delete").disabled = false;
+      }
+    });
+  }
+
+  /** Cancel while the job runs, delete once it has finished; each only if the token may. */
+  showActions(job) {
+    const over = finished(job.state);
+    $("#job-cancel").hidden = over || !mayChange(job);
+    $("#job-delete").hidden = !over || !mayChange(job);
   }
 
   show(id) {
@@ -104,8 +121,9 @@ export class JobPage {
     $("#job-state").className = `state ${job.state}`;
     $("#job-state").textContent = job.state;
     $("#job-bar").style.width = `${total ? (100 * ran(job)) / total : 0}%`;
-    $("#job-cancel").hidden = finished(job.state) || !mayCancel(job);
+    this.showActions(job);
     $("#job-cancel").disabled = false;
+    $("#job-delete").disabled = false;
     const rate = this.rates.rate(job);
     const eta = this.rates.eta(job);
     const took = job.started_at_ms ? ((job.finished_at_ms ?? Date.now()) - job.started_at_ms) / 1000 : null;

@@ -1,6 +1,6 @@
 // The overview: grid totals, workers, jobs and the throughput chart.
 
-import { getJson, mayCancel, optional, postJson, support } from "./api.js";
+import { deleteJson, getJson, mayChange, optional, postJson, support } from "./api.js";
 import { lineChart } from "./charts.js";
 import { $, age, bytes, done, duration, esc, finished, progressBar, si } from "./format.js";
 
@@ -159,8 +159,11 @@ export class Overview {
     const failures = job.failed
       ? `<span class="bad">${kinds && kinds.failed === job.failed ? esc(kinds.text) : job.failed}</span>`
       : "0";
-    const cancel =
-      finished(job.state) || !mayCancel(job) ? "" : `<button class="danger" data-cancel="${job.id}">cancel</button>`;
+    const action = !mayChange(job)
+      ? ""
+      : finished(job.state)
+        ? `<button class="danger" data-delete="${job.id}">delete</button>`
+        : `<button class="danger" data-cancel="${job.id}">cancel</button>`;
     return `<tr data-job="${job.id}">
       <td><a href="/jobs/${job.id}" data-route>${job.id}</a></td>
       <td><span class="state ${esc(job.state)}">${esc(job.state)}</span></td>
@@ -169,7 +172,7 @@ export class Overview {
       <td>${job.state === "completed" ? "done" : duration(eta)}</td>
       <td>${failures}</td>
       <td>${esc(job.scheduler)}${job.priority ? ` (p ${job.priority})` : ""}</td>
-      <td>${cancel}</td></tr>`;
+      <td>${action}</td></tr>`;
   }
 
   /** Failures by kind, from the job's summary, fetched when its count changes. */
@@ -190,13 +193,15 @@ export class Overview {
   }
 
   async onJobsClick(event) {
-    const id = event.target.dataset.cancel;
-    if (!id) return;
+    const { cancel, delete: remove } = event.target.dataset;
+    if (!cancel && !remove) return;
+    if (remove && !confirm(`Delete job ${remove} with all its tasks and results?`)) return;
     event.target.disabled = true;
     try {
-      await postJson(`/api/jobs/${id}/cancel`);
+      if (cancel) await postJson(`/api/jobs/${cancel}/cancel`);
+      else await deleteJson(`/api/jobs/${remove}`);
     } catch (error) {
-      alert(`cancel failed: ${error.message}`);
+      alert(`${cancel ? "cancel" : "delete"} failed: ${error.message}`);
     }
     this.refreshJobs();
   }
