@@ -60,6 +60,10 @@ pub enum Input {
         job: JobId,
         reply: oneshot::Sender<bool>,
     },
+    /// Each connected worker's busy slots, as the core counts them.
+    BusySlots {
+        reply: oneshot::Sender<HashMap<WorkerId, u32>>,
+    },
     /// Ask a connected worker to leave gracefully.
     Drain {
         worker: WorkerId,
@@ -106,6 +110,14 @@ impl Driver {
         let (reply, answer) = oneshot::channel();
         self.send(Input::Cancel { job, reply });
         answer.await.unwrap_or(false)
+    }
+
+    /// Each connected worker's busy slots now (see [`Core::busy_slots`]);
+    /// empty if the driver has stopped.
+    pub async fn busy_slots(&self) -> HashMap<WorkerId, u32> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Input::BusySlots { reply });
+        answer.await.unwrap_or_default()
     }
 
     /// Asks a worker to finish its running tasks within `grace_ms`, hand
@@ -224,6 +236,9 @@ fn apply(
             core.worker_left(worker);
         }
         Input::Cancel { job, reply } => answers.push((reply, core.cancel_job(job))),
+        Input::BusySlots { reply } => {
+            let _ = reply.send(core.busy_slots());
+        }
         Input::Drain {
             worker,
             grace_ms,

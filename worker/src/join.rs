@@ -92,11 +92,24 @@ pub async fn run(options: JoinOptions) -> anyhow::Result<()> {
         }
     }
     let benchmark = {
-        let executor = executor.clone();
-        tokio::task::spawn_blocking(move || crate::benchmark::fuel_per_sec(&executor))
+        let (executor, priority) = (executor.clone(), options.priority);
+        let (measured, benchmark) = tokio::sync::oneshot::channel();
+        // On a thread of its own at the slots' priority: it bothers the
+        // machine's owner no more than tasks will, and a lowered priority
+        // could not be raised again on a shared blocking thread.
+        std::thread::Builder::new()
+            .name("wasmgrid-bench".into())
+            .spawn(move || {
+                if let Err(error) = crate::executor::apply_to_this_thread(priority) {
+                    tracing::warn!("benchmarking at normal priority, not {priority}: {error}");
+                }
+                let _ = measured.send(crate::benchmark::fuel_per_sec(&executor));
+            })?;
+        benchmark
     };
     let benchmark = tokio::select! {
-        benchmark = benchmark => benchmark?,
+        benchmark = benchmark => benchmark
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the benchmark thread stopped"))),
         _ = terminate.recv() => return left_at_once("before joining"),
     };
     let benchmark_fuel_per_sec = benchmark.unwrap_or_else(|error| {

@@ -121,7 +121,7 @@ async fn send_workers(state: &ApiState, tx: &mpsc::Sender<Event>, ids: BTreeSet<
     })
     .await
     .unwrap_or_default();
-    for view in views(state, rows) {
+    for view in views(state, rows).await {
         if !send(tx, "worker", &view).await {
             return false;
         }

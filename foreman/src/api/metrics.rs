@@ -16,15 +16,17 @@ use crate::store::{RunTimeHistogram, Stats, LATENCY_BUCKETS_MS};
     responses((status = 200, content_type = "text/plain", body = String)))]
 pub(super) async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
     let store = state.store.clone();
+    let busy = state.driver.busy_slots().await;
     let (stats, histogram, workers) = tokio::task::spawn_blocking(move || {
         Ok::<_, crate::store::StoreError>((
-            store.stats()?,
+            store.stats(&busy)?,
             store.run_time_histogram()?,
             store.workers()?,
         ))
     })
     .await??;
     let statuses: Vec<WorkerStatus> = views(&state, workers)
+        .await
         .into_iter()
         .map(|w| w.status)
         .collect();

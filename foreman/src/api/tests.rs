@@ -461,3 +461,44 @@ async fn drain_reaches_a_connected_worker_and_names_the_others() {
         "a refused drain reached the worker"
     );
 }
+
+#[tokio::test]
+async fn a_connected_workers_busy_slots_are_counted_as_tasks_go_out() {
+    use wasmgrid_protocol::wire::ToWorker;
+
+    let (_dir, state) = app_state(1 << 20, Scheduler::Fifo).await;
+    let module = known_module(&state);
+    let row = crate::store::WorkerRow::joining(&worker_info("busy"));
+    let worker = state.store.upsert_worker(&row).unwrap();
+    let (link, mut to_worker) = crate::driver::WorkerLink::new(Box::new(|_| {}));
+    state.driver.send(crate::driver::Input::WorkerJoined {
+        worker,
+        spec: crate::core::WorkerSpec::with_slots(2),
+        link,
+    });
+    assert_eq!(to_worker.recv().await, Some(ToWorker::Backlog(false)));
+    let app = router(state.clone());
+    let busy = |app: Router| async move {
+        let (_, view) = call(app.clone(), get(&format!("/api/workers/{worker}"))).await;
+        let (_, stats) = call(app, get("/api/stats")).await;
+        (view["slots_used"].as_u64(), stats["busy_slots"].as_u64())
+    };
+    assert_eq!(busy(app.clone()).await, (Some(0), Some(0)));
+    // Credit for three tasks: two run, one waits in its prefetch queue. No
+    // heartbeat has said so; the foreman knows from what it sent.
+    state
+        .driver
+        .send(crate::driver::Input::Credit { worker, n: 3 });
+    let body = serde_json::json!({ "module_sha256": module, "args": [[1], [2], [3], [4]] });
+    let (status, json) = call(app.clone(), post_json("/api/jobs", &body.to_string())).await;
+    assert_eq!(status, StatusCode::CREATED, "{json}");
+    let mut sent = 0;
+    while sent < 3 {
+        match to_worker.recv().await {
+            Some(ToWorker::Run(assignments)) => sent += assignments.len(),
+            Some(_) => {}
+            None => panic!("the worker's link closed"),
+        }
+    }
+    assert_eq!(busy(app.clone()).await, (Some(2), Some(2)));
+}

@@ -310,7 +310,7 @@ fn a_cooling_down_worker_is_named_so_until_its_cooldown_ends() {
     let mut row = WorkerRow::joining(&worker_info("w"));
     row.last_heartbeat_ms = Some(1_000);
     row.cooldown_until_ms = Some(5_000);
-    let status = |now| WorkerView::new(row.clone(), now, Duration::from_secs(3)).status;
+    let status = |now| WorkerView::new(row.clone(), now, Duration::from_secs(3), None).status;
     assert_eq!(status(1_500), WorkerStatus::CoolingDown);
     assert_eq!(status(5_000), WorkerStatus::Unhealthy);
 }

@@ -12,8 +12,9 @@ use crate::model::{JobId, TaskState};
 use crate::store::{JobSummary, Stats, TaskPage};
 
 pub(super) async fn read_stats(state: &ApiState) -> Result<Stats, ApiError> {
+    let busy = state.driver.busy_slots().await;
     let store = state.store.clone();
-    Ok(tokio::task::spawn_blocking(move || store.stats()).await??)
+    Ok(tokio::task::spawn_blocking(move || store.stats(&busy)).await??)
 }
 
 /// Jobs, tasks, workers and throughput at a glance.

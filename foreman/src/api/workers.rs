@@ -42,15 +42,24 @@ pub struct WorkerView {
     #[serde(flatten)]
     pub row: WorkerRow,
     pub status: WorkerStatus,
-    /// Slots running a task, as of the last heartbeat.
+    /// Slots running a task: for a connected worker, as dispatch counts
+    /// them (the tasks it holds, up to its slots) and current to its last
+    /// report; 0 for an offline one.
     pub slots_used: u32,
     /// Fuel per second on one slot (its benchmark at join).
     pub speed: u64,
 }
 
 impl WorkerView {
-    /// `heartbeat_timeout`: the foreman's; workers beat three times within it.
-    pub fn new(row: WorkerRow, now_ms: u64, heartbeat_timeout: Duration) -> WorkerView {
+    /// `heartbeat_timeout`: the foreman's; workers beat three times within
+    /// it. `busy`: its busy slots as the core counts them, if connected
+    /// (else the last heartbeat's figure is shown while it is online).
+    pub fn new(
+        row: WorkerRow,
+        now_ms: u64,
+        heartbeat_timeout: Duration,
+        busy: Option<u32>,
+    ) -> WorkerView {
         let period_ms = (heartbeat_timeout.as_millis() / 3).max(1) as u64;
         let status = if !row.online {
             WorkerStatus::Offline
@@ -65,19 +74,28 @@ impl WorkerView {
                 Some(_) => WorkerStatus::Healthy,
             }
         };
+        let slots_used = match (row.online, busy) {
+            (false, _) => 0,
+            (true, Some(busy)) => busy,
+            (true, None) => row.load.running,
+        };
         WorkerView {
             status,
-            slots_used: row.load.running,
+            slots_used,
             speed: row.info.benchmark_fuel_per_sec,
             row,
         }
     }
 }
 
-pub(super) fn views(state: &ApiState, rows: Vec<WorkerRow>) -> Vec<WorkerView> {
+pub(super) async fn views(state: &ApiState, rows: Vec<WorkerRow>) -> Vec<WorkerView> {
+    let busy = state.driver.busy_slots().await;
     let now = crate::driver::unix_ms();
     rows.into_iter()
-        .map(|row| WorkerView::new(row, now, state.heartbeat_timeout))
+        .map(|row| {
+            let busy = busy.get(&row.id).copied();
+            WorkerView::new(row, now, state.heartbeat_timeout, busy)
+        })
         .collect()
 }
 
@@ -87,7 +105,7 @@ pub(super) fn views(state: &ApiState, rows: Vec<WorkerRow>) -> Vec<WorkerView> {
 pub(super) async fn workers(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
     let store = state.store.clone();
     let rows = tokio::task::spawn_blocking(move || store.workers()).await??;
-    Ok(Json(views(&state, rows)).into_response())
+    Ok(Json(views(&state, rows).await).into_response())
 }
 
 /// One worker.
@@ -103,7 +121,10 @@ pub(super) async fn worker(
     let row = tokio::task::spawn_blocking(move || store.worker(id))
         .await??
         .ok_or_else(|| unknown_worker(id))?;
-    let view = WorkerView::new(row, crate::driver::unix_ms(), state.heartbeat_timeout);
+    let view = views(&state, vec![row])
+        .await
+        .pop()
+        .ok_or_else(|| unknown_worker(id))?;
     Ok(Json(view).into_response())
 }
 

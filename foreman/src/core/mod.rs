@@ -447,6 +447,22 @@ impl Core {
         self.pool.get(worker).map_or(0, |w| w.free)
     }
 
+    /// Each connected worker's busy slots as dispatch counts them: the
+    /// attempts it holds, up to its slots (beyond them they wait in its
+    /// prefetch queue). Current to the last report, where heartbeats are
+    /// seconds old.
+    pub fn busy_slots(&self) -> std::collections::HashMap<WorkerId, u32> {
+        self.pool
+            .iter()
+            .map(|(id, w)| {
+                (
+                    id,
+                    u32::try_from(w.held.len()).unwrap_or(u32::MAX).min(w.slots),
+                )
+            })
+            .collect()
+    }
+
     /// The slots a connected worker announced.
     pub fn worker_slots(&self, worker: WorkerId) -> Option<u32> {
         self.pool.get(worker).map(|w| w.slots)

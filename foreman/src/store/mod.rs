@@ -490,8 +490,13 @@ impl Store {
     }
 
     /// The grid at a glance (see [`Stats`]).
-    pub fn stats(&self) -> Result<Stats, StoreError> {
-        self.read(views::stats)
+    /// `live`: busy slots of the workers the core counts them for
+    /// (`Driver::busy_slots`); the others' come from their last heartbeat.
+    pub fn stats(
+        &self,
+        live: &std::collections::HashMap<WorkerId, u32>,
+    ) -> Result<Stats, StoreError> {
+        self.read(|conn| views::stats(conn, live))
     }
 
     /// A page of a job's tasks in index order, optionally only those in

@@ -1,7 +1,7 @@
 //! Read-only views for the dashboard and monitoring: grid totals, a page of
 //! a job's tasks, a job's summary, failures across workers, run times.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
@@ -41,7 +41,8 @@ pub struct Stats {
     /// Tasks handed to workers: running, or waiting in a worker's prefetch
     /// window, so it can exceed `total_slots`.
     pub active_tasks: u64,
-    /// Slots running a task, as of each connected worker's last heartbeat.
+    /// Slots running a task: as dispatch counts them for the workers in
+    /// `live` (see `Store::stats`), as of the last heartbeat for the others.
     pub busy_slots: u64,
     /// Tasks that succeeded.
     pub total_tasks_completed: u64,
@@ -54,7 +55,10 @@ pub struct Stats {
     pub fuel_consumed: u64,
 }
 
-pub(super) fn stats(conn: &mut Connection) -> Result<Stats, StoreError> {
+pub(super) fn stats(
+    conn: &mut Connection,
+    live: &HashMap<WorkerId, u32>,
+) -> Result<Stats, StoreError> {
     let tx = conn.transaction()?;
     let mut s = Stats::default();
     {
@@ -83,15 +87,19 @@ pub(super) fn stats(conn: &mut Connection) -> Result<Stats, StoreError> {
         }
     }
     s.pending_jobs = s.queued_jobs + s.running_jobs;
-    let (workers, slots, busy): (i64, i64, i64) = tx
-        .prepare_cached(
-            "SELECT count(*), coalesce(sum(slots), 0), coalesce(sum(running), 0)
-             FROM workers WHERE online",
-        )?
-        .query_row([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
-    s.connected_workers = from_sql(workers);
-    s.total_slots = from_sql(slots);
-    s.busy_slots = from_sql(busy);
+    {
+        let mut stmt = tx.prepare_cached("SELECT id, slots, running FROM workers WHERE online")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let id: WorkerId = from_sql(row.get(0)?);
+            s.connected_workers += 1;
+            s.total_slots += from_sql(row.get(1)?);
+            s.busy_slots += match live.get(&id) {
+                Some(&busy) => u64::from(busy),
+                None => from_sql(row.get(2)?),
+            };
+        }
+    }
     let since = now_ms().saturating_sub(to_sql(RATE_WINDOW_MS));
     let ended: i64 = tx
         .prepare_cached(

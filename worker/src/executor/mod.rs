@@ -26,7 +26,7 @@ use wasmgrid_protocol::{Failure, TaskLimits, TaskReport};
 
 pub use cache::{ModuleId, PreparedTask};
 pub use engine::{Metering, EPOCH_TICK, SLOT_THREAD_STACK};
-pub use priority::SlotPriority;
+pub use priority::{apply_to_this_thread, SlotPriority};
 pub use run::{CancelFlag, Load};
 pub use slots::{SlotPool, TaskState, Tracking};
 
