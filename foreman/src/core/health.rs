@@ -13,6 +13,9 @@ use crate::model::{JobId, Record, TaskIndex, TaskState, WorkerId};
 
 /// Stale leases tolerated beyond the live ones before a sweep (see [`Core::push_lease`]).
 const STALE_LEASES_KEPT: usize = 1024;
+/// How long a lost attempt's late report is still taken: a worker that
+/// reconnects reports within seconds; one that restarted never will.
+pub const LOST_KEPT_MS: u64 = 3_600_000;
 
 /// When the core gives up on an attempt or on a worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +60,13 @@ impl Core {
         let now = self.now_ms;
         for job in std::mem::take(&mut self.finished) {
             self.forget_job(job);
+        }
+        while let Some(&(at, attempt)) = self.lost_at.front() {
+            if at.saturating_add(LOST_KEPT_MS) > now {
+                break;
+            }
+            self.lost_at.pop_front();
+            self.lost.remove(&attempt);
         }
         for job in self.order.due(now) {
             if let Some(j) = self.jobs.get(&job) {

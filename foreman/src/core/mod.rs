@@ -99,7 +99,7 @@ use wasmgrid_protocol::wire::{Assignment, AttemptId, ModuleHash};
 use wasmgrid_protocol::{Failure, FailureKind};
 
 use crate::model::{JobId, JobSpec, JobState, Record, TaskIndex, TaskState, WorkerId};
-pub use health::HealthPolicy;
+pub use health::{HealthPolicy, LOST_KEPT_MS};
 use pool::Pool;
 pub use pool::WorkerSpec;
 use queue::{JobOrder, JobQueue};
@@ -245,8 +245,12 @@ pub struct Core {
     /// Attempts running now.
     live: HashMap<AttemptId, Held>,
     /// Attempts abandoned because their worker left; a late report is still
-    /// taken once (returning its credit), even after its job is forgotten.
+    /// taken once (returning its credit), even after its job is forgotten,
+    /// for [`LOST_KEPT_MS`]: a worker that never comes back leaves nothing
+    /// behind for good.
     lost: HashMap<AttemptId, Held>,
+    /// When each lost attempt was lost, oldest first.
+    lost_at: VecDeque<(u64, AttemptId)>,
     /// Jobs that finished since the last tick, forgotten at the next one:
     /// a finished job needs nothing from memory (the store has it all, as
     /// after a restart), and a long-running foreman must not keep every
@@ -282,6 +286,7 @@ impl Core {
             failures: HashMap::default(),
             live: HashMap::default(),
             lost: HashMap::default(),
+            lost_at: VecDeque::new(),
             finished: Vec::new(),
             released: HashMap::default(),
             recalls: tail::Recalls::default(),
@@ -502,5 +507,10 @@ impl Core {
     /// since the last tick.
     pub fn jobs_in_memory(&self) -> usize {
         self.jobs.len()
+    }
+
+    /// Lost attempts whose late report would still be taken.
+    pub fn lost_attempts(&self) -> usize {
+        self.lost.len()
     }
 }

@@ -439,6 +439,28 @@ fn a_finished_job_leaves_memory_at_the_next_tick_and_late_reports_still_return_c
 }
 
 #[test]
+fn a_lost_attempt_is_forgotten_an_hour_on_and_its_report_is_then_benign() {
+    let mut h = Harness::new();
+    h.core.tick(1_000);
+    h.core.submit_job(spec(1, 2, 3), args(2));
+    h.worker(1, 2);
+    h.dispatch(); // attempts 100 and 101 on worker 1, which leaves
+    h.core.worker_left(1);
+    h.drain();
+    assert_eq!(h.core.lost_attempts(), 2);
+    h.core.tick(1_000 + super::LOST_KEPT_MS - 1);
+    assert_eq!(h.core.lost_attempts(), 2);
+    h.core.tick(1_000 + super::LOST_KEPT_MS);
+    assert_eq!(h.core.lost_attempts(), 0);
+    // Worker 1 comes back with a report that old: dropped, without a
+    // violation (it crossed the loss) and without credit.
+    h.worker(1, 0);
+    let c = h.finish(1, 100, ok());
+    assert!(c.is_empty(), "{c:?}");
+    assert_eq!(h.core.free_credit(1), 0);
+}
+
+#[test]
 fn late_report_for_a_requeued_task_finishes_it_and_its_retry_is_skipped() {
     let mut h = Harness::new();
     h.core.submit_job(spec(1, 2, 3), args(2));

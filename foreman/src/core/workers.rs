@@ -47,6 +47,7 @@ impl Core {
                 continue;
             };
             self.lost.insert(attempt, h);
+            self.lost_at.push_back((self.now_ms, attempt));
             self.released_without_report(worker, attempt);
             let failure = Failure::new(
                 FailureKind::WorkerLost,

@@ -50,6 +50,9 @@ export class Overview {
 
   show() {
     this.visible = true;
+    // Drawn now, not at the next tick: the panel is otherwise blank (or a
+    // stale picture) for up to a second after coming back to the page.
+    this.renderChart();
     this.refresh();
   }
 
