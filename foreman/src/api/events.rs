@@ -1,6 +1,7 @@
 //! `GET /api/events`: one server-sent event stream of what changes, for the
-//! dashboard. `job` events carry a JobRow, `worker` events a worker as
-//! `/api/workers/{id}` shows it, `stats` events the `/api/stats` body.
+//! dashboard. `job` events carry a JobRow, `job_deleted` events `{id}`,
+//! `worker` events a worker as `/api/workers/{id}` shows it, `stats` events
+//! the `/api/stats` body.
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
@@ -24,7 +25,7 @@ const STATS_EVERY: Duration = Duration::from_secs(1);
 /// Job, worker and stats changes as server-sent events.
 #[utoipa::path(get, path = "/api/events", tag = "dashboard",
     responses((status = 200, content_type = "text/event-stream", body = String,
-        description = "events `job` (JobRow), `worker` (WorkerView), `stats` (Stats, every second)")))]
+        description = "events `job` (JobRow), `job_deleted` ({id}), `worker` (WorkerView), `stats` (Stats, every second)")))]
 pub(super) async fn events(
     State(state): State<Arc<ApiState>>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
@@ -49,14 +50,13 @@ async fn follow(state: Arc<ApiState>, tx: mpsc::Sender<Event>) {
                 Ok(change) => {
                     jobs.extend(change.jobs.iter().copied());
                     workers.extend(change.workers.iter().copied());
-                    for id in &change.job_states {
+                    for id in change.job_states.iter().chain(&change.deleted_jobs) {
                         jobs.remove(id);
                     }
-                    if change.job_states.is_empty() {
-                        true
-                    } else {
-                        send_jobs(&state, &tx, change.job_states.iter().copied().collect()).await
-                    }
+                    send_deleted(&tx, &change.deleted_jobs).await
+                        && (change.job_states.is_empty()
+                            || send_jobs(&state, &tx, change.job_states.iter().copied().collect())
+                                .await)
                 }
                 // Missed changes: the next stats event still tells the totals.
                 Err(RecvError::Lagged(_)) => true,
@@ -87,6 +87,15 @@ async fn send(tx: &mpsc::Sender<Event>, name: &str, value: &impl serde::Serializ
             .is_ok(),
         Err(_) => true,
     }
+}
+
+async fn send_deleted(tx: &mpsc::Sender<Event>, ids: &[JobId]) -> bool {
+    for id in ids {
+        if !send(tx, "job_deleted", &serde_json::json!({ "id": id })).await {
+            return false;
+        }
+    }
+    true
 }
 
 async fn send_jobs(state: &ApiState, tx: &mpsc::Sender<Event>, ids: BTreeSet<JobId>) -> bool {

@@ -321,4 +321,20 @@ async fn the_event_stream_sends_stats_jobs_and_workers() {
             && event.contains(&format!("\"id\":{},", json["id"]))
             && event.contains("\"state\":\"queued\"");
     }
+    // A deleted job is announced as such.
+    let job = json["id"].as_u64().unwrap();
+    assert!(state.driver.cancel(job).await);
+    state.store.flush().unwrap();
+    assert!(matches!(
+        state.store.delete_job(job),
+        Ok(crate::store::Deletion::Deleted { tasks: 1 })
+    ));
+    let deleted = format!("event: job_deleted\ndata: {{\"id\":{job}}}\n\n");
+    // Within a few events (a stats one comes every second).
+    for _ in 0..10 {
+        if next_event().await == deleted {
+            return;
+        }
+    }
+    panic!("no job_deleted event for job {job}");
 }

@@ -263,11 +263,16 @@ pub struct Changes {
     pub job_states: Vec<JobId>,
     /// Workers that joined, left, sent a heartbeat, drained, cooled down or ended attempts.
     pub workers: Vec<WorkerId>,
+    /// Jobs deleted, with everything recorded about them.
+    pub deleted_jobs: Vec<JobId>,
 }
 
 impl Changes {
     pub fn is_empty(&self) -> bool {
-        self.jobs.is_empty() && self.job_states.is_empty() && self.workers.is_empty()
+        self.jobs.is_empty()
+            && self.job_states.is_empty()
+            && self.workers.is_empty()
+            && self.deleted_jobs.is_empty()
     }
 }
 

@@ -5,7 +5,7 @@
 use rusqlite::{Connection, OptionalExtension};
 
 use super::schema::{self, from_sql, to_sql};
-use super::{Store, StoreError};
+use super::{Changes, Store, StoreError};
 use crate::model::{JobId, JobState};
 
 /// What became of a request to delete a job.
@@ -27,7 +27,14 @@ impl Store {
     /// Deletes a finished job and everything recorded about it, after every
     /// record queued before. Grid-wide counters and histograms keep its share.
     pub fn delete_job(&self, id: JobId) -> Result<Deletion, StoreError> {
-        self.call(false, move |conn| delete_job(conn, id))
+        let deletion = self.call(false, move |conn| delete_job(conn, id))?;
+        if matches!(deletion, Deletion::Deleted { .. }) {
+            self.announce(Changes {
+                deleted_jobs: vec![id],
+                ..Changes::default()
+            });
+        }
+        Ok(deletion)
     }
 
     /// Up to [`SWEEP_PAGE`] finished jobs that ended before `cutoff_ms` (unix ms), oldest first.

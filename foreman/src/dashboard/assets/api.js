@@ -165,7 +165,8 @@ export async function optional(kind, path) {
   }
 }
 
-/** Events for the pages: "job", "worker", "stats" with a row each; "poll"
+/** Events for the pages: "job", "worker", "stats" with a row each,
+ *  "job_deleted" with the deleted job's id; "poll"
  *  once a second when there is no event stream (pages then fetch what they
  *  show); "mode" when the way of following changes. */
 export class Feed extends EventTarget {
@@ -193,7 +194,7 @@ export class Feed extends EventTarget {
     let opened = false;
     const source = new EventSource(streamUrl("/api/events"));
     this.source = source;
-    for (const type of ["job", "worker", "stats"]) {
+    for (const type of ["job", "job_deleted", "worker", "stats"]) {
       source.addEventListener(type, (event) => {
         try {
           this.emit(type, JSON.parse(event.data));

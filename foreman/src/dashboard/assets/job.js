@@ -20,6 +20,7 @@ export class JobPage {
     this.picture = new Picture($("#picture"));
     feed.on("poll", () => this.id != null && this.refreshJob());
     feed.on("job", (row) => row.id === this.id && this.applyJob(row));
+    feed.on("job_deleted", ({ id }) => id === this.id && this.refreshJob());
     window.addEventListener("wasmgrid-caller", () => this.job && this.showActions(this.job));
     $("#tasks-filter").addEventListener("change", (e) => {
       this.filter = e.target.value;
@@ -109,7 +110,10 @@ export class JobPage {
       const row = await getJson(`/api/jobs/${id}`);
       if (id === this.id) this.applyJob(row);
     } catch (error) {
-      if (error instanceof NotFound) $("#job-line").textContent = `There is no job ${id}.`;
+      if (error instanceof NotFound && id === this.id) {
+        $("#job-line").textContent = `There is no job ${id}.`;
+        $("#job-cancel").hidden = $("#job-delete").hidden = true;
+      }
     }
   }
 

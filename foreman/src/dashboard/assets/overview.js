@@ -25,6 +25,10 @@ export class Overview {
       if (this.visible) this.renderWorkers();
     });
     feed.on("job", (row) => this.applyJob(row));
+    feed.on("job_deleted", ({ id }) => {
+      this.jobs = this.jobs.filter((job) => job.id !== id);
+      if (this.visible) this.renderJobs();
+    });
     feed.on("stats", (stats) => this.applyStats(stats));
     window.addEventListener("wasmgrid-caller", () => this.visible && this.renderJobs());
 
