@@ -92,16 +92,20 @@ impl Client {
     }
 
     pub fn get(&self, path: &str) -> anyhow::Result<Value> {
-        let response = self
-            .authorized(self.agent.get(&self.url(path)))
-            .call()
-            .with_context(|| format!("cannot reach the foreman at {}", self.base))?;
-        self.read(response)
+        self.call(self.agent.get(&self.url(path)))
     }
 
     pub fn delete(&self, path: &str) -> anyhow::Result<Value> {
+        self.call(self.agent.delete(&self.url(path)))
+    }
+
+    /// Sends a request without a body, with the token, and reads its JSON answer.
+    fn call(
+        &self,
+        request: ureq::RequestBuilder<ureq::typestate::WithoutBody>,
+    ) -> anyhow::Result<Value> {
         let response = self
-            .authorized(self.agent.delete(&self.url(path)))
+            .authorized(request)
             .call()
             .with_context(|| format!("cannot reach the foreman at {}", self.base))?;
         self.read(response)
