@@ -36,7 +36,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{text:?} is too long"))
 }
 
-/// Deletes finished jobs older than `retention` now and then every so often, for ever.
+/// Deletes finished jobs older than `retention`, and modules no job names,
+/// now and then every so often, for ever.
 pub async fn sweep(store: Store, retention: Duration) {
     let every = (retention / 10).clamp(SWEEP_EVERY_MIN, SWEEP_EVERY_MAX);
     let mut ticks = tokio::time::interval(every);
@@ -44,9 +45,9 @@ pub async fn sweep(store: Store, retention: Duration) {
     loop {
         ticks.tick().await;
         let cutoff = crate::driver::unix_ms().saturating_sub(retention.as_millis() as u64);
-        let store = store.clone();
         let cutoff = i64::try_from(cutoff).unwrap_or(i64::MAX);
-        match tokio::task::spawn_blocking(move || store.delete_finished_before(cutoff)).await {
+        let jobs = store.clone();
+        match tokio::task::spawn_blocking(move || jobs.delete_finished_before(cutoff)).await {
             Ok(Ok(0)) => {}
             Ok(Ok(deleted)) => tracing::info!(
                 jobs = deleted,
@@ -55,6 +56,14 @@ pub async fn sweep(store: Store, retention: Duration) {
             ),
             Ok(Err(error)) => tracing::warn!("deleting jobs past the retention: {error}"),
             Err(error) => tracing::warn!("deleting jobs past the retention: {error}"),
+        }
+        // Modules named too recently when their last job went go now.
+        let modules = store.clone();
+        let unused = move || modules.delete_unused_modules(crate::store::MODULE_GRACE);
+        match tokio::task::spawn_blocking(unused).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::warn!("deleting unused modules: {error}"),
+            Err(error) => tracing::warn!("deleting unused modules: {error}"),
         }
     }
 }

@@ -126,10 +126,15 @@ pub(super) async fn submit(
     let submission = parse_submission(&body, &state.submit_limits).map_err(submit_error)?;
     // A module validated since start is taken by its hash, uploaded again or not.
     let known = match &submission.module {
+        // Unless it went with the last job that named it: the upload is
+        // then checked and stored again.
         ModuleRef::Inline {
             sha256: Some(hash), ..
-        }
-        | ModuleRef::Stored(hash) => state.validated_size(hash).map(|size| (*hash, size)),
+        } => state
+            .validated_size(hash)
+            .filter(|_| state.store.name_module_if_known(hash))
+            .map(|size| (*hash, size)),
+        ModuleRef::Stored(hash) => state.validated_size(hash).map(|size| (*hash, size)),
         ModuleRef::Inline { sha256: None, .. } => None,
     };
     let hash = match (known, submission.module) {

@@ -234,12 +234,19 @@ impl IntoResponse for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
-        if let StoreError::TooManyUnfinishedJobs { .. } = error {
-            return Self::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "limit_exceeded",
-                error.to_string(),
-            );
+        match error {
+            StoreError::TooManyUnfinishedJobs { .. } => {
+                return Self::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "limit_exceeded",
+                    error.to_string(),
+                );
+            }
+            // Deleted with the last job that named it since it was validated.
+            StoreError::UnknownModule(_) => {
+                return Self::new(StatusCode::NOT_FOUND, "unknown_module", error.to_string());
+            }
+            _ => {}
         }
         tracing::error!("store: {error}");
         Self::new(

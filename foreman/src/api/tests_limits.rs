@@ -262,3 +262,51 @@ async fn a_token_may_have_only_so_many_unfinished_jobs_and_others_are_not_held_b
     let (status, json) = call(app.clone(), post(&body)).await;
     assert_eq!(status, StatusCode::CREATED, "{json}");
 }
+
+#[tokio::test]
+async fn a_module_deleted_with_its_jobs_is_unknown_by_its_hash_until_uploaded_again() {
+    let (_dir, state, app) = capped_app().await;
+    let wasm = add_component();
+    let hash: [u8; 32] = sha2::Sha256::digest(&wasm).into();
+    let upload = json!({
+        "module_base64": base64::engine::general_purpose::STANDARD.encode(&wasm),
+        "module_sha256": hex::encode(hash),
+        "args": [[1, 2]],
+    });
+    let by_hash = json!({ "module_sha256": hex::encode(hash), "args": [[1, 2]] });
+    let (status, json) = call(app.clone(), post(&upload)).await;
+    assert_eq!(status, StatusCode::CREATED, "{json}");
+    let id = json["id"].as_u64().expect("an id");
+    let request = |method: &str, uri: String| {
+        Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Body::empty())
+            .unwrap()
+    };
+    for (method, uri) in [
+        ("POST", format!("/api/jobs/{id}/cancel")),
+        ("DELETE", format!("/api/jobs/{id}")),
+    ] {
+        let (status, json) = call(app.clone(), request(method, uri)).await;
+        assert!(status.is_success(), "{method}: {json}");
+    }
+    // Named a moment ago, it outlives its job for the grace; then it goes.
+    assert!(state.store.module(&hash).unwrap().is_some());
+    assert_eq!(
+        state.store.delete_unused_modules(Duration::ZERO).unwrap(),
+        1
+    );
+
+    // Though validated since start, by its hash alone it is now unknown.
+    let (status, json) = call(app.clone(), post(&by_hash)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{json}");
+    assert_eq!(json["error"]["code"], "unknown_module");
+    // Uploaded again (with its hash, which the foreman knew), it is stored
+    // again and serves by its hash too.
+    let (status, json) = call(app.clone(), post(&upload)).await;
+    assert_eq!(status, StatusCode::CREATED, "{json}");
+    assert_eq!(state.store.module(&hash).unwrap(), Some(wasm));
+    let (status, json) = call(app.clone(), post(&by_hash)).await;
+    assert_eq!(status, StatusCode::CREATED, "{json}");
+}

@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use std::sync::{mpsc, Mutex, MutexGuard};
 
 use rusqlite::Connection;
-use wasmgrid_protocol::wire::ModuleHash;
 
 use super::schema::{self, from_sql};
 use super::writer::{Change, Command, NewJobRow, Reply};
@@ -162,7 +161,7 @@ impl Store {
     ) -> Result<JobSpec, StoreError> {
         let task_count = u32::try_from(job.args.len())
             .map_err(|_| StoreError::InvalidJob(format!("{} tasks is too many", job.args.len())))?;
-        if !self.module_known(&job.module)? {
+        if !self.name_module(&job.module)? {
             return Err(StoreError::UnknownModule(hex::encode(job.module)));
         }
         let id = self.inner.admission.admit(quota)?;
@@ -192,37 +191,8 @@ impl Store {
         Ok(spec)
     }
 
-    fn module_known(&self, hash: &ModuleHash) -> Result<bool, StoreError> {
-        let known = &self.inner.known_modules;
-        if known
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(hash)
-        {
-            return Ok(true);
-        }
-        let stored = self.read(|conn| module_known(conn, hash))?;
-        if stored {
-            known
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(*hash);
-        }
-        Ok(stored)
-    }
-
     /// Waits until a job from [`Store::insert_job`] is committed.
     pub async fn job_stored(&self, pending: PendingJob) -> Result<(), StoreError> {
         pending.stored.await.map_err(|_| StoreError::Closed)?
     }
-}
-
-/// Whether the module a job names is stored (read on the caller's connection).
-pub(super) fn module_known(conn: &Connection, module: &[u8; 32]) -> Result<bool, StoreError> {
-    use rusqlite::OptionalExtension;
-    Ok(conn
-        .prepare_cached("SELECT 1 FROM modules WHERE hash = ?1")?
-        .query_row([&module[..]], |_| Ok(()))
-        .optional()?
-        .is_some())
 }

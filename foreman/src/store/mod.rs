@@ -13,6 +13,7 @@
 //! committed data only: call [`Store::flush`] first to read your own records.
 
 mod admission;
+mod modules;
 mod queries;
 mod retention;
 mod schema;
@@ -44,8 +45,10 @@ use wasmgrid_protocol::{Failure, FailureKind, TaskLimits};
 use crate::model::{JobId, JobSpec, JobState, Record, Scheduler, TaskIndex, TaskState, WorkerId};
 
 use admission::Admission;
+use modules::ModuleUses;
 use writer::{Change, Command, Inbox};
 
+pub use modules::MODULE_GRACE;
 pub use retention::Deletion;
 pub use tokens::{TokenKind, TokenRole, TokenRow};
 pub use views::{
@@ -286,9 +289,9 @@ struct Inner {
     writer: Option<JoinHandle<()>>,
     readers: Mutex<Vec<Connection>>,
     admission: Arc<Admission>,
-    /// Modules known to be stored (none is ever deleted), so accepting a
-    /// job by a module's hash usually needs no read.
-    known_modules: Mutex<std::collections::HashSet<ModuleHash>>,
+    /// Modules known to be stored, so accepting a job by a module's hash
+    /// usually needs no read, and when each was last named.
+    module_uses: Arc<ModuleUses>,
 }
 
 impl Drop for Inner {
@@ -339,7 +342,7 @@ impl Store {
                 writer: Some(writer),
                 readers: Mutex::new(Vec::new()),
                 admission,
-                known_modules: Mutex::default(),
+                module_uses: Arc::default(),
             }),
         })
     }
@@ -359,20 +362,6 @@ impl Store {
     fn announce(&self, changes: Changes) {
         // No receiver is not an error: nobody is watching.
         let _ = self.inner.changes.send(Arc::new(changes));
-    }
-
-    /// Stores a module once by its sha256 (the caller computed it). Durable
-    /// when it returns.
-    pub fn put_module(&self, hash: &ModuleHash, wasm: &[u8]) -> Result<(), StoreError> {
-        let hash = *hash;
-        let wasm = wasm.to_vec();
-        // WAL with synchronous=NORMAL survives a crash of the process (not of
-        // the machine's power) without an fsync per accepted job.
-        self.call(false, move |conn| queries::put_module(conn, &hash, &wasm))
-    }
-
-    pub fn module(&self, hash: &ModuleHash) -> Result<Option<Vec<u8>>, StoreError> {
-        self.read(|conn| queries::module(conn, hash))
     }
 
     /// Queues a change for the writer thread and returns at once.

@@ -28,22 +28,6 @@ const WORKER_COLUMNS: &str = "id, name, hostname, os, arch, cores, memory_bytes,
     (SELECT count(*) FROM worker_failures f WHERE f.worker_id = workers.id AND f.at_ms >= ?1),
     priority";
 
-pub(super) fn put_module(
-    conn: &mut Connection,
-    hash: &ModuleHash,
-    wasm: &[u8],
-) -> Result<(), StoreError> {
-    let size = i64::try_from(wasm.len()).unwrap_or(i64::MAX);
-    let added = conn.execute(
-        "INSERT OR IGNORE INTO modules (hash, wasm, size, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
-        params![&hash[..], wasm, size, now_ms()],
-    )?;
-    if added > 0 {
-        tracing::info!(module = %hex::encode(hash), size, "module stored");
-    }
-    Ok(())
-}
-
 /// The id the next job gets. The store's admission hands out ids from here
 /// on, so a job's id is known before it commits.
 pub(super) fn next_job_id(conn: &Connection) -> Result<JobId, StoreError> {
@@ -118,16 +102,6 @@ pub(super) fn set_worker_online(
         return Err(StoreError::UnknownWorker(id));
     }
     Ok(())
-}
-
-pub(super) fn module(
-    conn: &mut Connection,
-    hash: &ModuleHash,
-) -> Result<Option<Vec<u8>>, StoreError> {
-    Ok(conn
-        .prepare_cached("SELECT wasm FROM modules WHERE hash = ?1")?
-        .query_row([&hash[..]], |row| row.get(0))
-        .optional()?)
 }
 
 pub(super) fn job(conn: &mut Connection, id: JobId) -> Result<Option<JobRow>, StoreError> {

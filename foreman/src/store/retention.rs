@@ -1,9 +1,11 @@
 //! Deleting finished jobs, on request or once older than the retention:
 //! a job goes in one transaction with its tasks, attempts, failures and
-//! run-time histogram, so it is either all there or all gone.
+//! run-time histogram, so it is either all there or all gone, and with its
+//! module once no job names that and nothing has for [`MODULE_GRACE`].
 
 use rusqlite::{Connection, OptionalExtension};
 
+use super::modules::{self, ModuleUses, MODULE_GRACE};
 use super::schema::{self, from_sql, to_sql};
 use super::{Changes, Store, StoreError};
 use crate::model::{JobId, JobState};
@@ -27,7 +29,8 @@ impl Store {
     /// Deletes a finished job and everything recorded about it, after every
     /// record queued before. Grid-wide counters and histograms keep its share.
     pub fn delete_job(&self, id: JobId) -> Result<Deletion, StoreError> {
-        let deletion = self.call(false, move |conn| delete_job(conn, id))?;
+        let uses = self.inner.module_uses.clone();
+        let deletion = self.call(false, move |conn| delete_job(conn, id, &uses))?;
         if matches!(deletion, Deletion::Deleted { .. }) {
             self.announce(Changes {
                 deleted_jobs: vec![id],
@@ -72,7 +75,7 @@ impl Store {
     }
 }
 
-fn delete_job(conn: &mut Connection, id: JobId) -> Result<Deletion, StoreError> {
+fn delete_job(conn: &mut Connection, id: JobId, uses: &ModuleUses) -> Result<Deletion, StoreError> {
     let tx = conn.transaction()?;
     let found = tx
         .query_row(
@@ -98,7 +101,10 @@ fn delete_job(conn: &mut Connection, id: JobId) -> Result<Deletion, StoreError> 
     ] {
         tx.prepare_cached(statement)?.execute([id])?;
     }
+    let mut named = uses.lock();
+    let unused = modules::delete_unused(&tx, &named, MODULE_GRACE)?;
     tx.commit()?;
+    modules::forget(&mut named, &unused);
     Ok(Deletion::Deleted {
         tasks: from_sql(total),
     })

@@ -15,7 +15,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `MIGRATIONS[n]` takes the schema from version `n` to `n + 1`
 /// (`PRAGMA user_version`). Append only; never edit a shipped migration.
-pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
 
 /// The schema version this code reads and writes.
 pub(super) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -239,6 +239,12 @@ ALTER TABLE jobs ADD COLUMN result_bytes INTEGER NOT NULL DEFAULT 1048576;
 const V4: &str = "
 ALTER TABLE workers ADD COLUMN priority TEXT NOT NULL DEFAULT 'normal';
 ALTER TABLE tokens ADD COLUMN role TEXT NOT NULL DEFAULT 'admin';
+";
+
+/// - `jobs_by_module`: finding the modules no job names, and checking the
+///   foreign key when one is deleted, without reading every job.
+const V5: &str = "
+CREATE INDEX jobs_by_module ON jobs (module);
 ";
 
 /// Opens the writing connection: WAL, settings, schema up to date, workers

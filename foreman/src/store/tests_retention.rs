@@ -1,5 +1,8 @@
 //! Deleting finished jobs: on request, and past the retention.
 
+use std::time::Duration;
+
+use wasmgrid_protocol::wire::ModuleHash;
 use wasmgrid_protocol::{Failure, FailureKind};
 
 use super::tests::{args, ended, new_job, open_temp, started, worker, MODULE};
@@ -85,4 +88,65 @@ fn jobs_finished_before_the_cutoff_are_deleted_and_no_others() {
         .map(|j| j.id)
         .collect();
     assert_eq!(left, [ids[1]]);
+}
+
+fn naming(module: ModuleHash) -> NewJob {
+    NewJob {
+        module,
+        ..new_job(args(1))
+    }
+}
+
+#[test]
+fn a_module_goes_once_no_job_names_it_and_nothing_has_lately() {
+    let (dir, store) = open_temp();
+    let other: ModuleHash = [8; 32];
+    store.put_module(&MODULE, b"wasm").unwrap();
+    store.put_module(&other, b"other").unwrap();
+    let ids: Vec<JobId> = [MODULE, MODULE, other]
+        .into_iter()
+        .map(|module| store.create_job(naming(module)).unwrap().id)
+        .collect();
+    store.record_all(ids.iter().map(|&id| state(id, JobState::Cancelled)));
+    store.flush().unwrap();
+
+    assert!(matches!(
+        store.delete_job(ids[0]),
+        Ok(Deletion::Deleted { .. })
+    ));
+    assert!(matches!(
+        store.delete_job(ids[1]),
+        Ok(Deletion::Deleted { .. })
+    ));
+    // No job names it, but a job did a moment ago: kept for the grace.
+    assert!(store.module(&MODULE).unwrap().is_some());
+    assert_eq!(store.delete_unused_modules(MODULE_GRACE).unwrap(), 0);
+    // Past its grace it goes; the module a stored job names stays.
+    assert_eq!(store.delete_unused_modules(Duration::ZERO).unwrap(), 1);
+    assert_eq!(store.module(&MODULE).unwrap(), None);
+    assert!(store.module(&other).unwrap().is_some());
+    // A job naming it now is refused for that, not by the foreign key.
+    assert!(matches!(
+        store.create_job(naming(MODULE)),
+        Err(StoreError::UnknownModule(_))
+    ));
+    assert!(!store.name_module_if_known(&MODULE));
+    // Uploaded again, it serves again.
+    store.put_module(&MODULE, b"wasm").unwrap();
+    assert!(store.name_module_if_known(&MODULE));
+    let again = store.create_job(naming(MODULE)).unwrap().id;
+    assert_eq!(store.delete_unused_modules(Duration::ZERO).unwrap(), 0);
+
+    // After a restart nothing has named a module yet: the last job's
+    // deletion takes its module at once.
+    store.record(state(again, JobState::Cancelled));
+    store.flush().unwrap();
+    drop(store);
+    let store = Store::open(&dir.path().join("foreman.db")).unwrap();
+    assert!(matches!(
+        store.delete_job(again),
+        Ok(Deletion::Deleted { .. })
+    ));
+    assert_eq!(store.module(&MODULE).unwrap(), None);
+    assert!(store.module(&other).unwrap().is_some());
 }
