@@ -40,6 +40,8 @@ pub struct JoinOptions {
     pub slots: u32,
     pub name: String,
     pub cache_dir: Option<std::path::PathBuf>,
+    /// What the compiled modules in `cache_dir` may take.
+    pub cache_max_bytes: u64,
     /// Cap on each slot's CPU time, in percent (100: none).
     pub cpu_limit_percent: u32,
     /// On SIGTERM, how long running tasks get to finish before they are cancelled.
@@ -64,6 +66,7 @@ pub async fn run(options: JoinOptions) -> anyhow::Result<()> {
     let mut terminate = Terminate::install();
     let executor = Arc::new(Executor::with_options(ExecutorOptions {
         cache_dir: options.cache_dir.clone(),
+        cache_max_bytes: options.cache_max_bytes,
         concurrency: options.slots,
         cpu_limit_percent: options.cpu_limit_percent,
         ..ExecutorOptions::default()

@@ -48,6 +48,10 @@ struct JoinArgs {
     /// Where compiled modules are cached.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+    /// What the compiled modules in the cache directory may take, in MiB;
+    /// the least recently used are deleted past it.
+    #[arg(long, value_name = "MIB", default_value_t = wasmgrid_worker::executor::DEFAULT_CACHE_MAX_BYTES >> 20)]
+    cache_max_mib: u64,
     /// Cap on each slot's CPU time, in percent (1-100), BOINC style: a slot
     /// sleeps between short stretches of running. Wall-clock task timeouts
     /// still count real time, sleeps included.
@@ -202,6 +206,7 @@ fn join(args: JoinArgs) -> anyhow::Result<ExitCode> {
             slots,
             name,
             cache_dir,
+            cache_max_bytes: args.cache_max_mib.saturating_mul(1 << 20),
             cpu_limit_percent: args.cpu_limit,
             drain_grace,
             api: (!args.no_api).then_some(args.api),

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
@@ -13,9 +13,15 @@ use wasmtime::Engine;
 
 use wasmgrid_protocol::{CacheSource, Failure, FailureKind};
 
+use super::artifacts;
 use super::bindings::TaskPre;
 use super::preempt::GuestCode;
 use super::sandbox::Sandbox;
+
+/// Modules kept compiled in memory; past that the least recently used is
+/// dropped (a running task keeps its own) and comes back from disk if asked
+/// again. Bounds a long-lived worker that sees many versions of a module.
+const MAX_LOADED: usize = 16;
 
 const WASM_MAGIC: &[u8; 4] = b"\0asm";
 const CORE_MODULE_VERSION: [u8; 4] = [1, 0, 0, 0];
@@ -66,21 +72,77 @@ pub struct ModuleCache {
     engine: Engine,
     linker: Linker<Sandbox>,
     dir: Option<PathBuf>,
+    /// What the artifacts in `dir` may take.
+    max_disk_bytes: u64,
     /// Names artifacts compatible with this engine build and configuration.
     compat: String,
-    loaded: Mutex<HashMap<ModuleId, Arc<PreparedTask>>>,
+    loaded: Mutex<Loaded<PreparedTask>>,
+}
+
+/// What is loaded in memory, each with when it was last used.
+struct Loaded<T> {
+    tasks: HashMap<ModuleId, (Arc<T>, u64)>,
+    uses: u64,
+}
+
+impl<T> Default for Loaded<T> {
+    fn default() -> Self {
+        Loaded {
+            tasks: HashMap::new(),
+            uses: 0,
+        }
+    }
+}
+
+impl<T> Loaded<T> {
+    fn get(&mut self, id: &ModuleId) -> Option<Arc<T>> {
+        self.uses += 1;
+        let (task, used) = self.tasks.get_mut(id)?;
+        *used = self.uses;
+        Some(task.clone())
+    }
+
+    /// Keeps `task` (or the one another thread loaded first), dropping the
+    /// least recently used past [`MAX_LOADED`].
+    fn insert(&mut self, id: ModuleId, task: Arc<T>) -> Arc<T> {
+        if let Some(loaded) = self.get(&id) {
+            return loaded;
+        }
+        if self.tasks.len() >= MAX_LOADED {
+            let oldest = self
+                .tasks
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(id, _)| *id);
+            if let Some(oldest) = oldest {
+                self.tasks.remove(&oldest);
+            }
+        }
+        self.tasks.insert(id, (task.clone(), self.uses));
+        task
+    }
 }
 
 impl ModuleCache {
-    pub fn new(engine: Engine, linker: Linker<Sandbox>, dir: Option<PathBuf>) -> Self {
+    pub fn new(
+        engine: Engine,
+        linker: Linker<Sandbox>,
+        dir: Option<PathBuf>,
+        max_disk_bytes: u64,
+    ) -> Self {
         let compat = compatibility_key(&engine);
         ModuleCache {
             engine,
             linker,
             dir,
+            max_disk_bytes,
             compat,
             loaded: Mutex::default(),
         }
+    }
+
+    fn loaded(&self) -> std::sync::MutexGuard<'_, Loaded<PreparedTask>> {
+        self.loaded.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The prepared task for `wasm`: from memory, from disk, or compiled now.
@@ -92,9 +154,7 @@ impl ModuleCache {
         check_header(wasm)?;
         let (component, source) = self.component(id, wasm)?;
         let task = Arc::new(self.prepare(id, &component)?);
-        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        let task = loaded.entry(id).or_insert(task).clone();
-        Ok((task, source))
+        Ok((self.loaded().insert(id, task), source))
     }
 
     /// A task by its sha256 alone: loaded in this process, or compiled by an
@@ -106,9 +166,9 @@ impl ModuleCache {
         let path = self.artifact_path(id).filter(|p| p.exists())?;
         // SAFETY: as in `component`: our own artifacts, named by content and engine.
         let component = unsafe { Component::deserialize_file(&self.engine, &path) }.ok()?;
+        artifacts::touch(&path);
         let task = Arc::new(self.prepare(id, &component).ok()?);
-        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        Some((loaded.entry(id).or_insert(task).clone(), CacheSource::Disk))
+        Some((self.loaded().insert(id, task), CacheSource::Disk))
     }
 
     /// Names the engine build and settings compiled artifacts are valid for.
@@ -118,8 +178,7 @@ impl ModuleCache {
 
     /// A task already loaded in this process.
     pub fn get(&self, id: &ModuleId) -> Option<Arc<PreparedTask>> {
-        let loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        loaded.get(id).cloned()
+        self.loaded().get(id)
     }
 
     fn artifact_path(&self, id: ModuleId) -> Option<PathBuf> {
@@ -133,7 +192,10 @@ impl ModuleCache {
             // SAFETY: the cache directory holds only artifacts this engine
             // serialized, named by content and engine compatibility.
             match unsafe { Component::deserialize_file(&self.engine, path) } {
-                Ok(component) => return Ok((component, CacheSource::Disk)),
+                Ok(component) => {
+                    artifacts::touch(path);
+                    return Ok((component, CacheSource::Disk));
+                }
                 Err(error) => {
                     tracing::warn!(path = %path.display(), "unusable cached artifact, recompiling: {error:#}");
                     let _ = std::fs::remove_file(path);
@@ -147,7 +209,7 @@ impl ModuleCache {
             )
         })?;
         if let Some(path) = artifact {
-            if let Err(error) = store_artifact(&path, &component) {
+            if let Err(error) = artifacts::store(&path, &component, self.max_disk_bytes) {
                 tracing::warn!(path = %path.display(), "could not cache compiled module: {error:#}");
             }
         }
@@ -204,18 +266,6 @@ fn check_header(wasm: &[u8]) -> Result<(), Failure> {
     Ok(())
 }
 
-fn store_artifact(path: &Path, component: &Component) -> anyhow::Result<()> {
-    let bytes = component.serialize()?;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    // Write then rename, so a crash never leaves a half-written artifact under the real name.
-    let partial = path.with_extension(format!("partial-{}", std::process::id()));
-    std::fs::write(&partial, bytes)?;
-    std::fs::rename(&partial, path)?;
-    Ok(())
-}
-
 /// A stable name for the engine's artifact compatibility.
 fn compatibility_key(engine: &Engine) -> String {
     struct Sha256Hasher(Sha256);
@@ -248,6 +298,23 @@ mod tests {
         let err = check_header(b"\0asm\x01\0\0\0").unwrap_err();
         assert_eq!(err.kind, FailureKind::WrongWorld);
         assert!(err.message.contains("core wasm module"), "{}", err.message);
+    }
+
+    #[test]
+    fn memory_keeps_the_most_recently_used_modules() {
+        let mut loaded = Loaded::default();
+        let id = |n: usize| ModuleId([n as u8; 32]);
+        for n in 0..MAX_LOADED {
+            loaded.insert(id(n), Arc::new(n));
+        }
+        // The first is used again, so the second is now the oldest.
+        assert_eq!(loaded.get(&id(0)).as_deref(), Some(&0));
+        // Loaded twice at once: both callers get the first one kept.
+        assert_eq!(*loaded.insert(id(0), Arc::new(99)), 0);
+        loaded.insert(id(MAX_LOADED), Arc::new(MAX_LOADED));
+        assert_eq!(loaded.tasks.len(), MAX_LOADED);
+        assert!(loaded.get(&id(1)).is_none());
+        assert!(loaded.get(&id(0)).is_some() && loaded.get(&id(2)).is_some());
     }
 
     #[test]

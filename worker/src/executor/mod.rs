@@ -2,6 +2,7 @@
 //! a fresh instance per task with fuel, memory and wall-clock limits, on a
 //! fixed number of slot threads.
 
+mod artifacts;
 mod cache;
 mod engine;
 mod naps;
@@ -24,6 +25,7 @@ use wasmtime::Engine;
 
 use wasmgrid_protocol::{Failure, TaskLimits, TaskReport};
 
+pub use artifacts::DEFAULT_MAX_BYTES as DEFAULT_CACHE_MAX_BYTES;
 pub use cache::{ModuleId, PreparedTask};
 pub use engine::{Metering, EPOCH_TICK, SLOT_THREAD_STACK};
 pub use priority::{apply_to_this_thread, SlotPriority};
@@ -52,6 +54,9 @@ pub enum ExecutorError {
 pub struct ExecutorOptions {
     /// Where compiled modules persist between runs; `None` keeps them in memory only.
     pub cache_dir: Option<PathBuf>,
+    /// What the modules compiled in `cache_dir` may take; the least recently
+    /// used go past it.
+    pub cache_max_bytes: u64,
     pub metering: Metering,
     /// The most tasks running at once (slots); instances are pooled for that
     /// many. 0: this executor validates modules and runs none, so it
@@ -86,6 +91,7 @@ impl Default for ExecutorOptions {
     fn default() -> Self {
         ExecutorOptions {
             cache_dir: None,
+            cache_max_bytes: artifacts::DEFAULT_MAX_BYTES,
             metering: Metering::Fuel,
             concurrency: 16,
             cpu_limit_percent: 100,
@@ -114,6 +120,7 @@ impl Executor {
     pub fn with_options(options: ExecutorOptions) -> Result<Self, ExecutorError> {
         let ExecutorOptions {
             cache_dir,
+            cache_max_bytes,
             metering,
             concurrency,
             cpu_limit_percent,
@@ -140,7 +147,7 @@ impl Executor {
             None => Stopper::Epoch(EpochClock::start(&engine).map_err(ExecutorError::Clock)?),
         };
         Ok(Executor {
-            cache: ModuleCache::new(engine.clone(), linker, cache_dir),
+            cache: ModuleCache::new(engine.clone(), linker, cache_dir, cache_max_bytes),
             engine,
             concurrency: concurrency.max(1),
             cpu_limit_percent,
