@@ -342,12 +342,13 @@ pub fn delete(client: &Client, jobs: &[u64]) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Prints the workers; with `wait`, once that many are online (exit 1 on timeout).
+/// The workers; with `wait`, once that many are online (`None`, said on
+/// stderr, when they are not within the timeout).
 pub fn workers(
     client: &Client,
     wait: Option<usize>,
     timeout_secs: f64,
-) -> anyhow::Result<ExitCode> {
+) -> anyhow::Result<Option<Value>> {
     let deadline =
         Instant::now() + std::time::Duration::from_secs_f64(timeout_secs.clamp(0.0, 86_400.0));
     loop {
@@ -359,11 +360,11 @@ pub fn workers(
             Some(wanted) if online < wanted => {
                 if Instant::now() >= deadline {
                     eprintln!("{online} of {wanted} workers online after {timeout_secs} s");
-                    return Ok(ExitCode::FAILURE);
+                    return Ok(None);
                 }
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
-            _ => return print_json(&workers),
+            _ => return Ok(Some(workers)),
         }
     }
 }

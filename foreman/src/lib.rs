@@ -13,4 +13,5 @@ pub mod net;
 pub mod retention;
 pub mod serve;
 pub mod store;
+pub mod tables;
 pub mod tokens;

@@ -15,6 +15,7 @@ use wasmgrid_foreman::core::HealthPolicy;
 use wasmgrid_foreman::model::Scheduler;
 use wasmgrid_foreman::serve::{serve, ServeOptions};
 use wasmgrid_foreman::store::{TokenKind, TokenRole};
+use wasmgrid_foreman::tables;
 use wasmgrid_jobspec::SubmitLimits;
 use wasmgrid_protocol::TaskLimits;
 use wasmgrid_worker::cli_io::LogFormat;
@@ -173,11 +174,15 @@ enum Command {
     Jobs {
         #[arg(long, default_value = DEFAULT_FOREMAN)]
         foreman: String,
+        #[arg(long, value_enum, default_value_t = ListFormat::Auto)]
+        format: ListFormat,
     },
     /// Lists workers; with --wait N, first blocks until N are online (for scripts).
     Workers {
         #[arg(long, default_value = DEFAULT_FOREMAN)]
         foreman: String,
+        #[arg(long, value_enum, default_value_t = ListFormat::Auto)]
+        format: ListFormat,
         #[arg(long, value_name = "N")]
         wait: Option<usize>,
         /// Give up waiting after this long (exit code 1).
@@ -213,6 +218,34 @@ enum Command {
         #[command(subcommand)]
         action: CertAction,
     },
+}
+
+/// How `jobs` and `workers` print.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ListFormat {
+    /// A table on a terminal, JSON otherwise (for scripts).
+    Auto,
+    Table,
+    /// The API's JSON, as is.
+    Json,
+}
+
+impl ListFormat {
+    fn print(
+        self,
+        listed: &serde_json::Value,
+        table: fn(&serde_json::Value, u64) -> String,
+    ) -> anyhow::Result<ExitCode> {
+        use std::io::IsTerminal as _;
+        match self {
+            ListFormat::Json => client::print_json(listed),
+            ListFormat::Auto if !std::io::stdout().is_terminal() => client::print_json(listed),
+            ListFormat::Auto | ListFormat::Table => {
+                print!("{}", table(listed, wasmgrid_foreman::driver::unix_ms()));
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -434,12 +467,18 @@ fn run(command: Command, token: Option<String>) -> anyhow::Result<ExitCode> {
             &connect(&foreman).post(&format!("/api/jobs/{job}/cancel"), &serde_json::json!({}))?,
         ),
         Command::Delete { jobs, foreman } => client::delete(&connect(&foreman), &jobs),
-        Command::Jobs { foreman } => client::print_json(&connect(&foreman).get("/api/jobs")?),
+        Command::Jobs { foreman, format } => {
+            format.print(&connect(&foreman).get("/api/jobs")?, tables::jobs)
+        }
         Command::Workers {
             foreman,
+            format,
             wait,
             timeout,
-        } => client::workers(&connect(&foreman), wait, timeout),
+        } => match client::workers(&connect(&foreman), wait, timeout)? {
+            Some(workers) => format.print(&workers, tables::workers),
+            None => Ok(ExitCode::FAILURE),
+        },
         Command::Drain {
             worker,
             grace,

@@ -469,6 +469,17 @@ fn a_silent_worker_goes_offline_and_its_tasks_run_elsewhere() {
         .cloned()
         .unwrap_or(Value::Null);
     assert_eq!(frozen_row["online"], false, "{workers}");
+    // What a person at a terminal sees of the same.
+    let table = Command::new(binary("foreman"))
+        .args(["workers", "--format", "table", "--foreman", &foreman.http])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    let frozen_line = table.lines().find(|line| line.contains("frozen"));
+    assert!(
+        table.starts_with("ID  NAME") && frozen_line.is_some_and(|line| line.contains("offline")),
+        "{table}"
+    );
     let _ = Command::new("kill").args(["-CONT", &pid]).status();
 }
 
