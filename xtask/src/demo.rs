@@ -85,8 +85,16 @@ pub fn run_demo() -> anyhow::Result<()> {
         println!("{}", excerpt(&text, 300));
         println!("(all results: {})", results.display());
     }
-    println!("\n== foreman workers");
-    run(Command::new(bin.join("foreman")).args(["workers", "--foreman", &http]))?;
+    for list in ["jobs", "workers"] {
+        println!("\n== foreman {list}");
+        run(Command::new(bin.join("foreman")).args([
+            list,
+            "--format",
+            "table",
+            "--foreman",
+            &http,
+        ]))?;
+    }
     drop(foreman);
 
     let picture: PathBuf = out.join("mandelbrot.png");
