@@ -15,7 +15,7 @@ use wasmgrid_foreman::core::HealthPolicy;
 use wasmgrid_foreman::model::Scheduler;
 use wasmgrid_foreman::serve::{serve, ServeOptions};
 use wasmgrid_foreman::store::{TokenKind, TokenRole};
-use wasmgrid_foreman::tables;
+use wasmgrid_foreman::tables::{self, ListFormat};
 use wasmgrid_jobspec::SubmitLimits;
 use wasmgrid_protocol::TaskLimits;
 use wasmgrid_worker::cli_io::LogFormat;
@@ -218,34 +218,6 @@ enum Command {
         #[command(subcommand)]
         action: CertAction,
     },
-}
-
-/// How `jobs` and `workers` print.
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum ListFormat {
-    /// A table on a terminal, JSON otherwise (for scripts).
-    Auto,
-    Table,
-    /// The API's JSON, as is.
-    Json,
-}
-
-impl ListFormat {
-    fn print(
-        self,
-        listed: &serde_json::Value,
-        table: fn(&serde_json::Value, u64) -> String,
-    ) -> anyhow::Result<ExitCode> {
-        use std::io::IsTerminal as _;
-        match self {
-            ListFormat::Json => client::print_json(listed),
-            ListFormat::Auto if !std::io::stdout().is_terminal() => client::print_json(listed),
-            ListFormat::Auto | ListFormat::Table => {
-                print!("{}", table(listed, wasmgrid_foreman::driver::unix_ms()));
-                Ok(ExitCode::SUCCESS)
-            }
-        }
-    }
 }
 
 #[derive(Subcommand)]

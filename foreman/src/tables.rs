@@ -1,7 +1,40 @@
-//! `foreman jobs` and `foreman workers` as aligned text tables, for a person
-//! at a terminal (scripts get the API's JSON).
+//! How `foreman jobs` and `foreman workers` print: aligned text tables for
+//! a person at a terminal, the API's JSON for scripts.
+
+use std::io::IsTerminal as _;
+use std::process::ExitCode;
 
 use serde_json::Value;
+
+use crate::client::print_json;
+
+/// How `jobs` and `workers` print.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ListFormat {
+    /// A table on a terminal, JSON otherwise (for scripts).
+    Auto,
+    Table,
+    /// The API's JSON, as is.
+    Json,
+}
+
+impl ListFormat {
+    /// Prints `listed` as `table` renders it, or as JSON.
+    pub fn print(
+        self,
+        listed: &Value,
+        table: fn(&Value, u64) -> String,
+    ) -> anyhow::Result<ExitCode> {
+        match self {
+            ListFormat::Json => print_json(listed),
+            ListFormat::Auto if !std::io::stdout().is_terminal() => print_json(listed),
+            ListFormat::Auto | ListFormat::Table => {
+                print!("{}", table(listed, crate::driver::unix_ms()));
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    }
+}
 
 /// Jobs as the API lists them, newest first, one line each.
 pub fn jobs(jobs: &Value, now_ms: u64) -> String {
