@@ -51,7 +51,7 @@ pub fn binary(name: &str) -> PathBuf {
     let path = profile_dir.join(name);
     assert!(
         path.exists(),
-        "{} is missing: build it with `cargo build --workspace --bins` (or run `cargo xtask test`)",
+        "{} is missing: build it with `cargo build --workspace --all-targets` (or run `cargo xtask test`)",
         path.display()
     );
     path

@@ -94,8 +94,11 @@ fn test(no_lint: bool, fuzz_seconds: u64) -> anyhow::Result<()> {
             "warnings",
         ]))?;
     }
-    // The end-to-end tests start the real binaries, so build them first.
-    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    // The end-to-end tests start the real binaries, so build them first,
+    // with the tests: then they share one build of the dependencies (built
+    // alone, the binaries leave out dev-dependencies' features, and every
+    // dependency from wasmtime down would be compiled twice).
+    run(cargo().args(["build", "--workspace", "--all-targets"]))?;
     // The dashboard's test drives a headless Chromium.
     browser::ensure_installed()?;
     run_tests(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
