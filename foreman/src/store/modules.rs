@@ -16,18 +16,17 @@ use super::{Store, StoreError};
 /// to being committed, so its insert never finds the module gone.
 pub const MODULE_GRACE: Duration = Duration::from_secs(60);
 
+/// When each module known to be stored was last named.
+type Named = HashMap<ModuleHash, Instant>;
+
 /// The modules known to be stored, each with when it was last named. Naming
 /// and deleting take the one lock, so neither falls between the other's
 /// check and act.
 #[derive(Debug, Default)]
-pub(super) struct ModuleUses(Mutex<HashMap<ModuleHash, Instant>>);
-
-pub(super) type Named = HashMap<ModuleHash, Instant>;
+pub(super) struct ModuleUses(Mutex<Named>);
 
 impl ModuleUses {
-    /// The lock to hold from [`delete_unused`] until its transaction has
-    /// committed and [`forget`] has run.
-    pub(super) fn lock(&self) -> MutexGuard<'_, Named> {
+    fn lock(&self) -> MutexGuard<'_, Named> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -98,14 +97,7 @@ impl Store {
     /// last `grace`; returns how many.
     pub fn delete_unused_modules(&self, grace: Duration) -> Result<u64, StoreError> {
         let uses = self.inner.module_uses.clone();
-        self.call(false, move |conn| {
-            let tx = conn.transaction()?;
-            let mut named = uses.lock();
-            let deleted = delete_unused(&tx, &named, grace)?;
-            tx.commit()?;
-            forget(&mut named, &deleted);
-            Ok(deleted.len() as u64)
-        })
+        self.call(false, move |conn| delete_unused(conn, &uses, grace))
     }
 }
 
@@ -121,21 +113,19 @@ fn insert(conn: &Connection, hash: &ModuleHash, wasm: &[u8]) -> Result<(), Store
     Ok(())
 }
 
-/// Deletes, in the caller's transaction, the modules no job names that were
-/// not named within `grace`; returns their hashes. Hold `named`'s lock until
-/// the transaction commits, then [`forget`] them.
+/// Deletes, in a transaction of its own, the modules no job names that were
+/// not named within `grace`; returns how many. The lock is held until the
+/// commit: a job accepted meanwhile either named its module first (which
+/// keeps it) or finds it gone.
 pub(super) fn delete_unused(
-    conn: &Connection,
-    named: &Named,
+    conn: &mut Connection,
+    uses: &ModuleUses,
     grace: Duration,
-) -> Result<Vec<ModuleHash>, StoreError> {
+) -> Result<u64, StoreError> {
+    let tx = conn.transaction()?;
+    let mut named = uses.lock();
     let now = Instant::now();
-    let recent = |hash: &ModuleHash| {
-        named
-            .get(hash)
-            .is_some_and(|at| now.saturating_duration_since(*at) < grace)
-    };
-    let unused = conn
+    let unused = tx
         .prepare_cached(
             "SELECT hash, size FROM modules
              WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.module = modules.hash)",
@@ -149,20 +139,20 @@ pub(super) fn delete_unused(
         let Ok(hash) = ModuleHash::try_from(hash.as_slice()) else {
             continue;
         };
-        if recent(&hash) {
+        let recent = named
+            .get(&hash)
+            .is_some_and(|at| now.saturating_duration_since(*at) < grace);
+        if recent {
             continue;
         }
-        conn.prepare_cached("DELETE FROM modules WHERE hash = ?1")?
+        tx.prepare_cached("DELETE FROM modules WHERE hash = ?1")?
             .execute([&hash[..]])?;
         tracing::info!(module = %hex::encode(hash), size, "module deleted: no job names it");
         deleted.push(hash);
     }
-    Ok(deleted)
-}
-
-/// Drops deleted modules from what is known to be stored.
-pub(super) fn forget(named: &mut Named, deleted: &[ModuleHash]) {
-    for hash in deleted {
+    tx.commit()?;
+    for hash in &deleted {
         named.remove(hash);
     }
+    Ok(deleted.len() as u64)
 }

@@ -101,10 +101,12 @@ fn delete_job(conn: &mut Connection, id: JobId, uses: &ModuleUses) -> Result<Del
     ] {
         tx.prepare_cached(statement)?.execute([id])?;
     }
-    let mut named = uses.lock();
-    let unused = modules::delete_unused(&tx, &named, MODULE_GRACE)?;
     tx.commit()?;
-    modules::forget(&mut named, &unused);
+    // A transaction of its own: a big job's commit must not hold the lock
+    // that accepting a job takes.
+    if let Err(error) = modules::delete_unused(conn, uses, MODULE_GRACE) {
+        tracing::warn!("deleting modules no job names: {error}");
+    }
     Ok(Deletion::Deleted {
         tasks: from_sql(total),
     })
