@@ -150,6 +150,9 @@ enum Command {
         job: u64,
         #[arg(long, default_value = DEFAULT_FOREMAN)]
         foreman: String,
+        /// Text for people or JSON for scripts.
+        #[arg(long, value_enum, default_value_t = ListFormat::Auto)]
+        format: ListFormat,
     },
     /// A job's results and failures.
     Results {
@@ -174,6 +177,7 @@ enum Command {
     Jobs {
         #[arg(long, default_value = DEFAULT_FOREMAN)]
         foreman: String,
+        /// Text for people or JSON for scripts.
         #[arg(long, value_enum, default_value_t = ListFormat::Auto)]
         format: ListFormat,
     },
@@ -181,6 +185,7 @@ enum Command {
     Workers {
         #[arg(long, default_value = DEFAULT_FOREMAN)]
         foreman: String,
+        /// Text for people or JSON for scripts.
         #[arg(long, value_enum, default_value_t = ListFormat::Auto)]
         format: ListFormat,
         #[arg(long, value_name = "N")]
@@ -429,9 +434,14 @@ fn run(command: Command, token: Option<String>) -> anyhow::Result<ExitCode> {
                 },
             )
         }
-        Command::Status { job, foreman } => {
-            client::print_json(&connect(&foreman).get(&format!("/api/jobs/{job}"))?)
-        }
+        Command::Status {
+            job,
+            foreman,
+            format,
+        } => format.print(
+            &connect(&foreman).get(&format!("/api/jobs/{job}"))?,
+            tables::job,
+        ),
         Command::Results { job, foreman } => {
             client::print_json(&connect(&foreman).get(&format!("/api/jobs/{job}/results"))?)
         }

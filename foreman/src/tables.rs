@@ -1,5 +1,5 @@
-//! How `foreman jobs` and `foreman workers` print: aligned text tables for
-//! a person at a terminal, the API's JSON for scripts.
+//! How `foreman jobs`, `workers` and `status` print: aligned text for a
+//! person at a terminal, the API's JSON for scripts.
 
 use std::io::IsTerminal as _;
 use std::process::ExitCode;
@@ -8,11 +8,12 @@ use serde_json::Value;
 
 use crate::client::print_json;
 
-/// How `jobs` and `workers` print.
+/// How `jobs`, `workers` and `status` print.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum ListFormat {
-    /// A table on a terminal, JSON otherwise (for scripts).
+    /// Text on a terminal, JSON otherwise (for scripts).
     Auto,
+    /// Text, even when piped.
     Table,
     /// The API's JSON, as is.
     Json,
@@ -71,6 +72,64 @@ pub fn jobs(jobs: &Value, now_ms: u64) -> String {
             text(&job["module"]).chars().take(12).collect(),
         ]);
     }
+    table.render()
+}
+
+/// One job as the API shows it, a line per aspect.
+pub fn job(job: &Value, now_ms: u64) -> String {
+    let number = |key: &str| job[key].as_u64().unwrap_or(0);
+    let limits = &job["limits"];
+    let limit = |key: &str| limits[key].as_u64().unwrap_or(0);
+    let took = job["started_at_ms"].as_u64().map(|started| {
+        let end = job["finished_at_ms"].as_u64();
+        let took = duration(end.unwrap_or(now_ms).saturating_sub(started));
+        if end.is_some() {
+            took
+        } else {
+            format!("{took} so far")
+        }
+    });
+    let mut table = Table::new(&["job", &number("id").to_string()]);
+    let mut line = |what: &str, text: String| table.row(vec![what.to_owned(), text]);
+    line("state", text(&job["state"]));
+    line(
+        "tasks",
+        format!(
+            "{} in all: {} succeeded, {} failed, {} cancelled, {} running, {} queued",
+            number("total"),
+            number("succeeded"),
+            number("failed"),
+            number("cancelled"),
+            number("running"),
+            number("queued")
+        ),
+    );
+    line(
+        "submitted",
+        job["created_at_ms"]
+            .as_u64()
+            .map_or_else(|| "-".into(), |at| ago(now_ms, at)),
+    );
+    line("took", took.unwrap_or_else(|| "not started".into()));
+    line("module", text(&job["module"]));
+    line(
+        "limits",
+        format!(
+            "fuel {}, memory {} MiB, timeout {}, {} retries",
+            limit("fuel"),
+            limit("memory_bytes") >> 20,
+            duration(limit("timeout_ms")),
+            number("max_retries")
+        ),
+    );
+    line(
+        "scheduling",
+        format!(
+            "{}, priority {}",
+            text(&job["scheduler"]),
+            job["priority"].as_i64().unwrap_or(0)
+        ),
+    );
     table.render()
 }
 
@@ -228,6 +287,31 @@ ID  STATE    DONE      FAILED  RUNNING  QUEUED  SUBMITTED  TOOK  MODULE
             "\
 ID  NAME     STATUS        SLOTS  DONE  FAILED  SPEED         PRIORITY  MACHINE                   LAST SEEN
 1   local-0  cooling down  1/2    33    4       12.6 Gfuel/s  idle      vm linux/x86_64, 2 cores  now
+"
+        );
+    }
+
+    #[test]
+    fn a_job_reads_a_line_per_aspect() {
+        let now = 1_000_000_000;
+        let shown = json!({
+            "id": 7, "state": "running", "total": 64, "succeeded": 40, "failed": 1,
+            "cancelled": 0, "running": 2, "queued": 21, "created_at_ms": now - 90_000,
+            "started_at_ms": now - 80_000, "finished_at_ms": null, "module": "e18a",
+            "limits": {"fuel": 10_000_000_000u64, "memory_bytes": 268_435_456, "timeout_ms": 60_000},
+            "max_retries": 3, "scheduler": "fifo", "priority": -2,
+        });
+        assert_eq!(
+            job(&shown, now),
+            "\
+job         7
+state       running
+tasks       64 in all: 40 succeeded, 1 failed, 0 cancelled, 2 running, 21 queued
+submitted   90 s ago
+took        80 s so far
+module      e18a
+limits      fuel 10000000000, memory 256 MiB, timeout 60 s, 3 retries
+scheduling  fifo, priority -2
 "
         );
     }
